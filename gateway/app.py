@@ -1,0 +1,30 @@
+"""The FastAPI application: wires routers to the shared state. Thin by design."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from gateway.routes import health, openai
+from gateway.state import GatewayState
+from layers.config import Settings
+
+
+def create_app(settings: Settings) -> FastAPI:
+    state = GatewayState(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await state.start()
+        try:
+            yield
+        finally:
+            await state.close()
+
+    app = FastAPI(title="ai-sysadmin", version="0.1.0", lifespan=lifespan)
+    app.state.gw = state
+    app.include_router(health.router)
+    app.include_router(openai.router)
+    return app

@@ -1,0 +1,352 @@
+"""The ``ai-sysadmin`` command line.
+
+Every failure a user can cause ends in one readable line on stderr and a non-zero exit:
+``ai-sysadmin: <what>: <why>``. Tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from layers.config import ConfigError, Settings, load_settings
+from layers.provision.engine import EngineError
+from layers.provision.model import ModelError
+from layers.supervisor import Supervisor, SupervisorError, read_status
+
+PROG = "ai-sysadmin"
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+# One place that decides which exceptions are the user's to fix (a line, exit 1).
+USER_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError,
+    ModelError,
+    EngineError,
+    SupervisorError,
+)
+
+
+class CliError(Exception):
+    """A failure reported as one line."""
+
+
+Handler = Callable[[argparse.Namespace], int]
+_commands: dict[str, Handler] = {}
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def _run_async(main: Callable[[], Awaitable[int]]) -> int:
+    """Run until done or until SIGINT/SIGTERM, which cancel the main task cleanly."""
+
+    async def runner() -> int:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            return await main()
+        except asyncio.CancelledError:
+            return 0
+
+    return asyncio.run(runner())
+
+
+# -- run / gateway / layers serve -------------------------------------------------
+
+
+async def _serve_stack(settings: Settings, *, with_layers: bool, with_gateway: bool) -> int:
+    supervisor = Supervisor(settings) if with_layers else None
+    server = None
+    try:
+        if supervisor is not None:
+            supervisor.prepare()
+        if with_gateway:
+            from gateway.server import make_server
+
+            server = make_server(settings)
+        if supervisor is not None:
+            print(f"{PROG}: starting layers (models load in a few seconds)", file=sys.stderr)
+            await supervisor.start(wait=True)
+            for name, lp in supervisor.layers.items():
+                print(f"{PROG}: layer {name} ready on {lp.config.local_url}", file=sys.stderr)
+        if server is not None:
+            serve_task = asyncio.create_task(server.serve())
+            while not server.started and not serve_task.done():
+                await asyncio.sleep(0.05)
+            if serve_task.done():
+                serve_task.result()
+                raise CliError(
+                    f"gateway: could not listen on {settings.gateway.host}:{settings.gateway.port}"
+                )
+            g = settings.gateway
+            print(
+                f"{PROG}: gateway listening on http://{g.host}:{g.port} "
+                f"(OpenAI base URL http://{g.host}:{g.port}/v1)",
+                flush=True,
+            )
+            await serve_task
+        else:
+            print(f"{PROG}: layers running; Ctrl-C stops them", flush=True)
+            await asyncio.Event().wait()
+    finally:
+        if server is not None:
+            server.should_exit = True
+        if supervisor is not None:
+            await asyncio.shield(supervisor.stop())
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    _setup_logging(settings.gateway.log_level)
+    return _run_async(lambda: _serve_stack(settings, with_layers=True, with_gateway=True))
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    _setup_logging(settings.gateway.log_level)
+    return _run_async(lambda: _serve_stack(settings, with_layers=False, with_gateway=True))
+
+
+def cmd_layers_serve(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    _setup_logging(settings.gateway.log_level)
+    return _run_async(lambda: _serve_stack(settings, with_layers=True, with_gateway=False))
+
+
+# -- layers start / stop / status -------------------------------------------------
+
+
+def _supervisor_pid(settings: Settings) -> int | None:
+    status = read_status(settings.state_dir)
+    if not status:
+        return None
+    pid = status.get("supervisor_pid")
+    if not isinstance(pid, int):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    return pid
+
+
+def cmd_layers_start(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    pid = _supervisor_pid(settings)
+    if pid is not None:
+        raise CliError(f"layers: already running (supervisor pid {pid}); see `{PROG} layers status`")
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    log_path = settings.state_dir / "logs" / "supervisor.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "gateway.cli"]
+    if args.config:
+        argv += ["--config", str(args.config)]
+    argv += ["layers", "serve"]
+    started = time.time()
+    with log_path.open("ab") as log_fh:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log_fh, stderr=log_fh, start_new_session=True
+        )
+    print(f"{PROG}: supervisor pid {proc.pid}, log {log_path}", file=sys.stderr)
+    deadline = started + settings.engine.health_timeout + 900  # a first run may build
+    while time.time() < deadline:
+        code = proc.poll()
+        if code is not None:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:]
+            raise CliError(f"layers: supervisor exited with code {code}: {' '.join(tail)}")
+        status = read_status(settings.state_dir)
+        if status and status.get("supervisor_pid") == proc.pid:
+            layers = status.get("layers", {})
+            assert isinstance(layers, dict)
+            if layers and all(v.get("state") == "ready" for v in layers.values()):
+                return cmd_layers_status(args)
+        time.sleep(0.5)
+    raise CliError("layers: not ready in time; see " + str(log_path))
+
+
+def cmd_layers_stop(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    pid = _supervisor_pid(settings)
+    if pid is None:
+        print(f"{PROG}: layers are not running", file=sys.stderr)
+        return 0
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            print(f"{PROG}: layers stopped", file=sys.stderr)
+            return 0
+        time.sleep(0.2)
+    raise CliError(f"layers: supervisor pid {pid} did not stop within 30s")
+
+
+def _probe_layer(url: str) -> dict[str, Any]:
+    info: dict[str, Any] = {"health": "down", "slots_busy": None, "slots_total": None}
+    try:
+        with httpx.Client(timeout=2.0) as client:
+            r = client.get(f"{url}/health")
+            info["health"] = "ok" if r.status_code == 200 else f"loading ({r.status_code})"
+            s = client.get(f"{url}/slots")
+            if s.status_code == 200 and isinstance(s.json(), list):
+                slots = s.json()
+                info["slots_total"] = len(slots)
+                info["slots_busy"] = sum(1 for x in slots if x.get("is_processing"))
+    except (httpx.HTTPError, ValueError):
+        pass
+    return info
+
+
+def cmd_layers_status(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    status = read_status(settings.state_dir) or {}
+    running = _supervisor_pid(settings) is not None
+    procs = status.get("layers", {}) if running else {}
+    assert isinstance(procs, dict)
+    rows = []
+    for name, layer in settings.layers.items():
+        proc = procs.get(name, {})
+        probe = _probe_layer(layer.local_url)
+        slots = (
+            f"{probe['slots_busy']}/{probe['slots_total']}"
+            if probe["slots_total"] is not None
+            else "-"
+        )
+        rows.append(
+            {
+                "layer": name,
+                "port": layer.port,
+                "pid": proc.get("pid") or "-",
+                "health": probe["health"],
+                "slots": slots,
+                "restarts": proc.get("restarts", "-"),
+                "model": proc.get("model") or (str(layer.model) if layer.model else "(default)"),
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        cols = ["layer", "port", "pid", "health", "slots", "restarts", "model"]
+        widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+        print("  ".join(c.upper().ljust(widths[c]) for c in cols))
+        for r in rows:
+            print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+    return 0
+
+
+# -- config ------------------------------------------------------------------------
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    print(f"{PROG}: configuration is valid", file=sys.stderr)
+    if args.verbose:
+        print(settings.model_dump_json(indent=2))
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    print(_settings(args).model_dump_json(indent=2))
+    return 0
+
+
+# -- parser ------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="An AI system administrator built from local llama.cpp models."
+    )
+    parser.add_argument(
+        "--config", type=Path, default=None,
+        help="TOML configuration file (default: $AI_SYSADMIN_CONFIG or /etc/ai-sysadmin/config.toml)",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def add(name: str, handler: Handler, help: str, parent: Any = sub) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = parent.add_parser(name, help=help, description=help)
+        p.set_defaults(handler=handler)
+        return p
+
+    add("run", cmd_run, "run everything: the layers, the gateway and the collector")
+    add("gateway", cmd_gateway, "run the HTTP API only (layers run elsewhere)")
+
+    layers = sub.add_parser("layers", help="start, stop or inspect the layer servers")
+    lsub = layers.add_subparsers(dest="layers_command", metavar="ACTION")
+    lsub.required = True
+    add("start", cmd_layers_start, "start the layers in the background", lsub)
+    add("stop", cmd_layers_stop, "stop the background layers", lsub)
+    st = add("status", cmd_layers_status, "each layer's model, port, pid, health, slots", lsub)
+    st.add_argument("--json", action="store_true", help="print JSON")
+    add("serve", cmd_layers_serve, "run the layers in the foreground", lsub)
+
+    config = sub.add_parser("config", help="check or show the configuration")
+    csub = config.add_subparsers(dest="config_command", metavar="ACTION")
+    csub.required = True
+    ck = add("check", cmd_config_check, "validate; print each error with its field", csub)
+    ck.add_argument("-v", "--verbose", action="store_true", help="also print the result")
+    add("show", cmd_config_show, "print the effective configuration as JSON", csub)
+
+    for register in _extensions:
+        register(sub, add)
+    return parser
+
+
+# Later stages (pipeline, actions) register their subcommands here.
+_extensions: list[Callable[[Any, Callable[..., argparse.ArgumentParser]], None]] = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.handler(args)
+        return code
+    except ConfigError as exc:
+        for line in exc.lines:
+            print(f"{PROG}: config: {line}", file=sys.stderr)
+        return EXIT_FAILURE
+    except (CliError, *USER_ERRORS) as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        with contextlib.suppress(Exception):
+            sys.stdout.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

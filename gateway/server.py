@@ -1,0 +1,26 @@
+"""uvicorn server construction for the gateway app."""
+
+from __future__ import annotations
+
+import uvicorn
+
+from gateway.app import create_app
+from layers.config import Settings
+
+
+def make_server(settings: Settings) -> uvicorn.Server:
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.gateway.host,
+        port=settings.gateway.port,
+        log_level=settings.gateway.log_level if settings.gateway.log_level != "debug" else "info",
+        access_log=settings.gateway.log_level == "debug",
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+        # Many SSE clients hold connections open; keep-alive must not reap them.
+        timeout_keep_alive=30,
+    )
+    server = uvicorn.Server(config)
+    # The CLI owns SIGINT/SIGTERM (it also stops the layers).
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    return server

