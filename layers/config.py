@@ -299,6 +299,39 @@ class ActionsConfig(Section):
     helper_socket: Path | None = Field(
         None, description="Unix socket of the root helper; empty: run actions in-process."
     )
+    kill_switch_file: Path | None = Field(
+        None,
+        description="While this file exists no change runs (`ai-sysadmin kill-switch on` "
+        "creates it, takes effect at once, no restart). Empty: `<state_dir>/actions.kill`.",
+    )
+    protected_unit_prefixes: list[str] = Field(
+        default_factory=lambda: ["systemd-"],
+        description="Unit name prefixes that are protected as a family (e.g. `systemd-`).",
+    )
+    unit_check: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="Check unit names against the host's real units with `systemctl show` "
+        "(aliases resolved, unknown units refused): `auto` when systemd is running.",
+    )
+    binaries: dict[str, Path] = Field(
+        default_factory=dict,
+        description="Absolute paths of the programs actions run, by program name (e.g. "
+        "`systemctl = \"/run/current-system/sw/bin/systemctl\"`); others are looked up on "
+        "`search_path`.",
+    )
+    search_path: str | None = Field(
+        None,
+        description="PATH used to find action programs and given to them; empty: the "
+        "process's own PATH (the helper never takes PATH from its clients).",
+    )
+    output_excerpt_chars: int = Field(
+        4000, ge=200, le=200_000, description="Characters of an action's output kept."
+    )
+    helper_allowed_users: list[str] = Field(
+        default_factory=lambda: ["ai-sysadmin"],
+        description="Users whose processes may talk to the root helper (checked with "
+        "SO_PEERCRED); root is always allowed.",
+    )
 
 
 class CollectorsConfig(Section):

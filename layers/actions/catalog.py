@@ -1,0 +1,390 @@
+"""The typed action catalog: the only things ai-sysadmin can ever run.
+
+Each entry fixes, in code, what a proposal cannot change: the program, the shape of its
+argv, the risk class and the timeout. A proposal only chooses an entry by exact name and
+fills a strict parameter schema (extra keys forbidden, types strict, unit names checked
+against systemd's naming rules). Nothing in a proposal is ever spliced into a string that
+a shell or a program re-parses: every parameter becomes exactly one argv element, after a
+``--`` where the program supports it, so a value can never turn into an option or a second
+command.
+
+Programs are resolved to absolute paths when an action is planned: from
+``actions.binaries`` when configured there, else from ``actions.search_path`` (or the
+process's own PATH). The dry run shows that absolute path, so what an approver reads is
+exactly what runs.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from layers.config import Settings
+
+
+class Risk(StrEnum):
+    """Risk classes, fixed per catalog entry; a proposal never states or changes one."""
+
+    READ_ONLY = "read-only"
+    LOW = "low"
+    MEDIUM = "medium"
+    HIGH = "high"
+
+
+class Refusal(Exception):
+    """A proposal that may not run, with a stable machine-readable code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+# -- parameter types ----------------------------------------------------------------
+
+# systemd unit names (systemd.unit(5)): at most 255 bytes of ASCII letters, digits and
+# ":-_.\\", an optional "@instance" part, and a type suffix. We are stricter than systemd:
+# the name must carry its suffix (so "sshd" cannot slip past a protected "sshd.service"),
+# must not start with "-" (never an option, and "-.mount"/"-.slice" are the root mount and
+# slice), and backslash escapes are refused.
+UNIT_TYPES = (
+    "service", "socket", "target", "device", "mount", "automount",
+    "swap", "timer", "path", "slice", "scope",
+)  # fmt: skip
+_UNIT_RE = re.compile(
+    r"(?P<prefix>[A-Za-z0-9_:][A-Za-z0-9_:.\-]*)"
+    r"(?:@(?P<instance>[A-Za-z0-9_:.\-]+))?"
+    r"\.(?P<type>" + "|".join(UNIT_TYPES) + r")",
+    re.ASCII,
+)
+UNIT_NAME_MAX = 255
+
+
+def check_unit_name(value: str) -> str:
+    if not value.isascii() or not value.isprintable():
+        raise ValueError("unit name must be printable ASCII")
+    if len(value) > UNIT_NAME_MAX:
+        raise ValueError(f"unit name longer than {UNIT_NAME_MAX} characters")
+    if _UNIT_RE.fullmatch(value) is None:
+        raise ValueError(
+            "not a systemd unit name: expected NAME[@INSTANCE].TYPE with letters, digits, "
+            "':', '_', '.', '-' and a type suffix such as .service"
+        )
+    return value
+
+
+def unit_template(unit: str) -> str | None:
+    """``getty@tty1.service`` -> ``getty@.service``; None for non-instance units."""
+    m = _UNIT_RE.fullmatch(unit)
+    if m is None or m.group("instance") is None:
+        return None
+    return f"{m.group('prefix')}@.{m.group('type')}"
+
+
+def unit_type(unit: str) -> str:
+    return unit.rsplit(".", 1)[-1]
+
+
+UnitName = Annotated[
+    str, Field(min_length=3, max_length=UNIT_NAME_MAX), AfterValidator(check_unit_name)
+]
+
+_PATH_RE = re.compile(r"/[A-Za-z0-9._+@/\-]*", re.ASCII)
+
+
+def check_abs_path(value: str) -> str:
+    if len(value) > 4096 or _PATH_RE.fullmatch(value) is None:
+        raise ValueError("must be an absolute path of ASCII letters, digits and ._+@-/")
+    if any(part in ("..", ".") for part in value.split("/")):
+        raise ValueError("path must not contain '.' or '..' components")
+    return value
+
+
+AbsPath = Annotated[str, AfterValidator(check_abs_path)]
+Pid = Annotated[int, Field(ge=2, le=4_194_304, strict=True)]
+
+
+class ActionParams(BaseModel):
+    """Base of every parameter schema: unknown keys refused, no type coercion."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    def units(self) -> list[str]:
+        """Units this action would touch (protection and per-unit rate limits)."""
+        unit = getattr(self, "unit", None)
+        return [unit] if isinstance(unit, str) else []
+
+    def pids(self) -> list[int]:
+        pid = getattr(self, "pid", None)
+        return [pid] if isinstance(pid, int) else []
+
+
+class NoParams(ActionParams):
+    pass
+
+
+class UnitParams(ActionParams):
+    unit: UnitName = Field(description="Full unit name with its suffix, e.g. `nginx.service`.")
+
+
+class RestartableUnitParams(ActionParams):
+    unit: UnitName = Field(description="A .service, .socket, .timer or .path unit.")
+
+    @model_validator(mode="after")
+    def _restartable(self) -> RestartableUnitParams:
+        if unit_type(self.unit) not in ("service", "socket", "timer", "path"):
+            raise ValueError("only .service, .socket, .timer and .path units can be (re)started")
+        return self
+
+
+class UnitStatusParams(ActionParams):
+    unit: UnitName = Field(description="Full unit name with its suffix.")
+    lines: int = Field(20, ge=0, le=200, strict=True, description="Journal lines shown.")
+
+
+Priority = Literal["emerg", "alert", "crit", "err", "warning", "notice", "info", "debug"]
+
+
+class JournalTailParams(ActionParams):
+    unit: UnitName | None = Field(None, description="Only this unit's entries; empty: all.")
+    lines: int = Field(100, ge=1, le=1000, strict=True, description="Entries shown.")
+    priority: Priority | None = Field(None, description="Only entries at this priority or worse.")
+
+
+class DiskUsageParams(ActionParams):
+    path: AbsPath = Field("/", description="File system holding this absolute path.")
+
+
+class ProcessParams(ActionParams):
+    pid: Pid = Field(description="Process id (2 or more).")
+
+
+class TerminateProcessParams(ActionParams):
+    pid: Pid = Field(description="Process id (2 or more).")
+    signal: Literal["TERM", "INT", "HUP"] = Field("TERM", description="Signal sent.")
+
+
+class JournalVacuumParams(ActionParams):
+    max_size_mb: int | None = Field(
+        None, ge=64, le=1_048_576, strict=True, description="Shrink archived journals to this size."
+    )
+    max_age_days: int | None = Field(
+        None, ge=1, le=3650, strict=True, description="Delete archived journals older than this."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> JournalVacuumParams:
+        if (self.max_size_mb is None) == (self.max_age_days is None):
+            raise ValueError("give exactly one of max_size_mb, max_age_days")
+        return self
+
+
+class NixGcParams(ActionParams):
+    delete_older_than_days: int | None = Field(
+        None,
+        ge=7,
+        le=3650,
+        strict=True,
+        description="Also delete system generations older than this (limits rollback); "
+        "empty: only unreachable store paths.",
+    )
+
+
+# -- argv builders: each returns the arguments after the program, one element per value --
+
+
+def _unit_status(p: UnitStatusParams) -> list[str]:
+    return ["status", "--no-pager", "--full", f"--lines={p.lines}", "--", p.unit]
+
+
+def _journal_tail(p: JournalTailParams) -> list[str]:
+    argv = ["--no-pager", "--output=short-iso", f"--lines={p.lines}"]
+    if p.priority is not None:
+        argv.append(f"--priority={p.priority}")
+    if p.unit is not None:
+        argv.append(f"--unit={p.unit}")
+    return argv
+
+
+def _disk_usage(p: DiskUsageParams) -> list[str]:
+    return ["-P", "-h", "--", p.path]
+
+
+def _list_failed(_: NoParams) -> list[str]:
+    return ["list-units", "--failed", "--all", "--no-pager", "--plain", "--no-legend"]
+
+
+def _memory(_: NoParams) -> list[str]:
+    return ["-m"]
+
+
+def _journal_disk_usage(_: NoParams) -> list[str]:
+    return ["--disk-usage"]
+
+
+def _process_status(p: ProcessParams) -> list[str]:
+    return ["-o", "pid,ppid,user,stat,etime,pcpu,pmem,rss,comm", "-p", str(p.pid)]
+
+
+def _systemctl(verb: str) -> Callable[[UnitParams | RestartableUnitParams], list[str]]:
+    def build(p: UnitParams | RestartableUnitParams) -> list[str]:
+        # Blocking (no --no-block): the exit code then says whether the job succeeded.
+        return [verb, "--", p.unit]
+
+    return build
+
+
+def _terminate(p: TerminateProcessParams) -> list[str]:
+    return ["-s", p.signal, "--", str(p.pid)]
+
+
+def _journal_vacuum(p: JournalVacuumParams) -> list[str]:
+    if p.max_size_mb is not None:
+        return [f"--vacuum-size={p.max_size_mb}M"]
+    return [f"--vacuum-time={p.max_age_days}d"]
+
+
+def _nix_gc(p: NixGcParams) -> list[str]:
+    if p.delete_older_than_days is None:
+        return []
+    return ["--delete-older-than", f"{p.delete_older_than_days}d"]
+
+
+def _nixos_rollback(_: NoParams) -> list[str]:
+    return ["switch", "--rollback"]
+
+
+# -- the catalog ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ActionSpec:
+    """One catalog entry. Everything here is code; nothing comes from a proposal."""
+
+    name: str
+    summary: str
+    risk: Risk
+    params: type[ActionParams]
+    program: str
+    build: Callable[[Any], list[str]]
+    timeout: float
+
+    @property
+    def is_change(self) -> bool:
+        return self.risk is not Risk.READ_ONLY
+
+
+CATALOG: dict[str, ActionSpec] = {
+    spec.name: spec
+    for spec in (
+        # read-only investigations
+        ActionSpec("unit_status", "Status of one unit with its last journal lines.",
+                   Risk.READ_ONLY, UnitStatusParams, "systemctl", _unit_status, 20),
+        ActionSpec("list_failed_units", "Units in the failed state.",
+                   Risk.READ_ONLY, NoParams, "systemctl", _list_failed, 20),
+        ActionSpec("journal_tail", "The last journal entries, optionally of one unit.",
+                   Risk.READ_ONLY, JournalTailParams, "journalctl", _journal_tail, 30),
+        ActionSpec("journal_disk_usage", "Disk space taken by the journal.",
+                   Risk.READ_ONLY, NoParams, "journalctl", _journal_disk_usage, 20),
+        ActionSpec("disk_usage", "Size, use and free space of the file system holding a path.",
+                   Risk.READ_ONLY, DiskUsageParams, "df", _disk_usage, 20),
+        ActionSpec("memory_usage", "Memory and swap use in MiB.",
+                   Risk.READ_ONLY, NoParams, "free", _memory, 10),
+        ActionSpec("process_status", "One process: parent, user, state, age, CPU, memory.",
+                   Risk.READ_ONLY, ProcessParams, "ps", _process_status, 10),
+        # changes
+        ActionSpec("reset_failed_unit", "Clear a unit's failed state (does not start it).",
+                   Risk.LOW, UnitParams, "systemctl", _systemctl("reset-failed"), 30),
+        ActionSpec("start_unit", "Start an inactive unit (a running one is left alone).",
+                   Risk.LOW, RestartableUnitParams, "systemctl", _systemctl("start"), 60),
+        ActionSpec("restart_unit", "Restart a unit (interrupts it while it restarts).",
+                   Risk.MEDIUM, RestartableUnitParams, "systemctl", _systemctl("restart"), 60),
+        ActionSpec("terminate_process", "Send TERM (or INT/HUP) to one process.",
+                   Risk.MEDIUM, TerminateProcessParams, "kill", _terminate, 10),
+        ActionSpec("journal_vacuum", "Delete archived journal files beyond a size or age.",
+                   Risk.MEDIUM, JournalVacuumParams, "journalctl", _journal_vacuum, 120),
+        ActionSpec("nix_gc", "Delete unreachable Nix store paths (and old generations if asked).",
+                   Risk.MEDIUM, NixGcParams, "nix-collect-garbage", _nix_gc, 1800),
+        ActionSpec("nixos_rollback", "Switch the system back to the previous NixOS generation.",
+                   Risk.HIGH, NoParams, "nixos-rebuild", _nixos_rollback, 1800),
+    )
+}  # fmt: skip
+
+
+# -- planning: proposal -> validated, resolved, displayable command ---------------------
+
+
+@dataclass(frozen=True)
+class PlannedAction:
+    """A catalog action with validated params and the exact argv that would run."""
+
+    spec: ActionSpec
+    params: ActionParams
+    argv: list[str]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def risk(self) -> Risk:
+        return self.spec.risk
+
+    @property
+    def dry_run(self) -> str:
+        """Exactly what would run, quoted as a shell would need it (display only)."""
+        return f"{shlex.join(self.argv)}  (timeout {self.spec.timeout:g}s, risk {self.risk})"
+
+    def params_dict(self) -> dict[str, Any]:
+        return self.params.model_dump(mode="json")
+
+
+def program_path(program: str, settings: Settings) -> str:
+    """Absolute path of a catalog program: configured, else found on the search path."""
+    configured = settings.actions.binaries.get(program)
+    if configured is not None:
+        if not configured.is_absolute():
+            raise Refusal("program_not_found", f"actions.binaries.{program} must be absolute")
+        return str(configured)
+    found = shutil.which(program, path=settings.actions.search_path)
+    if found is None:
+        raise Refusal("program_not_found", f"{program}: not found on the search path")
+    return str(Path(found).absolute())
+
+
+def validate_params(spec: ActionSpec, params: Any) -> ActionParams:
+    if not isinstance(params, Mapping):
+        raise Refusal("invalid_params", f"{spec.name}: params must be an object")
+    try:
+        return spec.params.model_validate(dict(params))
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'params'}: "
+            + ("unknown parameter" if e["type"] == "extra_forbidden" else e["msg"])
+            for e in exc.errors()
+        )
+        raise Refusal("invalid_params", f"{spec.name}: {problems}") from None
+
+
+def lookup(name: Any) -> ActionSpec:
+    """The catalog entry named exactly ``name`` (no case folding, no trimming)."""
+    if not isinstance(name, str) or name not in CATALOG:
+        shown = repr(name)[:80]
+        raise Refusal("unknown_action", f"unknown action {shown}: not in the catalog")
+    return CATALOG[name]
+
+
+def plan(name: Any, params: Any, settings: Settings) -> PlannedAction:
+    """Validate a proposal against the catalog and build its argv; raise Refusal if not."""
+    spec = lookup(name)
+    validated = validate_params(spec, params)
+    argv = [program_path(spec.program, settings), *spec.build(validated)]
+    return PlannedAction(spec, validated, argv)
