@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from gateway.errors import install_error_handlers
 from gateway.routes import health, openai
 from gateway.state import GatewayState
 from layers.config import Settings
@@ -25,6 +26,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="ai-sysadmin", version="0.1.0", lifespan=lifespan)
     app.state.gw = state
+    install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(openai.router)
     return app

@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 
+from gateway.server import BindRefused
 from layers.config import ConfigError, Settings, load_settings
 from layers.provision.engine import EngineError
 from layers.provision.model import ModelError
@@ -37,6 +38,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     ModelError,
     EngineError,
     SupervisorError,
+    BindRefused,
 )
 
 
@@ -54,6 +56,8 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # Request lines of our own HTTP clients are noise at info level.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _settings(args: argparse.Namespace) -> Settings:

@@ -5,10 +5,18 @@ from __future__ import annotations
 import uvicorn
 
 from gateway.app import create_app
+from gateway.auth import check_bind
 from layers.config import Settings
 
 
+class BindRefused(Exception):
+    """The gateway must not listen where it was asked to."""
+
+
 def make_server(settings: Settings) -> uvicorn.Server:
+    reason = check_bind(settings)
+    if reason:
+        raise BindRefused(reason)
     config = uvicorn.Config(
         create_app(settings),
         host=settings.gateway.host,

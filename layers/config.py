@@ -19,7 +19,14 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -129,6 +136,20 @@ class LayersConfig(Section):
     review: LayerConfig = Field(default_factory=lambda: _default_layers()["review"])
     meta: LayerConfig = Field(default_factory=lambda: _default_layers()["meta"])
 
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_layer_defaults(cls, data: Any) -> Any:
+        """A partial ``[layers.meta]`` table keeps the layer's own defaults (its port,
+        slots, embeddings) for every key it does not set."""
+        if not isinstance(data, dict):
+            return data
+        merged = dict(data)
+        for name, default in _default_layers().items():
+            given = data.get(name)
+            if isinstance(given, dict):
+                merged[name] = {**default.model_dump(exclude_unset=False), **given}
+        return merged
+
     def items(self) -> list[tuple[LayerName, LayerConfig]]:
         return [(name, getattr(self, name)) for name in LAYER_NAMES]
 
@@ -207,6 +228,18 @@ class GatewayConfig(Section):
         "trigger",
         description="Layer that answers frontend background tasks (titles, tags, "
         "follow-ups) sent to `ai-sysadmin`; empty: no rerouting.",
+    )
+    task_patterns: list[str] = Field(
+        default_factory=lambda: [
+            r"^\s*### Task:",
+            r"(?i)\btitle for (the|this) conversation\b",
+            r"(?i)\b5-word-or-less title\b",
+            r"(?i)^generate a concise, 3-5 word title",
+        ],
+        description="Regular expressions that mark a chat request to `ai-sysadmin` as a "
+        "frontend background task (OpenWebUI's `### Task:` prompts, LibreChat titles), "
+        "matched against the start of the last message. `metadata.task` set by the client "
+        "also marks one.",
     )
     embeddings_layer: LayerName = Field(
         "meta", description="Layer whose `/v1/embeddings` serves `POST /v1/embeddings`."

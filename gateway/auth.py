@@ -1,0 +1,118 @@
+"""API keys: ``Authorization: Bearer <key>``.
+
+With no key configured the gateway serves loopback clients only (and refuses to bind
+anything else, see ``check_bind``). Comparisons are constant-time; keys never reach logs.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+
+from fastapi import Request
+
+from gateway.errors import OpenAIError
+from layers.config import Settings
+
+
+class KeyRing:
+    def __init__(self, settings: Settings) -> None:
+        self.keys: list[bytes] = [k.encode() for k in settings.gateway.resolved_api_keys()]
+        admin = settings.gateway.resolved_admin_key()
+        self.admin: bytes | None = admin.encode() if admin else None
+        self.public_models = settings.gateway.public_models
+
+    @property
+    def open_to_loopback(self) -> bool:
+        return not self.keys
+
+    def is_key(self, presented: bytes) -> bool:
+        # Check every key (no early exit) so timing does not reveal which prefix matched.
+        found = False
+        for key in self.keys:
+            found |= hmac.compare_digest(presented, key)
+        if self.admin is not None:
+            found |= hmac.compare_digest(presented, self.admin)
+        return found
+
+    def is_admin(self, presented: bytes) -> bool:
+        return self.admin is not None and hmac.compare_digest(presented, self.admin)
+
+
+def is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def check_bind(settings: Settings) -> str | None:
+    """The reason the gateway must not start, or None."""
+    if not settings.gateway.resolved_api_keys() and not is_loopback(settings.gateway.host):
+        return (
+            f"gateway.host: binding {settings.gateway.host} without an API key would open the "
+            "sysadmin to the network; set gateway.api_keys_file (or bind 127.0.0.1)"
+        )
+    return None
+
+
+def _bearer(request: Request) -> bytes | None:
+    header = request.headers.get("authorization")
+    if not header:
+        return None
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        return None
+    return value.strip().encode()
+
+
+def _keyring(request: Request) -> KeyRing:
+    ring: KeyRing = request.app.state.gw.keys
+    return ring
+
+
+def authenticate(request: Request, *, admin: bool = False) -> None:
+    ring = _keyring(request)
+    presented = _bearer(request)
+    if admin:
+        if ring.admin is None:
+            if ring.open_to_loopback and is_loopback(request.client.host if request.client else None):
+                return
+            raise OpenAIError(
+                403, "no admin key is configured (gateway.admin_key_file)", code="admin_disabled"
+            )
+        if presented is None:
+            raise OpenAIError(401, "this route needs the admin key", code="missing_api_key")
+        if not ring.is_admin(presented):
+            raise OpenAIError(403, "this route needs the admin key", code="admin_key_required")
+        return
+    if ring.open_to_loopback:
+        if is_loopback(request.client.host if request.client else None):
+            return
+        raise OpenAIError(403, "no API key configured: loopback clients only", code="loopback_only")
+    if presented is None:
+        raise OpenAIError(
+            401,
+            "missing API key: send 'Authorization: Bearer <key>'",
+            code="missing_api_key",
+        )
+    if not ring.is_key(presented):
+        raise OpenAIError(401, "invalid API key", code="invalid_api_key")
+
+
+async def require_key(request: Request) -> None:
+    """Dependency: any configured API key (or the admin key)."""
+    authenticate(request)
+
+
+async def require_admin(request: Request) -> None:
+    """Dependency: the admin key."""
+    authenticate(request, admin=True)
+
+
+async def require_key_for_models(request: Request) -> None:
+    """Dependency for the model list, which may be configured public."""
+    if not _keyring(request).public_models:
+        authenticate(request)

@@ -1,0 +1,55 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway.auth import require_key
+from gateway.state import GatewayState
+
+router = APIRouter(tags=["health"])
+
+
+def _gw(request: Request) -> GatewayState:
+    gw: GatewayState = request.app.state.gw
+    return gw
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    """Liveness: the gateway process answers. Never calls a model."""
+    return {"status": "ok"}
+
+
+@router.get("/ready", dependencies=[Depends(require_key)])
+async def ready(request: Request) -> Response:
+    """Readiness: every layer has an endpoint answering ``/health`` with 200."""
+    gw = _gw(request)
+    states = await gw.layers.probe_all()
+    gw.refresh_gauges()
+    layers = {}
+    for name, state in states.items():
+        pool = gw.layers[name]
+        layers[name] = {
+            "state": state,
+            "inflight": pool.limiter.inflight,
+            "queued": pool.limiter.waiting,
+            "endpoints": [
+                {"url": e.url, "role": e.role, "health": e.health, "breaker": e.breaker.state}
+                for e in pool.endpoints
+            ],
+        }
+    ok = all(s == "ready" for s in states.values())
+    body = {"status": "ready" if ok else "not ready", "layers": layers}
+    if ok:
+        return JSONResponse(body)
+    return JSONResponse(body, status_code=503, headers={"Retry-After": "2"})
+
+
+@router.get("/metrics", dependencies=[Depends(require_key)])
+async def metrics(request: Request) -> Response:
+    gw = _gw(request)
+    gw.refresh_gauges()
+    return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)

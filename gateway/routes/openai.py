@@ -1,0 +1,323 @@
+"""OpenAI-compatible routes: models, chat completions, completions, embeddings.
+
+Model ``ai-sysadmin`` is the sysadmin: the meta layer with live system context in its
+system prompt. Models ``trigger``, ``review`` and ``meta`` pass straight through to
+that layer. Streams are relayed event by event as the layer sends them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response, StreamingResponse
+
+from gateway.auth import require_key, require_key_for_models
+from gateway.body import read_model
+from gateway.errors import OpenAIError
+from gateway.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from gateway.state import GatewayState
+from layers.client import LayerError, LayerPool, Upstream
+from layers.config import LAYER_NAMES
+from layers.context import gather_context, system_message
+
+log = logging.getLogger("ai_sysadmin.gateway")
+
+SYSADMIN_MODEL = "ai-sysadmin"
+MODEL_IDS = (SYSADMIN_MODEL, *LAYER_NAMES)
+CREATED = int(time.time())
+TASK_NAMES = {
+    "title_generation", "tags_generation", "follow_up_generation", "query_generation",
+    "emoji_generation", "autocomplete_generation", "image_prompt_generation", "title",
+}
+
+router = APIRouter(tags=["openai"])
+
+
+def _gw(request: Request) -> GatewayState:
+    gw: GatewayState = request.app.state.gw
+    return gw
+
+
+def layer_error(exc: LayerError) -> OpenAIError:
+    headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after else None
+    param = None
+    if exc.upstream_body and isinstance(exc.upstream_body.get("error"), dict):
+        param = exc.upstream_body["error"].get("param")
+    return OpenAIError(exc.status, exc.message, code=exc.code, param=param, headers=headers)
+
+
+def unknown_model(model: str) -> OpenAIError:
+    return OpenAIError(
+        404,
+        f"model '{model}' does not exist; available: {', '.join(MODEL_IDS)}",
+        param="model",
+        code="model_not_found",
+    )
+
+
+# -- models ------------------------------------------------------------------------------
+
+
+def _model_card(model_id: str) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": CREATED, "owned_by": "ai-sysadmin"}
+
+
+@router.get("/v1/models", dependencies=[Depends(require_key_for_models)])
+@router.get("/models", dependencies=[Depends(require_key_for_models)], include_in_schema=False)
+async def list_models() -> dict[str, Any]:
+    return {"object": "list", "data": [_model_card(m) for m in MODEL_IDS]}
+
+
+@router.get("/v1/models/{model_id}", dependencies=[Depends(require_key_for_models)])
+async def get_model(model_id: str) -> dict[str, Any]:
+    if model_id not in MODEL_IDS:
+        raise unknown_model(model_id)
+    return _model_card(model_id)
+
+
+# -- routing ------------------------------------------------------------------------------
+
+
+def _text_of(message: dict[str, Any]) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return ""
+
+
+class TaskDetector:
+    """Recognises frontend background tasks (titles, tags, follow-ups)."""
+
+    def __init__(self, patterns: list[str]) -> None:
+        self.patterns = [re.compile(p, re.MULTILINE) for p in patterns]
+
+    def is_task(self, body: dict[str, Any]) -> bool:
+        metadata = body.get("metadata")
+        if isinstance(metadata, dict) and str(metadata.get("task", "")) in TASK_NAMES:
+            return True
+        messages = body.get("messages") or []
+        if not messages:
+            return False
+        head = _text_of(messages[-1])[:400]
+        return any(p.search(head) for p in self.patterns)
+
+
+def _detector(gw: GatewayState) -> TaskDetector:
+    detector: TaskDetector | None = getattr(gw, "task_detector", None)
+    if detector is None:
+        detector = TaskDetector(gw.settings.gateway.task_patterns)
+        gw.task_detector = detector  # type: ignore[attr-defined]
+    return detector
+
+
+async def _with_context(gw: GatewayState, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Put the sysadmin's system prompt and live context first, merged with the client's
+    own system message (chat templates such as Gemma's accept only one)."""
+    prompt = system_message(await gather_context(gw.context_sources))
+    if messages and messages[0].get("role") in ("system", "developer"):
+        first = dict(messages[0])
+        own = first.get("content")
+        if isinstance(own, list):
+            first["content"] = [{"type": "text", "text": prompt + "\n\n"}, *own]
+        else:
+            first["content"] = f"{prompt}\n\n{own or ''}".rstrip()
+        first["role"] = "system"
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": prompt}, *messages]
+
+
+async def route_chat(gw: GatewayState, body: dict[str, Any]) -> tuple[LayerPool, bytes | None]:
+    """Choose the layer for a chat body and prepare it. Returns the pool and, for the
+    sysadmin model, the bytes that rename the layer back to ``ai-sysadmin`` in answers."""
+    model = body["model"]
+    if model in LAYER_NAMES:
+        return gw.layers[model], None
+    if model != SYSADMIN_MODEL:
+        raise unknown_model(model)
+    task_layer = gw.settings.gateway.task_layer
+    if task_layer is not None and _detector(gw).is_task(body):
+        body["model"] = task_layer
+        return gw.layers[task_layer], task_layer.encode()
+    body["messages"] = await _with_context(gw, body["messages"])
+    body["model"] = "meta"
+    return gw.layers["meta"], b"meta"
+
+
+def _renamer(layer_name: bytes | None) -> tuple[bytes, bytes] | None:
+    if layer_name is None:
+        return None
+    # llama-server writes compact JSON; the model name of every chunk is exactly this.
+    return b'"model":"' + layer_name + b'"', b'"model":"' + SYSADMIN_MODEL.encode() + b'"'
+
+
+# -- chat completions --------------------------------------------------------------------
+
+
+@router.post("/v1/chat/completions", dependencies=[Depends(require_key)])
+@router.post("/chat/completions", dependencies=[Depends(require_key)], include_in_schema=False)
+async def chat_completions(request: Request) -> Response:
+    gw = _gw(request)
+    t0 = time.perf_counter()
+    req, body = await read_model(request, ChatCompletionRequest, gw.settings.gateway.max_body_bytes)
+    requested = req.model
+    pool, layer_name = await route_chat(gw, body)
+    body.pop("metadata", None)
+    if gw.settings.gateway.log_level == "debug":
+        log.debug("chat %s → %s: %s", requested, pool.name, json.dumps(body)[:2000])
+    return await forward(gw, pool, "/chat/completions", body, req.stream, requested,
+                         _renamer(layer_name), t0, route="chat")
+
+
+async def forward(
+    gw: GatewayState,
+    pool: LayerPool,
+    path: str,
+    body: dict[str, Any],
+    stream: bool,
+    model: str,
+    rename: tuple[bytes, bytes] | None,
+    t0: float,
+    *,
+    route: str,
+) -> Response:
+    m = gw.metrics
+    try:
+        upstream = await pool.open(path, body)
+    except LayerError as exc:
+        m.requests.labels(route, model, str(exc.status)).inc()
+        raise layer_error(exc) from None
+    m.overhead.labels(route).observe(upstream.started - t0)
+    if stream:
+        return StreamingResponse(
+            relay(gw, upstream, model, rename, t0, route),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    try:
+        raw = await upstream.response.aread()
+    except httpx.TimeoutException:
+        m.requests.labels(route, model, "504").inc()
+        raise OpenAIError(504, f"layer {pool.name} timed out", code="upstream_timeout") from None
+    except httpx.HTTPError:
+        m.requests.labels(route, model, "502").inc()
+        raise OpenAIError(502, f"layer {pool.name} broke off its answer",
+                          code="upstream_error") from None
+    finally:
+        await upstream.aclose()
+    if rename is not None:
+        raw = raw.replace(rename[0], rename[1], 1)
+    m.requests.labels(route, model, "200").inc()
+    m.latency.labels(route, model).observe(time.perf_counter() - t0)
+    return Response(raw, media_type="application/json")
+
+
+def _sse_error(message: str, code: str) -> bytes:
+    err = {"error": {"message": message, "type": "upstream_error", "param": None, "code": code}}
+    return b"data: " + json.dumps(err).encode() + b"\n\n"
+
+
+async def relay(
+    gw: GatewayState,
+    upstream: Upstream,
+    model: str,
+    rename: tuple[bytes, bytes] | None,
+    t0: float,
+    route: str,
+) -> AsyncIterator[bytes]:
+    """Relay SSE events as they arrive, whole events at a time. If the layer breaks off,
+    the client gets an error event and ``[DONE]``; if the client leaves, closing the
+    upstream response makes llama-server cancel the generation."""
+    m = gw.metrics
+    pending = b""
+    first = True
+    done = False
+    status = "200"
+    try:
+        async for chunk in upstream.response.aiter_raw():
+            pending += chunk
+            cut = pending.rfind(b"\n\n")
+            if cut < 0:
+                continue
+            out, pending = pending[: cut + 2], pending[cut + 2 :]
+            if rename is not None:
+                out = out.replace(rename[0], rename[1])
+            if first:
+                first = False
+                m.ttft.labels(model).observe(time.perf_counter() - t0)
+            if b"data: [DONE]" in out:
+                done = True
+            yield out
+        if pending.strip():
+            yield pending + b"\n\n"
+        if not done:
+            status = "502"
+            m.stream_errors.labels(model).inc()
+            yield _sse_error(f"layer {upstream.pool.name} ended the stream early", "upstream_error")
+            yield b"data: [DONE]\n\n"
+    except httpx.TimeoutException:
+        status = "504"
+        m.stream_errors.labels(model).inc()
+        yield _sse_error(f"layer {upstream.pool.name} stopped sending (timeout)", "upstream_timeout")
+        yield b"data: [DONE]\n\n"
+    except httpx.HTTPError as exc:
+        status = "502"
+        m.stream_errors.labels(model).inc()
+        yield _sse_error(
+            f"layer {upstream.pool.name} broke off the stream ({type(exc).__name__})",
+            "upstream_error",
+        )
+        yield b"data: [DONE]\n\n"
+        upstream.endpoint.breaker.failure()
+    finally:
+        await upstream.aclose()
+        m.requests.labels(route, model, status).inc()
+        m.latency.labels(route, model).observe(time.perf_counter() - t0)
+
+
+# -- completions and embeddings ------------------------------------------------------------
+
+
+def _layer_for(gw: GatewayState, model: str) -> tuple[LayerPool, bytes | None]:
+    if model in LAYER_NAMES:
+        return gw.layers[model], None
+    if model == SYSADMIN_MODEL:
+        return gw.layers["meta"], b"meta"
+    raise unknown_model(model)
+
+
+@router.post("/v1/completions", dependencies=[Depends(require_key)])
+@router.post("/completions", dependencies=[Depends(require_key)], include_in_schema=False)
+async def completions(request: Request) -> Response:
+    gw = _gw(request)
+    t0 = time.perf_counter()
+    req, body = await read_model(request, CompletionRequest, gw.settings.gateway.max_body_bytes)
+    pool, layer_name = _layer_for(gw, req.model)
+    body["model"] = pool.name
+    return await forward(gw, pool, "/completions", body, req.stream, req.model,
+                         _renamer(layer_name), t0, route="completions")
+
+
+@router.post("/v1/embeddings", dependencies=[Depends(require_key)])
+@router.post("/embeddings", dependencies=[Depends(require_key)], include_in_schema=False)
+async def embeddings(request: Request) -> Response:
+    gw = _gw(request)
+    t0 = time.perf_counter()
+    req, body = await read_model(request, EmbeddingRequest, gw.settings.gateway.max_body_bytes)
+    if req.model not in MODEL_IDS:
+        raise unknown_model(req.model)
+    pool = gw.layers[gw.settings.gateway.embeddings_layer]
+    body["model"] = pool.name
+    rename = _renamer(pool.name.encode()) if req.model != pool.name else None
+    if rename is not None:
+        rename = (rename[0], b'"model":"' + req.model.encode() + b'"')
+    return await forward(gw, pool, "/embeddings", body, False, req.model, rename, t0,
+                         route="embeddings")

@@ -1,0 +1,73 @@
+"""Everything a running gateway holds: settings, keys, layer clients, metrics, context.
+
+Stages added later (store, pipeline, actions) attach here and are started and closed
+with the app's lifespan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from gateway.auth import KeyRing
+from gateway.metrics import GatewayMetrics
+from layers.client import LayerClients
+from layers.config import Settings
+from layers.context import ContextSource, HostFacts
+
+log = logging.getLogger("ai_sysadmin.gateway")
+
+BREAKER_CODES = {"closed": 0, "half-open": 1, "open": 2}
+
+
+class GatewayState:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.keys = KeyRing(settings)
+        self.layers = LayerClients(settings)
+        self.metrics = GatewayMetrics()
+        self.context_sources: list[ContextSource] = [HostFacts()]
+        # Hooks run at start/close by stages that attach to the gateway (store, pipeline…).
+        self.on_start: list[Callable[[], Awaitable[None]]] = []
+        self.on_close: list[Callable[[], Awaitable[None]]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        if self.keys.open_to_loopback:
+            log.warning("no API key configured: only loopback clients are served")
+        for hook in self.on_start:
+            await hook()
+        self._tasks.append(asyncio.create_task(self._watch_layers()))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for hook in reversed(self.on_close):
+            try:
+                await hook()
+            except Exception:
+                log.exception("error while closing")
+        await self.layers.aclose()
+
+    def refresh_gauges(self) -> None:
+        m = self.metrics
+        for pool in self.layers:
+            m.inflight.labels(pool.name).set(pool.limiter.inflight)
+            m.queued.labels(pool.name).set(pool.limiter.waiting)
+            for ep in pool.endpoints:
+                m.layer_up.labels(pool.name, ep.url).set(1 if ep.health == "ready" else 0)
+                m.breaker_open.labels(pool.name, ep.url).set(BREAKER_CODES[ep.breaker.state])
+
+    async def _watch_layers(self, interval: float = 5.0) -> None:
+        """Keep endpoint health current for /metrics, routing and the dashboard."""
+        while True:
+            try:
+                await self.layers.probe_all()
+            except Exception:
+                log.exception("layer probe failed")
+            await asyncio.sleep(interval)
