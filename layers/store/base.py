@@ -1,0 +1,826 @@
+"""The store interface and its SQL implementation shared by SQLite and PostgreSQL.
+
+The store is also the pipeline's durable queue: an event's ``state`` (new → dropped |
+candidate → classified) and an incident's ``stage`` (review → meta → remember → idle)
+say what work is still owed. Every stage writes its result and advances the state in
+one transaction, guarded by the state it expected, so a crash between a layer call and
+the commit repeats the call but never stores its outcome twice.
+
+SQL is written once with ``?`` placeholders; the PostgreSQL backend rewrites them.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import time
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from layers.events import (
+    SEVERITY_RANK,
+    ActionResult,
+    AuditEntry,
+    Decision,
+    Event,
+    Incident,
+    IncidentDetail,
+    IncidentStage,
+    IncidentStatus,
+    Proposal,
+    ProposalStatus,
+    Review,
+    Severity,
+    StoredEvent,
+    TimelineEntry,
+    Verdict,
+    max_severity,
+    new_id,
+)
+
+Row = dict[str, Any]
+
+
+class StoreError(Exception):
+    """The store cannot be opened or used; the message is one readable line."""
+
+
+class Tx(Protocol):
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> list[Row]: ...
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None: ...
+
+
+@dataclass(frozen=True)
+class AddResult:
+    accepted: list[str]
+    duplicates: list[str]
+
+
+@dataclass(frozen=True)
+class Prefiltered:
+    """The prefilter's decision about one stored event."""
+
+    seq: int
+    keep: bool
+    fingerprint: str | None = None
+    rule: str | None = None
+
+
+@dataclass(frozen=True)
+class VerdictInput:
+    """A verdict to record for a candidate event (from the layer, or the rule alone)."""
+
+    event: StoredEvent
+    anomaly: bool
+    severity: Severity
+    category: str
+    summary: str
+    unreviewed: bool = False
+
+
+def _dump(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+def _params_key(params: dict[str, Any]) -> str:
+    return _dump(params)
+
+
+ACTIVE_INCIDENT_STATUSES: tuple[IncidentStatus, ...] = (
+    "open",
+    "reviewed",
+    "escalated",
+    "unreviewed",
+)
+
+
+class Store(abc.ABC):
+    """What every part of ai-sysadmin may ask of persistent state."""
+
+    dialect: str = ""
+    # Seconds within which an anomalous verdict joins an active incident with the same key.
+    incident_window: float = 3600.0
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect and run pending migrations."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    def tx(self) -> AbstractAsyncContextManager[Tx]:
+        """One transaction; committed when the block exits without an exception."""
+
+    @abc.abstractmethod
+    async def _insert_events(self, tx: Tx, events: Sequence[Event], now: float) -> list[str]:
+        """Insert events whose id is new; return the ids that were inserted."""
+
+    async def schema_version(self) -> int:
+        async with self.tx() as tx:
+            rows = await tx.execute("SELECT MAX(version) AS v FROM schema_migrations")
+        return int(rows[0]["v"] or 0)
+
+    # -- events (intake and the prefilter/trigger queue) -----------------------------
+
+    async def add_events(self, events: Sequence[Event]) -> AddResult:
+        """Store events (idempotent by id); committed when this returns."""
+        now = time.time()
+        unique: dict[str, Event] = {}
+        for e in events:
+            unique.setdefault(e.id, e)
+        async with self.tx() as tx:
+            inserted = await self._insert_events(tx, list(unique.values()), now)
+        accepted = set(inserted)
+        return AddResult(
+            accepted=[i for i in unique if i in accepted],
+            duplicates=[e.id for e in events if e.id not in accepted],
+        )
+
+    async def events_in_state(self, state: str, limit: int = 500) -> list[StoredEvent]:
+        async with self.tx() as tx:
+            rows = await tx.execute(
+                "SELECT * FROM events WHERE state = ? ORDER BY seq LIMIT ?", (state, limit)
+            )
+        return [self._event(r) for r in rows]
+
+    async def get_events(self, ids: Sequence[str]) -> list[StoredEvent]:
+        if not ids:
+            return []
+        marks = ",".join("?" * len(ids))
+        async with self.tx() as tx:
+            rows = await tx.execute(f"SELECT * FROM events WHERE id IN ({marks}) ORDER BY seq", ids)
+        return [self._event(r) for r in rows]
+
+    async def mark_prefiltered(self, decisions: Sequence[Prefiltered]) -> int:
+        """Record the prefilter's decisions for events still ``new``; returns rows changed."""
+        dropped = [d.seq for d in decisions if not d.keep]
+        kept = [d for d in decisions if d.keep]
+        changed = 0
+        async with self.tx() as tx:
+            for chunk in _chunks(dropped, 500):
+                marks = ",".join("?" * len(chunk))
+                rows = await tx.execute(
+                    f"UPDATE events SET state = 'dropped' WHERE state = 'new' AND seq IN ({marks})"
+                    " RETURNING seq",
+                    chunk,
+                )
+                changed += len(rows)
+            for d in kept:
+                rows = await tx.execute(
+                    "UPDATE events SET state = 'candidate', fingerprint = ?, rule = ? "
+                    "WHERE seq = ? AND state = 'new' RETURNING seq",
+                    (d.fingerprint, d.rule, d.seq),
+                )
+                changed += len(rows)
+        return changed
+
+    async def event_counts(self) -> dict[str, int]:
+        async with self.tx() as tx:
+            rows = await tx.execute("SELECT state, COUNT(*) AS n FROM events GROUP BY state")
+        return {r["state"]: int(r["n"]) for r in rows}
+
+    async def recent_events(
+        self, *, host: str | None = None, unit: str | None = None, limit: int = 20
+    ) -> list[StoredEvent]:
+        where: list[str] = ["1 = 1"]
+        params: list[Any] = []
+        if host is not None:
+            where.append("host = ?")
+            params.append(host)
+        if unit is not None:
+            where.append("unit = ?")
+            params.append(unit)
+        async with self.tx() as tx:
+            rows = await tx.execute(
+                f"SELECT * FROM events WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?",
+                (*params, limit),
+            )
+        return [self._event(r) for r in reversed(rows)]
+
+    # -- verdicts and incidents -------------------------------------------------------
+
+    async def record_verdicts(self, items: Sequence[VerdictInput]) -> list[Verdict]:
+        """Store verdicts for candidate events, group anomalies into incidents and mark the
+        events classified — all in one transaction. Events already classified are skipped,
+        so a repeated batch (after a crash) stores nothing twice."""
+        now = time.time()
+        stored: list[Verdict] = []
+        async with self.tx() as tx:
+            for item in items:
+                ev = item.event
+                claimed = await tx.execute(
+                    "UPDATE events SET state = 'classified' WHERE seq = ? AND state = 'candidate'"
+                    " RETURNING seq",
+                    (ev.seq,),
+                )
+                if not claimed:
+                    continue
+                fingerprint = ev.fingerprint or ev.message[:80]
+                incident_id = None
+                if item.anomaly:
+                    incident_id = await self._group(tx, ev, item, fingerprint, now)
+                rows = await tx.execute(
+                    "INSERT INTO verdicts (event_id, incident_id, host, unit, fingerprint, rule,"
+                    " anomaly, severity, severity_rank, category, summary, message, unreviewed,"
+                    " created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING *",
+                    (
+                        ev.id, incident_id, ev.host, ev.unit, fingerprint, ev.rule,
+                        int(item.anomaly), item.severity, SEVERITY_RANK[item.severity],
+                        item.category, item.summary, ev.message, int(item.unreviewed), now,
+                    ),
+                )
+                verdict = self._verdict(rows[0])
+                stored.append(verdict)
+                if incident_id is not None:
+                    await self._timeline(
+                        tx, incident_id, "verdict", verdict.model_dump(exclude={"message"}), now
+                    )
+                    await self._timeline(
+                        tx,
+                        incident_id,
+                        "event",
+                        {"id": ev.id, "ts": ev.timestamp, "unit": ev.unit, "message": ev.message},
+                        now,
+                    )
+        return stored
+
+    async def _group(
+        self, tx: Tx, ev: StoredEvent, item: VerdictInput, fingerprint: str, now: float
+    ) -> str:
+        key = f"{ev.host}|unit:{ev.unit}" if ev.unit else f"{ev.host}|fp:{fingerprint}"
+        statuses = ",".join("?" * len(ACTIVE_INCIDENT_STATUSES))
+        rows = await tx.execute(
+            f"SELECT * FROM incidents WHERE key = ? AND status IN ({statuses}) "
+            "AND updated_at >= ? ORDER BY updated_at DESC LIMIT 1",
+            (key, *ACTIVE_INCIDENT_STATUSES, now - self.incident_window),
+        )
+        if rows:
+            inc = rows[0]
+            severity = max_severity(inc["severity"], item.severity)
+            # A worse verdict than the one reviewed sends the incident back for review.
+            stage = inc["stage"]
+            if SEVERITY_RANK[severity] > SEVERITY_RANK[inc["severity"]] and stage == "idle":
+                stage = "review"
+            await tx.execute(
+                "UPDATE incidents SET severity = ?, stage = ?, verdict_count = verdict_count + 1,"
+                " updated_at = ? WHERE id = ?",
+                (severity, stage, now, inc["id"]),
+            )
+            return str(inc["id"])
+        incident_id = new_id("inc")
+        title = f"{item.category}: {item.summary}"[:200]
+        await tx.execute(
+            "INSERT INTO incidents (id, key, host, unit, fingerprint, title, status, stage,"
+            " severity, verdict_count, opened_at, updated_at) "
+            "VALUES (?,?,?,?,?,?,'open','review',?,1,?,?)",
+            (incident_id, key, ev.host, ev.unit, fingerprint, title, item.severity, now, now),
+        )
+        await self._timeline(tx, incident_id, "status", {"status": "open"}, now)
+        return incident_id
+
+    async def verdicts_after(
+        self,
+        after: int = 0,
+        *,
+        limit: int = 100,
+        min_severity: Severity | None = None,
+        host: str | None = None,
+        anomalies_only: bool = False,
+    ) -> list[Verdict]:
+        where: list[str] = ["seq > ?"]
+        params: list[Any] = [after]
+        if min_severity is not None:
+            where.append("severity_rank >= ?")
+            params.append(SEVERITY_RANK[min_severity])
+        if host is not None:
+            where.append("host = ?")
+            params.append(host)
+        if anomalies_only:
+            where.append("anomaly = 1")
+        async with self.tx() as tx:
+            rows = await tx.execute(
+                f"SELECT * FROM verdicts WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?",
+                (*params, limit),
+            )
+        return [self._verdict(r) for r in rows]
+
+    async def recent_verdicts(self, limit: int = 20, *, anomalies_only: bool = True) -> list[Verdict]:
+        where = "WHERE anomaly = 1" if anomalies_only else ""
+        async with self.tx() as tx:
+            rows = await tx.execute(
+                f"SELECT * FROM verdicts {where} ORDER BY seq DESC LIMIT ?", (limit,)
+            )
+        return [self._verdict(r) for r in rows]
+
+    async def list_incidents(
+        self, *, status: Sequence[str] | None = None, limit: int = 100
+    ) -> list[Incident]:
+        where, params = "", []
+        if status:
+            where = f"WHERE status IN ({','.join('?' * len(status))})"
+            params = list(status)
+        async with self.tx() as tx:
+            rows = await tx.execute(
+                f"SELECT * FROM incidents {where} ORDER BY updated_at DESC LIMIT ?",
+                (*params, limit),
+            )
+        return [self._incident(r) for r in rows]
+
+    async def get_incident(self, incident_id: str) -> IncidentDetail | None:
+        async with self.tx() as tx:
+            rows = await tx.execute("SELECT * FROM incidents WHERE id = ?", (incident_id,))
+            if not rows:
+                return None
+            tl = await tx.execute(
+                "SELECT * FROM timeline WHERE incident_id = ? ORDER BY seq", (incident_id,)
+            )
+            props = await tx.execute(
+                "SELECT * FROM proposals WHERE incident_id = ? ORDER BY created_at",
+                (incident_id,),
+            )
+        inc = self._incident(rows[0])
+        return IncidentDetail(
+            **inc.model_dump(),
+            timeline=[
+                TimelineEntry(ts=r["ts"], kind=r["kind"], detail=json.loads(r["detail"]))
+                for r in tl
+            ],
+            proposals=[self._proposal(p) for p in props],
+        )
+
+    async def incident_verdicts(self, incident_id: str, limit: int = 20) -> list[Verdict]:
+        async with self.tx() as tx:
+            rows = await tx.execute(
+                "SELECT * FROM verdicts WHERE incident_id = ? ORDER BY seq DESC LIMIT ?",
+                (incident_id, limit),
+            )
+        return [self._verdict(r) for r in reversed(rows)]
+
+    async def next_incident(self, stage: IncidentStage) -> Incident | None:
+        """The oldest incident that still owes work of this stage."""
+        async with self.tx() as tx:
+            rows = await tx.execute(
+                "SELECT * FROM incidents WHERE stage = ? ORDER BY updated_at LIMIT 1", (stage,)
+            )
+        return self._incident(rows[0]) if rows else None
+
+    async def pending_work(self) -> dict[str, int]:
+        """Queue depth per stage: events to prefilter/classify, incidents to review/diagnose."""
+        async with self.tx() as tx:
+            ev = await tx.execute(
+                "SELECT state, COUNT(*) AS n FROM events WHERE state IN ('new','candidate') "
+                "GROUP BY state"
+            )
+            inc = await tx.execute(
+                "SELECT stage, COUNT(*) AS n FROM incidents WHERE stage <> 'idle' GROUP BY stage"
+            )
+        out = {f"events_{r['state']}": int(r["n"]) for r in ev}
+        out.update({f"incidents_{r['stage']}": int(r["n"]) for r in inc})
+        return out
+
+    async def record_review(
+        self, incident_id: str, review: Review | None, *, escalate: bool, error: str | None = None
+    ) -> bool:
+        """Store a review (or its failure: ``review=None`` marks the incident unreviewed).
+        Returns False when the incident no longer awaited review (already done)."""
+        now = time.time()
+        if review is None:
+            status, stage = "unreviewed", "idle"
+        elif escalate:
+            status, stage = "escalated", "meta"
+        else:
+            status, stage = "reviewed", "idle"
+        async with self.tx() as tx:
+            rows = await tx.execute(
+                "UPDATE incidents SET status = ?, stage = ?, review = ?, updated_at = ? "
+                "WHERE id = ? AND stage = 'review' RETURNING id",
+                (
+                    status, stage, review.model_dump_json() if review else None, now,
+                    incident_id,
+                ),
+            )
+            if not rows:
+                return False
+            if review is None:
+                await self._timeline(tx, incident_id, "unreviewed", {"stage": "review",
+                                                                     "error": error}, now)
+            else:
+                await self._timeline(tx, incident_id, "review", review.model_dump(), now)
+            await self._timeline(tx, incident_id, "status", {"status": status}, now)
+        return True
+
+    async def record_decision(
+        self,
+        incident_id: str,
+        decision: Decision | None,
+        *,
+        error: str | None = None,
+        proposal_ttl: float | None = None,
+    ) -> list[Proposal] | None:
+        """Store the meta layer's decision and its proposals (status ``pending``, for the
+        action stage), or its failure (incident unreviewed). None when already done."""
+        now = time.time()
+        async with self.tx() as tx:
+            if decision is None:
+                rows = await tx.execute(
+                    "UPDATE incidents SET status = 'unreviewed', stage = 'idle', updated_at = ? "
+                    "WHERE id = ? AND stage = 'meta' RETURNING id",
+                    (now, incident_id),
+                )
+            else:
+                rows = await tx.execute(
+                    "UPDATE incidents SET stage = 'idle', decision = ?, updated_at = ? "
+                    "WHERE id = ? AND stage = 'meta' RETURNING id",
+                    (decision.model_dump_json(), now, incident_id),
+                )
+            if not rows:
+                return None
+            if decision is None:
+                await self._timeline(tx, incident_id, "unreviewed", {"stage": "meta",
+                                                                     "error": error}, now)
+                await self._timeline(tx, incident_id, "status", {"status": "unreviewed"}, now)
+                return []
+            await self._timeline(tx, incident_id, "decision", decision.model_dump(), now)
+            proposals = []
+            for p in decision.proposals:
+                proposals.append(
+                    await self._add_proposal(
+                        tx, incident_id, p.action, dict(p.params), p.rationale, now=now,
+                        expires_at=now + proposal_ttl if proposal_ttl else None,
+                    )
+                )
+        return proposals
+
+    async def resolve_incident(self, incident_id: str, *, by: str, remember: bool) -> bool:
+        now = time.time()
+        stage = "remember" if remember else "idle"
+        async with self.tx() as tx:
+            rows = await tx.execute(
+                "UPDATE incidents SET status = 'resolved', stage = ?, resolved_at = ?,"
+                " updated_at = ? WHERE id = ? AND status <> 'resolved' RETURNING id",
+                (stage, now, now, incident_id),
+            )
+            if not rows:
+                return False
+            await self._timeline(tx, incident_id, "status", {"status": "resolved", "by": by}, now)
+        return True
+
+    async def quiet_incidents(self, older_than: float) -> list[Incident]:
+        """Active incidents with no work owed and nothing new since ``older_than``."""
+        statuses = ",".join("?" * len(ACTIVE_INCIDENT_STATUSES))
+        async with self.tx() as tx:
+            rows = await tx.execute(
+                f"SELECT * FROM incidents WHERE status IN ({statuses}) AND stage = 'idle' "
+                "AND updated_at < ? ORDER BY updated_at",
+                (*ACTIVE_INCIDENT_STATUSES, older_than),
+            )
+        return [self._incident(r) for r in rows]
+
+    async def mark_remembered(self, incident_id: str) -> bool:
+        async with self.tx() as tx:
+            rows = await tx.execute(
+                "UPDATE incidents SET stage = 'idle' WHERE id = ? AND stage = 'remember' "
+                "RETURNING id",
+                (incident_id,),
+            )
+        return bool(rows)
+
+    async def add_timeline(self, incident_id: str, kind: str, detail: dict[str, Any]) -> None:
+        async with self.tx() as tx:
+            await self._timeline(tx, incident_id, kind, detail, time.time())
+
+    async def _timeline(
+        self, tx: Tx, incident_id: str, kind: str, detail: dict[str, Any], now: float
+    ) -> None:
+        await tx.execute(
+            "INSERT INTO timeline (incident_id, ts, kind, detail) VALUES (?,?,?,?)",
+            (incident_id, now, kind, _dump(detail)),
+        )
+
+    # -- proposals / actions (the action stage builds on these) ------------------------
+
+    async def add_proposal(
+        self,
+        action: str,
+        params: dict[str, Any],
+        rationale: str,
+        *,
+        incident_id: str | None = None,
+        status: ProposalStatus = "pending",
+        risk: str | None = None,
+        dry_run: str | None = None,
+        expires_at: float | None = None,
+    ) -> Proposal:
+        """Add a proposal; a pending duplicate (same action and params) is merged into the
+        existing one (its ``merge_count`` grows) and returned instead."""
+        async with self.tx() as tx:
+            return await self._add_proposal(
+                tx, incident_id, action, params, rationale, now=time.time(), status=status,
+                risk=risk, dry_run=dry_run, expires_at=expires_at,
+            )
+
+    async def _add_proposal(
+        self,
+        tx: Tx,
+        incident_id: str | None,
+        action: str,
+        params: dict[str, Any],
+        rationale: str,
+        *,
+        now: float,
+        status: ProposalStatus = "pending",
+        risk: str | None = None,
+        dry_run: str | None = None,
+        expires_at: float | None = None,
+    ) -> Proposal:
+        key = _params_key(params)
+        if status == "pending":
+            dup = await tx.execute(
+                "UPDATE proposals SET merge_count = merge_count + 1, updated_at = ? "
+                "WHERE id = (SELECT id FROM proposals WHERE action = ? AND params_key = ? "
+                "AND status = 'pending' ORDER BY created_at LIMIT 1) RETURNING *",
+                (now, action, key),
+            )
+            if dup:
+                return self._proposal(dup[0])
+        unit = params.get("unit")
+        rows = await tx.execute(
+            "INSERT INTO proposals (id, incident_id, action, params, params_key, unit, rationale,"
+            " status, risk, dry_run, created_at, updated_at, expires_at, merge_count) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,0) RETURNING *",
+            (
+                new_id("act"), incident_id, action, key, key,
+                unit if isinstance(unit, str) else None, rationale, status, risk, dry_run,
+                now, now, expires_at,
+            ),
+        )
+        return self._proposal(rows[0])
+
+    async def get_proposal(self, proposal_id: str) -> Proposal | None:
+        async with self.tx() as tx:
+            rows = await tx.execute("SELECT * FROM proposals WHERE id = ?", (proposal_id,))
+        return self._proposal(rows[0]) if rows else None
+
+    async def list_proposals(
+        self,
+        *,
+        status: Sequence[ProposalStatus] | None = None,
+        incident_id: str | None = None,
+        limit: int = 100,
+    ) -> list[Proposal]:
+        where: list[str] = ["1 = 1"]
+        params: list[Any] = []
+        if status:
+            where.append(f"status IN ({','.join('?' * len(status))})")
+            params.extend(status)
+        if incident_id is not None:
+            where.append("incident_id = ?")
+            params.append(incident_id)
+        async with self.tx() as tx:
+            rows = await tx.execute(
+                f"SELECT * FROM proposals WHERE {' AND '.join(where)} "
+                "ORDER BY created_at DESC LIMIT ?",
+                (*params, limit),
+            )
+        return [self._proposal(r) for r in rows]
+
+    async def transition_proposal(
+        self,
+        proposal_id: str,
+        to: ProposalStatus,
+        *,
+        expected: Iterable[ProposalStatus],
+        decided_by: str | None = None,
+        risk: str | None = None,
+        dry_run: str | None = None,
+    ) -> Proposal | None:
+        """Compare-and-set the status (``expected`` → ``to``); None when the proposal is not
+        in an expected status (e.g. two approvers raced, or it expired)."""
+        now = time.time()
+        exp = list(expected)
+        sets = ["status = ?", "updated_at = ?"]
+        params: list[Any] = [to, now]
+        if to in ("approved", "rejected", "refused", "expired"):
+            sets.append("decided_at = ?")
+            params.append(now)
+        if decided_by is not None:
+            sets.append("decided_by = ?")
+            params.append(decided_by)
+        if risk is not None:
+            sets.append("risk = ?")
+            params.append(risk)
+        if dry_run is not None:
+            sets.append("dry_run = ?")
+            params.append(dry_run)
+        async with self.tx() as tx:
+            rows = await tx.execute(
+                f"UPDATE proposals SET {', '.join(sets)} WHERE id = ? "
+                f"AND status IN ({','.join('?' * len(exp))}) RETURNING *",
+                (*params, proposal_id, *exp),
+            )
+        return self._proposal(rows[0]) if rows else None
+
+    async def record_action_result(
+        self,
+        proposal_id: str,
+        status: ProposalStatus,
+        result: ActionResult,
+    ) -> Proposal | None:
+        """Store the outcome of a run (``running`` → succeeded | failed)."""
+        async with self.tx() as tx:
+            rows = await tx.execute(
+                "UPDATE proposals SET status = ?, exit_code = ?, output = ?, duration = ?,"
+                " updated_at = ? WHERE id = ? AND status = 'running' RETURNING *",
+                (status, result.exit_code, result.output, result.duration, time.time(),
+                 proposal_id),
+            )
+            if rows and rows[0]["incident_id"]:
+                await self._timeline(
+                    tx,
+                    rows[0]["incident_id"],
+                    "action",
+                    {"proposal": proposal_id, "action": rows[0]["action"], "status": status,
+                     "exit_code": result.exit_code},
+                    time.time(),
+                )
+        return self._proposal(rows[0]) if rows else None
+
+    async def expire_proposals(self, now: float | None = None) -> list[Proposal]:
+        now = time.time() if now is None else now
+        async with self.tx() as tx:
+            rows = await tx.execute(
+                "UPDATE proposals SET status = 'expired', decided_at = ?, updated_at = ? "
+                "WHERE status = 'pending' AND expires_at IS NOT NULL AND expires_at < ? "
+                "RETURNING *",
+                (now, now, now),
+            )
+        return [self._proposal(r) for r in rows]
+
+    async def count_runs(
+        self, *, since: float, action: str | None = None, unit: str | None = None
+    ) -> int:
+        """Runs started since ``since`` (status running/succeeded/failed), for rate limits."""
+        where: list[str] = ["status IN ('running','succeeded','failed')", "updated_at >= ?"]
+        params: list[Any] = [since]
+        if action is not None:
+            where.append("action = ?")
+            params.append(action)
+        if unit is not None:
+            where.append("unit = ?")
+            params.append(unit)
+        async with self.tx() as tx:
+            rows = await tx.execute(
+                f"SELECT COUNT(*) AS n FROM proposals WHERE {' AND '.join(where)}", params
+            )
+        return int(rows[0]["n"])
+
+    # -- audit log (append-only) -----------------------------------------------------
+
+    async def append_audit(
+        self, actor: str, kind: str, subject: str, detail: dict[str, Any] | None = None
+    ) -> AuditEntry:
+        async with self.tx() as tx:
+            rows = await tx.execute(
+                "INSERT INTO audit (ts, actor, kind, subject, detail) VALUES (?,?,?,?,?) "
+                "RETURNING *",
+                (time.time(), actor, kind, subject, _dump(detail or {})),
+            )
+        return self._audit(rows[0])
+
+    async def list_audit(
+        self,
+        *,
+        after: int = 0,
+        kind: str | None = None,
+        subject: str | None = None,
+        limit: int = 100,
+    ) -> list[AuditEntry]:
+        where: list[str] = ["seq > ?"]
+        params: list[Any] = [after]
+        if kind is not None:
+            where.append("kind = ?")
+            params.append(kind)
+        if subject is not None:
+            where.append("subject = ?")
+            params.append(subject)
+        async with self.tx() as tx:
+            rows = await tx.execute(
+                f"SELECT * FROM audit WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?",
+                (*params, limit),
+            )
+        return [self._audit(r) for r in rows]
+
+    # -- cursors (journald cursor, stream consumers) ------------------------------------
+
+    async def get_cursor(self, name: str) -> str | None:
+        async with self.tx() as tx:
+            rows = await tx.execute("SELECT value FROM cursors WHERE name = ?", (name,))
+        return str(rows[0]["value"]) if rows else None
+
+    async def set_cursor(self, name: str, value: str) -> None:
+        async with self.tx() as tx:
+            await tx.execute(
+                "INSERT INTO cursors (name, value, updated_at) VALUES (?,?,?) "
+                "ON CONFLICT (name) DO UPDATE SET value = excluded.value,"
+                " updated_at = excluded.updated_at",
+                (name, value, time.time()),
+            )
+
+    # -- retention ---------------------------------------------------------------------
+
+    async def apply_retention(self, days: float, now: float | None = None) -> dict[str, int]:
+        """Delete events and verdicts older than ``days`` that no work is owed on, and
+        resolved incidents with their timelines. Proposals and the audit log are kept."""
+        cutoff = (time.time() if now is None else now) - days * 86400.0
+        out: dict[str, int] = {}
+        async with self.tx() as tx:
+            rows = await tx.execute(
+                "DELETE FROM events WHERE received_at < ? AND state IN ('dropped','classified') "
+                "RETURNING id",
+                (cutoff,),
+            )
+            out["events"] = len(rows)
+            await self._forget_event_ids(tx, [r["id"] for r in rows])
+            rows = await tx.execute(
+                "DELETE FROM verdicts WHERE created_at < ? RETURNING seq", (cutoff,)
+            )
+            out["verdicts"] = len(rows)
+            old = await tx.execute(
+                "DELETE FROM incidents WHERE status = 'resolved' AND stage = 'idle' "
+                "AND updated_at < ? RETURNING id",
+                (cutoff,),
+            )
+            out["incidents"] = len(old)
+            for chunk in _chunks([r["id"] for r in old], 500):
+                await tx.execute(
+                    f"DELETE FROM timeline WHERE incident_id IN ({','.join('?' * len(chunk))})",
+                    chunk,
+                )
+        return out
+
+    async def _forget_event_ids(self, tx: Tx, ids: list[str]) -> None:  # noqa: B027
+        """Backends with a separate idempotency table drop retained-away ids from it."""
+
+    # -- row mapping -----------------------------------------------------------------
+
+    @staticmethod
+    def _event(r: Row) -> StoredEvent:
+        return StoredEvent(
+            id=r["id"], host=r["host"], source=r["source"], unit=r["unit"],
+            priority=r["priority"], message=r["message"], fields=json.loads(r["fields"]),
+            timestamp=r["ts"], seq=r["seq"], received_at=r["received_at"], state=r["state"],
+            fingerprint=r["fingerprint"], rule=r["rule"],
+        )
+
+    @staticmethod
+    def _verdict(r: Row) -> Verdict:
+        return Verdict(
+            seq=r["seq"], event_id=r["event_id"], incident_id=r["incident_id"], host=r["host"],
+            unit=r["unit"], fingerprint=r["fingerprint"], rule=r["rule"],
+            anomaly=bool(r["anomaly"]), severity=r["severity"], category=r["category"],
+            summary=r["summary"], message=r["message"], unreviewed=bool(r["unreviewed"]),
+            created_at=r["created_at"],
+        )
+
+    @staticmethod
+    def _incident(r: Row) -> Incident:
+        return Incident(
+            id=r["id"], key=r["key"], host=r["host"], unit=r["unit"],
+            fingerprint=r["fingerprint"], title=r["title"], status=r["status"],
+            stage=r["stage"], severity=r["severity"], verdict_count=r["verdict_count"],
+            opened_at=r["opened_at"], updated_at=r["updated_at"], resolved_at=r["resolved_at"],
+            review=Review.model_validate_json(r["review"]) if r["review"] else None,
+            decision=Decision.model_validate_json(r["decision"]) if r["decision"] else None,
+        )
+
+    @staticmethod
+    def _proposal(r: Row) -> Proposal:
+        result = None
+        if r["exit_code"] is not None or r["output"] is not None:
+            result = ActionResult(
+                exit_code=r["exit_code"], output=r["output"] or "", duration=r["duration"] or 0.0
+            )
+        return Proposal(
+            id=r["id"], incident_id=r["incident_id"], action=r["action"],
+            params=json.loads(r["params"]), rationale=r["rationale"], status=r["status"],
+            risk=r["risk"], dry_run=r["dry_run"], created_at=r["created_at"],
+            decided_at=r["decided_at"], expires_at=r["expires_at"], decided_by=r["decided_by"],
+            result=result, merge_count=r["merge_count"],
+        )
+
+    @staticmethod
+    def _audit(r: Row) -> AuditEntry:
+        return AuditEntry(
+            seq=r["seq"], ts=r["ts"], actor=r["actor"], kind=r["kind"], subject=r["subject"],
+            detail=json.loads(r["detail"]),
+        )
+
+
+def _chunks(items: Sequence[Any], n: int) -> list[list[Any]]:
+    return [list(items[i : i + n]) for i in range(0, len(items), n)]
