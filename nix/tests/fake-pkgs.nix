@@ -1,0 +1,64 @@
+# The few packages module.nix reads, as derivation-shaped attribute sets with fixed store
+# paths: evaluation needs their paths, never their builds. `override` records the flags
+# in the name, so a test can see which llama-cpp build an acceleration picked.
+{ lib }:
+
+let
+  fake =
+    name:
+    {
+      type = "derivation";
+      inherit name;
+      outPath = "${builtins.storeDir}/${builtins.substring 0 32 (builtins.hashString "sha256" name)}-${name}";
+      meta.mainProgram = name;
+      override =
+        args:
+        fake (
+          lib.concatStringsSep "-" (
+            [ name ] ++ lib.sort lib.lessThan (lib.attrNames (lib.filterAttrs (_: v: v == true) args))
+          )
+        );
+    };
+
+  # What pkgs.formats.toml accepts; rendering is a build, so `generate` returns a file-shaped
+  # value that carries the data for inspection.
+  tomlValue =
+    types:
+    let
+      valueType =
+        types.oneOf [
+          types.bool
+          types.int
+          types.float
+          types.str
+          types.path
+          (types.attrsOf valueType)
+          (types.listOf valueType)
+        ]
+        // {
+          description = "TOML value";
+        };
+    in
+    valueType;
+in
+{
+  llama-cpp = fake "llama-cpp";
+  ai-sysadmin = fake "ai-sysadmin";
+  systemd = fake "systemd";
+  nix = fake "nix";
+  postgresql = fake "postgresql";
+  fetchurl =
+    { url, hash, ... }:
+    fake "fetched-${baseNameOf url}";
+  formats.toml =
+    { }:
+    {
+      type = tomlValue lib.types;
+      generate =
+        name: value:
+        fake name
+        // {
+          renderedValue = value;
+        };
+    };
+}

@@ -1,0 +1,158 @@
+# Loose stand-ins for the NixOS options module.nix writes to, so that the module can be
+# evaluated with nothing but nixpkgs' `lib` (lib.evalModules). They declare just enough
+# type to merge definitions the way NixOS does: lists concatenate, attribute sets merge,
+# conflicting scalars are errors. They are not NixOS: the flake's checks evaluate the
+# module against the real thing.
+{ lib, pkgs }:
+
+let
+  inherit (lib) mkOption types;
+
+  atom = types.oneOf [
+    types.bool
+    types.int
+    types.str
+    types.path
+    types.package
+  ];
+  # Like NixOS' unitOption: a value or a list of values; lists from several modules concatenate.
+  unitValue = types.either atom (types.listOf atom);
+
+  serviceModule = {
+    options = {
+      description = mkOption {
+        type = types.str;
+        default = "";
+      };
+      wantedBy = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+      };
+      after = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+      };
+      before = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+      };
+      wants = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+      };
+      requires = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+      };
+      path = mkOption {
+        type = types.listOf types.package;
+        default = [ ];
+      };
+      restartTriggers = mkOption {
+        type = types.listOf types.unspecified;
+        default = [ ];
+      };
+      environment = mkOption {
+        type = types.attrsOf types.str;
+        default = { };
+      };
+      serviceConfig = mkOption {
+        type = types.attrsOf unitValue;
+        default = { };
+      };
+    };
+  };
+
+  loose = types.attrsOf types.anything;
+in
+{
+  options = {
+    assertions = mkOption {
+      type = types.listOf types.unspecified;
+      default = [ ];
+    };
+    warnings = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+    };
+
+    systemd.package = mkOption {
+      type = types.package;
+      default = pkgs.systemd;
+    };
+    systemd.services = mkOption {
+      type = types.attrsOf (types.submodule serviceModule);
+      default = { };
+    };
+
+    users.users = mkOption {
+      type = types.attrsOf loose;
+      default = { };
+    };
+    users.groups = mkOption {
+      type = types.attrsOf loose;
+      default = { };
+    };
+
+    networking.firewall.allowedTCPPorts = mkOption {
+      type = types.listOf types.port;
+      default = [ ];
+    };
+
+    environment.etc = mkOption {
+      type = types.attrsOf loose;
+      default = { };
+    };
+    environment.systemPackages = mkOption {
+      type = types.listOf types.package;
+      default = [ ];
+    };
+
+    nix.package = mkOption {
+      type = types.package;
+      default = pkgs.nix;
+    };
+
+    services.postgresql = {
+      enable = mkOption {
+        type = types.bool;
+        default = false;
+      };
+      package = mkOption {
+        type = types.package;
+        default = pkgs.postgresql;
+      };
+      ensureDatabases = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+      };
+      ensureUsers = mkOption {
+        type = types.listOf loose;
+        default = [ ];
+      };
+      extensions = mkOption {
+        type = types.functionTo (types.listOf types.unspecified);
+        default = _: [ ];
+      };
+      settings = mkOption {
+        type = loose;
+        default = { };
+      };
+    };
+
+    services.chromadb = {
+      enable = mkOption {
+        type = types.bool;
+        default = false;
+      };
+      host = mkOption {
+        type = types.str;
+        default = "127.0.0.1";
+      };
+      port = mkOption {
+        type = types.port;
+        default = 8000;
+      };
+    };
+  };
+}
