@@ -419,6 +419,13 @@ let
   helperMayRebuild =
     cfg.actionAllowlist == null || lib.elem "nixos_rollback" cfg.actionAllowlist;
 
+  actionPath = lib.makeBinPath [
+    config.systemd.package
+    pkgs.coreutils
+    pkgs.procps
+    (config.nix.package or pkgs.nix)
+  ];
+
   defaultProtectedUnits = [
     "sshd.service"
     "ssh.service"
@@ -770,7 +777,16 @@ in
           protected_units = cfg.protectedUnits;
         }
         // lib.optionalAttrs (cfg.actionAllowlist != null) { allowlist = cfg.actionAllowlist; }
-        // lib.optionalAttrs cfg.helper.enable { helper_socket = helperSocket; };
+        // lib.optionalAttrs cfg.helper.enable {
+          helper_socket = helperSocket;
+          # The helper's peer check (SO_PEERCRED) and its socket's group.
+          helper_allowed_users = [ user ];
+        }
+        // {
+          # Where catalog actions find systemctl, journalctl, df, free, ps, kill and
+          # nix-collect-garbage; nixos-rebuild comes from the running system.
+          search_path = lib.mkDefault "${actionPath}:/run/current-system/sw/bin";
+        };
         collectors.gateway_url = lib.mkDefault "http://${apiClientHost}:${toString cfg.api.port}";
       };
 
@@ -904,10 +920,12 @@ in
               ProtectControlGroups = true;
               MemoryDenyWriteExecute = true;
               SystemCallFilter = [ "@system-service" ];
-              # Journal files are root:systemd-journal; the rest is reached over sockets.
+              # Journal files are root:systemd-journal (vacuum), terminate_process signals
+              # other users' processes; units and the store are reached over sockets.
               CapabilityBoundingSet = [
                 "CAP_DAC_OVERRIDE"
                 "CAP_FOWNER"
+                "CAP_KILL"
               ];
             };
           };

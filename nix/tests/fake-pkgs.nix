@@ -46,6 +46,8 @@ in
   ai-sysadmin = fake "ai-sysadmin";
   systemd = fake "systemd";
   nix = fake "nix";
+  coreutils = fake "coreutils";
+  procps = fake "procps";
   postgresql = fake "postgresql";
   fetchurl =
     { url, hash, ... }:
