@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from gateway.errors import install_error_handlers
-from gateway.routes import health, openai
+from gateway.routes import actions, health, openai
 from gateway.state import GatewayState
 from layers.config import Settings
 
@@ -29,4 +29,5 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(openai.router)
+    app.include_router(actions.router)
     return app

@@ -322,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("-v", "--verbose", action="store_true", help="also print the result")
     add("show", cmd_config_show, "print the effective configuration as JSON", csub)
 
+    __import__("gateway.cli_actions").cli_actions.register(sub, add)
     for register in _extensions:
         register(sub, add)
     return parser
@@ -353,4 +354,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    sys.modules.setdefault("gateway.cli", sys.modules[__name__])  # one CliError for extensions
     sys.exit(main())

@@ -1,0 +1,130 @@
+"""Approvals API: list and show proposed actions (any key), approve or reject (admin key).
+
+Thin: every decision is made by ``layers.actions.service``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from gateway.auth import require_admin, require_key
+from gateway.errors import OpenAIError
+from gateway.state import GatewayState
+from layers.actions import service
+from layers.events import Proposal, ProposalStatus
+from layers.store import Store, open_store
+
+router = APIRouter(tags=["actions"])
+_open_lock = asyncio.Lock()
+
+
+async def _store(request: Request) -> Store:
+    """The gateway's store (``gw.store`` when a stage attached one, else opened here once)."""
+    gw: GatewayState = request.app.state.gw
+    existing = getattr(gw, "store", None) or getattr(gw, "actions_store", None)
+    if existing is not None:
+        store: Store = existing
+        return store
+    async with _open_lock:
+        if getattr(gw, "actions_store", None) is None:
+            opened = await open_store(gw.settings)
+            gw.actions_store = opened  # type: ignore[attr-defined]
+            gw.on_close.append(opened.close)
+    store = gw.actions_store  # type: ignore[attr-defined]
+    return store
+
+
+async def _incident(store: Store, incident_id: str | None) -> dict[str, Any] | None:
+    if incident_id is None:
+        return None
+    inc = await store.get_incident(incident_id)
+    if inc is None:
+        return {"id": incident_id}
+    return {"id": inc.id, "title": inc.title, "status": inc.status, "severity": inc.severity,
+            "host": inc.host, "unit": inc.unit}  # fmt: skip
+
+
+async def _view(store: Store, p: Proposal) -> dict[str, Any]:
+    """A proposal as an approver needs it: incident, dry run, rationale, result."""
+    return {"object": "action", **p.model_dump(), "incident": await _incident(store, p.incident_id)}
+
+
+@router.get("/v1/actions", dependencies=[Depends(require_key)])
+async def list_actions(
+    request: Request,
+    status: Annotated[ProposalStatus | None, Query(description="only this status")] = None,
+    incident_id: Annotated[str | None, Query(max_length=128)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> dict[str, Any]:
+    store = await _store(request)
+    await service.expire_due(store)
+    items = await store.list_proposals(
+        status=[status] if status else None, incident_id=incident_id, limit=limit
+    )
+    return {"object": "list", "data": [await _view(store, p) for p in items]}
+
+
+@router.get("/v1/actions/{action_id}", dependencies=[Depends(require_key)])
+async def get_action(request: Request, action_id: str) -> dict[str, Any]:
+    store = await _store(request)
+    await service.expire_due(store)
+    p = await store.get_proposal(action_id)
+    if p is None:
+        raise OpenAIError(404, f"no action {action_id!r}", param="id", code="action_not_found")
+    return await _view(store, p)
+
+
+_APPROVER = re.compile(r"[A-Za-z0-9._@+\-]{1,64}", re.ASCII)
+
+
+class DecisionBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    approver: str = Field("admin", description="Who decides (recorded as admin:<approver>).")
+    reason: str = Field("", max_length=500, description="Why (recorded in the audit log).")
+    wait: float = Field(30.0, ge=0, le=600, description="Seconds to wait for the run.")
+
+    @field_validator("approver")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _APPROVER.fullmatch(v):
+            raise ValueError("approver: 1-64 of letters, digits and ._@+-")
+        return v
+
+
+def _error(exc: service.ActionError) -> OpenAIError:
+    status = {"not_found": 404, "not_pending": 409, "refused": 409}.get(exc.code, 400)
+    return OpenAIError(status, exc.message, code=f"action_{exc.code}")
+
+
+async def _decide(request: Request, action_id: str, body: DecisionBody | None,
+                  verb: Literal["approve", "reject"]) -> dict[str, Any]:  # fmt: skip
+    gw: GatewayState = request.app.state.gw
+    store = await _store(request)
+    body = body or DecisionBody()
+    try:
+        if verb == "approve":
+            p = await service.approve(store, gw.settings, action_id, body.approver,
+                                      wait=body.wait)  # fmt: skip
+        else:
+            p = await service.reject(store, action_id, body.approver, body.reason)
+    except service.ActionError as exc:
+        raise _error(exc) from None
+    return await _view(store, p)
+
+
+@router.post("/v1/actions/{action_id}/approve", dependencies=[Depends(require_admin)])
+async def approve_action(request: Request, action_id: str,
+                         body: DecisionBody | None = None) -> dict[str, Any]:  # fmt: skip
+    return await _decide(request, action_id, body, "approve")
+
+
+@router.post("/v1/actions/{action_id}/reject", dependencies=[Depends(require_admin)])
+async def reject_action(request: Request, action_id: str,
+                        body: DecisionBody | None = None) -> dict[str, Any]:  # fmt: skip
+    return await _decide(request, action_id, body, "reject")

@@ -1,0 +1,388 @@
+"""The action stage: proposals in; run, wait for approval, or refuse; everything audited.
+
+Entry point for the pipeline's meta stage::
+
+    async def handle_proposals(
+        incident_id: str | None,
+        proposals: Sequence[Proposal | ProposedAction | Mapping[str, Any]],
+        store: Store,
+        settings: Settings,
+        *,
+        on_result: Callable[[Proposal], Awaitable[None]] | None = None,
+    ) -> list[Proposal]
+
+``proposals`` may be the records ``Store.record_decision`` just stored (status
+``pending``, not yet screened) or raw proposals (``ProposedAction`` or plain dicts with
+exactly ``action``, ``params``, ``rationale``). Each one ends in exactly one of:
+
+- ``refused`` — unknown action, malformed or extra params, a risk claim, protected
+  unit, not allowlisted, kill switch, rate limit (the reason is in the audit log);
+- ``pending`` — waits for an admin (``approve``/``reject``), expires after
+  ``actions.approval_ttl``; an identical pending proposal absorbs it (merge count);
+- ``succeeded`` / ``failed`` — ran under the autonomy level; a failure re-opens the
+  incident. Results go to the proposal record, the incident timeline, the audit log and
+  ``on_result`` (the memory hook).
+
+Nothing from a proposal is "fixed up": it is used exactly as given or refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+from pydantic import BaseModel
+
+from layers.actions.catalog import PlannedAction, Refusal, plan, program_path
+from layers.actions.executor import ExecResult, execute
+from layers.actions.policy import Policy, UnitInventory, Verdict
+from layers.config import Settings
+from layers.events import ActionResult, Proposal, ProposalStatus, ProposedAction
+from layers.store import Store
+
+ResultHook = Callable[[Proposal], Awaitable[None]]
+PROPOSAL_KEYS = frozenset({"action", "params", "rationale"})
+MAX_RATIONALE = 2000
+
+# Screening, counting and marking a run "running" happen under this lock so that a burst
+# of proposals in one process cannot overrun a rate limit. (The root helper keeps its own
+# count as a second, independent limit across processes.)
+_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _run_lock() -> asyncio.Lock:
+    loop = asyncio.get_running_loop()
+    lock = _locks.get(loop)
+    if lock is None:
+        lock = _locks[loop] = asyncio.Lock()
+    return lock
+
+_background: set[asyncio.Task[Any]] = set()
+
+
+class ActionError(Exception):
+    """An approval request that cannot be honoured; ``code`` says why."""
+
+    def __init__(self, code: str, message: str, proposal: Proposal | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.proposal = proposal
+
+
+def _policy(store: Store, settings: Settings) -> Policy:
+    inventory = None
+    if UnitInventory.enabled(settings):
+        try:
+            inventory = UnitInventory(settings, program_path("systemctl", settings))
+        except Refusal:
+            inventory = None
+    return Policy(settings, store, inventory)
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        json.dumps(value, sort_keys=True)
+        return value
+    except (TypeError, ValueError):
+        return {"unparseable": repr(value)[:500]}
+
+
+def _raw_fields(raw: ProposedAction | Mapping[str, Any]) -> tuple[Any, Any, str, Refusal | None]:
+    """(action, params, rationale, refusal) of a raw proposal, refusing odd shapes."""
+    if isinstance(raw, BaseModel):
+        data: dict[str, Any] = raw.model_dump()
+    elif isinstance(raw, Mapping):
+        data = dict(raw)
+    else:
+        return repr(raw)[:64], {}, "", Refusal("invalid_proposal", "proposal must be an object")
+    action, params = data.get("action"), data.get("params", {})
+    rationale = data.get("rationale", "")
+    refusal = None
+    extra = sorted(str(k) for k in data if k not in PROPOSAL_KEYS)
+    if "risk" in data:
+        refusal = Refusal("risk_claim", "proposals may not state a risk; the catalog fixes it")
+    elif extra:
+        refusal = Refusal("invalid_proposal", f"unknown proposal fields: {', '.join(extra)}")
+    elif not isinstance(rationale, str):
+        refusal = Refusal("invalid_proposal", "rationale must be a string")
+    return action, params, rationale if isinstance(rationale, str) else repr(rationale), refusal
+
+
+def _plan_checked(action: Any, params: Any, settings: Settings) -> PlannedAction:
+    if isinstance(params, Mapping) and "risk" in params:
+        raise Refusal("risk_claim", "proposals may not state a risk; the catalog fixes it")
+    return plan(action, params, settings)
+
+
+async def _audit(store: Store, actor: str, kind: str, p: Proposal, **detail: Any) -> None:
+    await store.append_audit(
+        actor, kind, p.id,
+        {"incident": p.incident_id, "action": p.action, "params": p.params, **detail},
+    )  # fmt: skip
+
+
+async def _refuse(store: Store, p: Proposal, refusal: Refusal, actor: str) -> Proposal:
+    done = await store.transition_proposal(
+        p.id, "refused", expected=("pending", "approved"), decided_by=actor
+    )
+    await _audit(store, actor, "refused", p, code=refusal.code, reason=refusal.message)
+    if p.incident_id:
+        await store.add_timeline(p.incident_id, "action_refused",
+                                 {"proposal": p.id, "action": p.action, "code": refusal.code,
+                                  "reason": refusal.message})  # fmt: skip
+    return done or p
+
+
+async def handle_proposals(
+    incident_id: str | None,
+    proposals: Sequence[Proposal | ProposedAction | Mapping[str, Any]],
+    store: Store,
+    settings: Settings,
+    *,
+    on_result: ResultHook | None = None,
+) -> list[Proposal]:
+    """Screen, decide and (where the autonomy level allows) run each proposal."""
+    await expire_due(store)
+    out: list[Proposal] = []
+    for item in proposals:
+        out.append(await _handle_one(incident_id, item, store, settings, on_result))
+    return out
+
+
+async def _handle_one(
+    incident_id: str | None,
+    item: Proposal | ProposedAction | Mapping[str, Any],
+    store: Store,
+    settings: Settings,
+    on_result: ResultHook | None,
+) -> Proposal:
+    actor = "pipeline"
+    if isinstance(item, Proposal):
+        stored: Proposal | None = item
+        action, params, rationale = item.action, item.params, item.rationale
+        shape_refusal = None
+        if item.status != "pending":
+            return item
+        if item.dry_run is not None:  # already screened: this one merged into it
+            await _audit(store, actor, "merged", item, merge_count=item.merge_count,
+                         from_incident=incident_id)  # fmt: skip
+            return item
+    else:
+        stored = None
+        action, params, rationale, shape_refusal = _raw_fields(item)
+    rationale = rationale[:MAX_RATIONALE]
+    policy = _policy(store, settings)
+    try:
+        if shape_refusal is not None:
+            raise shape_refusal
+        planned = _plan_checked(action, params, settings)
+    except Refusal as refusal:
+        if stored is None:
+            name = action if isinstance(action, str) else repr(action)
+            stored = await store.add_proposal(
+                name[:64], _jsonable(params) if isinstance(params, Mapping) else
+                {"unparseable": repr(params)[:500]}, rationale, incident_id=incident_id,
+                status="refused",
+            )  # fmt: skip
+            await _audit(store, actor, "proposed", stored, rationale=rationale)
+            await _audit(store, "policy", "refused", stored, code=refusal.code,
+                         reason=refusal.message)  # fmt: skip
+            if incident_id:
+                await store.add_timeline(incident_id, "action_refused",
+                                         {"proposal": stored.id, "code": refusal.code,
+                                          "reason": refusal.message})  # fmt: skip
+            return stored
+        await _audit(store, actor, "proposed", stored, rationale=rationale)
+        return await _refuse(store, stored, refusal, "policy")
+
+    async with _run_lock():
+        decision = await policy.decide(planned)
+        if stored is None:
+            if decision.verdict is Verdict.WAIT:
+                stored = await store.add_proposal(
+                    planned.name, planned.params_dict(), rationale, incident_id=incident_id,
+                    status="pending", risk=planned.risk.value, dry_run=planned.dry_run,
+                    expires_at=time.time() + settings.actions.approval_ttl,
+                )
+                if stored.merge_count > 0:
+                    await _audit(store, actor, "merged", stored, merge_count=stored.merge_count,
+                                 from_incident=incident_id, rationale=rationale)  # fmt: skip
+                    return stored
+            else:
+                stored = await store.add_proposal(
+                    planned.name, planned.params_dict(), rationale, incident_id=incident_id,
+                    status="approved" if decision.verdict is Verdict.RUN else "refused",
+                    risk=planned.risk.value, dry_run=planned.dry_run,
+                )
+            await _audit(store, actor, "proposed", stored, rationale=rationale,
+                         risk=planned.risk.value, dry_run=planned.dry_run)  # fmt: skip
+        else:
+            await _audit(store, actor, "proposed", stored, rationale=rationale,
+                         risk=planned.risk.value, dry_run=planned.dry_run)  # fmt: skip
+            await store.transition_proposal(stored.id, "pending", expected=("pending",),
+                                            risk=planned.risk.value, dry_run=planned.dry_run)  # fmt: skip
+            await _set_expiry(store, stored.id, time.time() + settings.actions.approval_ttl)
+        if decision.verdict is Verdict.REFUSE:
+            return await _refuse(store, stored, Refusal(decision.code, decision.reason), "policy")
+        if decision.verdict is Verdict.WAIT:
+            await _audit(store, "policy", "pending", stored, reason=decision.reason,
+                         expires_in=settings.actions.approval_ttl)  # fmt: skip
+            if stored.incident_id:
+                await store.add_timeline(stored.incident_id, "action_pending",
+                                         {"proposal": stored.id, "action": planned.name,
+                                          "dry_run": planned.dry_run})  # fmt: skip
+            return await store.get_proposal(stored.id) or stored
+        actor = "policy:" + decision.reason.rsplit(" ", 1)[-1]
+        if stored.status == "pending":
+            await store.transition_proposal(stored.id, "approved", expected=("pending",),
+                                            decided_by=actor)  # fmt: skip
+        await _audit(store, actor, "approved", stored, reason=decision.reason)
+        running = await store.transition_proposal(stored.id, "running", expected=("approved",))
+    if running is None:
+        return await store.get_proposal(stored.id) or stored
+    return await _run(store, settings, planned, running, on_result)
+
+
+async def _run(store: Store, settings: Settings, planned: PlannedAction, p: Proposal,
+               on_result: ResultHook | None) -> Proposal:  # fmt: skip
+    await _audit(store, "executor", "run", p, argv=planned.argv)
+    try:
+        result = await execute(planned, settings)
+    except Refusal as refusal:  # the root helper's own checks said no
+        result = ExecResult(exit_code=None, output="", duration=0.0,
+                            error=f"{refusal.code}: {refusal.message}")  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - any executor bug must still close the record
+        result = ExecResult(exit_code=None, output="", duration=0.0, error=f"executor: {exc!r}")
+    status: ProposalStatus = "succeeded" if result.ok else "failed"
+    output = result.output if result.error is None else f"{result.error}\n{result.output}"
+    done = await store.record_action_result(
+        p.id, status, ActionResult(exit_code=result.exit_code, output=output,
+                                   duration=result.duration),
+    )  # fmt: skip
+    final = done or p
+    await _audit(store, "executor", "result", final, status=status, exit_code=result.exit_code,
+                 duration=round(result.duration, 3), timed_out=result.timed_out,
+                 output=output[:1000])  # fmt: skip
+    if p.incident_id:
+        await store.add_timeline(p.incident_id, "action_result",
+                                 {"proposal": p.id, "action": p.action, "status": status,
+                                  "exit_code": result.exit_code,
+                                  "duration": round(result.duration, 3),
+                                  "output": output[:1000]})  # fmt: skip
+        if status == "failed":
+            await reopen_incident(store, p.incident_id, f"action {p.id} ({p.action}) failed")
+    if on_result is not None:
+        await on_result(final)
+    return final
+
+
+async def _set_expiry(store: Store, proposal_id: str, expires_at: float) -> None:
+    """Proposals stored by ``record_decision`` without a TTL get the approval TTL."""
+    async with store.tx() as tx:
+        await tx.execute(
+            "UPDATE proposals SET expires_at = ? WHERE id = ? AND expires_at IS NULL",
+            (expires_at, proposal_id),
+        )
+
+
+async def reopen_incident(store: Store, incident_id: str, why: str) -> bool:
+    """Put an incident back in front of the reviewer (status open, stage review)."""
+    now = time.time()
+    async with store.tx() as tx:
+        rows = await tx.execute(
+            "UPDATE incidents SET status = 'open', stage = 'review', resolved_at = NULL,"
+            " updated_at = ? WHERE id = ? RETURNING id",
+            (now, incident_id),
+        )
+    if rows:
+        await store.add_timeline(incident_id, "status", {"status": "open", "by": why})
+    return bool(rows)
+
+
+# -- approvals ------------------------------------------------------------------------------
+
+
+async def expire_due(store: Store) -> list[Proposal]:
+    expired = await store.expire_proposals()
+    for p in expired:
+        await _audit(store, "policy", "expired", p)
+        if p.incident_id:
+            await store.add_timeline(p.incident_id, "action_expired",
+                                     {"proposal": p.id, "action": p.action})  # fmt: skip
+    return expired
+
+
+async def _pending(store: Store, proposal_id: str) -> Proposal:
+    await expire_due(store)
+    p = await store.get_proposal(proposal_id)
+    if p is None:
+        raise ActionError("not_found", f"no action {proposal_id!r}")
+    if p.status != "pending":
+        raise ActionError("not_pending", f"action {p.id} is {p.status}, not pending", p)
+    return p
+
+
+async def approve(store: Store, settings: Settings, proposal_id: str, approver: str, *,
+                  wait: float = 30.0, on_result: ResultHook | None = None) -> Proposal:  # fmt: skip
+    """Approve a pending proposal and run it (waiting up to ``wait`` seconds for it).
+
+    The proposal is planned and screened again first: the catalog, protected units,
+    allowlist, kill switch and rate limits apply to approved actions too; only the
+    autonomy level is what the approval overrides."""
+    p = await _pending(store, proposal_id)
+    actor = f"admin:{approver}"
+    try:
+        planned = _plan_checked(p.action, p.params, settings)
+    except Refusal as refusal:
+        p = await _refuse(store, p, refusal, actor)
+        raise ActionError("refused", f"{refusal.code}: {refusal.message}", p) from None
+    async with _run_lock():
+        policy = _policy(store, settings)
+        try:
+            await policy.screen(planned)
+            await policy.check_rate(planned)
+        except Refusal as refusal:
+            p = await _refuse(store, p, refusal, actor)
+            raise ActionError("refused", f"{refusal.code}: {refusal.message}", p) from None
+        approved = await store.transition_proposal(p.id, "approved", expected=("pending",),
+                                                   decided_by=actor)  # fmt: skip
+        if approved is None:
+            raise ActionError("not_pending", f"action {p.id} was decided meanwhile")
+        await _audit(store, actor, "approved", approved, dry_run=planned.dry_run)
+        running = await store.transition_proposal(p.id, "running", expected=("approved",))
+    if running is None:
+        raise ActionError("not_pending", f"action {p.id} was decided meanwhile")
+    task = asyncio.create_task(_run(store, settings, planned, running, on_result))
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+    try:
+        return await asyncio.wait_for(asyncio.shield(task), timeout=wait)
+    except TimeoutError:
+        return await store.get_proposal(p.id) or running
+
+
+async def reject(store: Store, proposal_id: str, approver: str, reason: str = "") -> Proposal:
+    p = await _pending(store, proposal_id)
+    actor = f"admin:{approver}"
+    done = await store.transition_proposal(p.id, "rejected", expected=("pending",),
+                                           decided_by=actor)  # fmt: skip
+    if done is None:
+        raise ActionError("not_pending", f"action {p.id} was decided meanwhile")
+    await _audit(store, actor, "rejected", done, reason=reason[:500])
+    if p.incident_id:
+        await store.add_timeline(p.incident_id, "action_rejected",
+                                 {"proposal": p.id, "action": p.action, "by": actor})  # fmt: skip
+    return done
+
+
+async def drain_background() -> None:
+    """Wait for approved actions still running (shutdown, tests)."""
+    if _background:
+        await asyncio.gather(*list(_background), return_exceptions=True)
