@@ -45,14 +45,41 @@ def action_env(settings: Settings) -> dict[str, str]:
     }
 
 
-def excerpt(data: bytes, limit: int) -> str:
-    text = data.decode("utf-8", "replace")
-    if len(text) <= limit:
-        return text
-    head = limit // 4
-    tail = limit - head
-    skipped = len(text) - limit
-    return f"{text[:head]}\n[... {skipped} characters omitted ...]\n{text[-tail:]}"
+class _Collector:
+    """Keeps the head and the tail of a stream, whatever its length."""
+
+    def __init__(self, limit_chars: int) -> None:
+        self.limit = limit_chars
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.total = 0
+
+    def feed(self, chunk: bytes) -> None:
+        self.total += len(chunk)
+        room = self.limit * 4 - len(self.head)  # bytes: up to 4 per character
+        if room > 0:
+            self.head += chunk[:room]
+            chunk = chunk[room:]
+        if chunk:
+            self.tail += chunk
+            del self.tail[: max(0, len(self.tail) - self.limit * 4)]
+
+    def text(self) -> str:
+        head = self.head.decode("utf-8", "replace")
+        tail = self.tail.decode("utf-8", "replace")
+        whole = head + tail
+        if self.total <= len(self.head) + len(self.tail) and len(whole) <= self.limit:
+            return whole
+        keep_head = self.limit // 4
+        keep_tail = self.limit - keep_head
+        both = whole if not tail else head + tail
+        return (f"{both[:keep_head]}\n[... output shortened to {self.limit} of "
+                f"{self.total} bytes ...]\n{both[-keep_tail:]}")
+
+
+async def _drain(stream: asyncio.StreamReader, sink: _Collector) -> None:
+    while chunk := await stream.read(65536):
+        sink.feed(chunk)
 
 
 async def run_argv(argv: list[str], timeout: float, settings: Settings) -> ExecResult:
@@ -70,28 +97,30 @@ async def run_argv(argv: list[str], timeout: float, settings: Settings) -> ExecR
         )
     except OSError as exc:
         return ExecResult(exit_code=None, output="", duration=0.0, error=f"cannot start: {exc}")
-    limit = settings.actions.output_excerpt_chars
+    sink = _Collector(settings.actions.output_excerpt_chars)
+    assert proc.stdout is not None
+    reader = asyncio.create_task(_drain(proc.stdout, sink))
+    timed_out = False
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout=timeout)
-    except (TimeoutError, asyncio.CancelledError) as exc:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        out = b""
-        if proc.stdout is not None:
-            with contextlib.suppress(Exception):
-                out = await asyncio.wait_for(proc.stdout.read(), timeout=2)
-        await proc.wait()
-        if isinstance(exc, asyncio.CancelledError):
-            raise
-        return ExecResult(
-            exit_code=proc.returncode,
-            output=excerpt(out, limit),
-            duration=time.monotonic() - started,
-            timed_out=True,
-            error=f"timed out after {timeout:g}s",
-        )
+        await asyncio.wait_for(proc.wait(), timeout=timeout)
+    except TimeoutError:
+        timed_out = True
+    finally:
+        if proc.returncode is None:  # timed out or cancelled: the whole group goes
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+        # Children that inherited stdout may keep it open: read what is there, briefly.
+        try:
+            await asyncio.wait_for(reader, timeout=2)
+        except TimeoutError:
+            pass
     return ExecResult(
-        exit_code=proc.returncode, output=excerpt(out, limit), duration=time.monotonic() - started
+        exit_code=proc.returncode,
+        output=sink.text(),
+        duration=time.monotonic() - started,
+        timed_out=timed_out,
+        error=f"timed out after {timeout:g}s" if timed_out else None,
     )
 
 
