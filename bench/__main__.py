@@ -1,0 +1,165 @@
+"""``python -m bench``: run the benchmark suites and write ``docs/benchmarks.md`` and the
+plots in ``docs/bench/``. Not part of the test run. See docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import report
+from bench.procs import REPO
+from bench.suites import PROXIES, Options, SuiteResult, say
+
+SUITES = ("stub", "open_streams", "real", "pipeline")
+
+
+def _raise_fd_limit() -> None:
+    # 1,000 open streams need ~3,000 descriptors across the processes; children inherit.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, 65536) if hard != resource.RLIM_INFINITY else 65536
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+def _plot_data(results: dict[str, SuiteResult]) -> dict[str, object]:
+    data: dict[str, dict[str, object]] = {"latency_c16": {}, "rps": {}, "ttft_real": {},
+                                          "stream_ttft_c16": {}}
+    stub = results.get("stub")
+    if stub:
+        for r in stub.runs:
+            if not r.stream:
+                rps = data["rps"].setdefault(r.path, {})
+                assert isinstance(rps, dict)
+                rps.setdefault(str(r.concurrency), []).append(r.rps)
+                if r.concurrency == 16:
+                    lat = data["latency_c16"].setdefault(r.path, [])
+                    assert isinstance(lat, list)
+                    lat.extend(r.latencies_ms)
+            elif r.concurrency == 16:
+                tt = data["stream_ttft_c16"].setdefault(r.path, [])
+                assert isinstance(tt, list)
+                tt.extend(r.ttft_ms)
+    real = results.get("real")
+    if real:
+        for r in real.runs:
+            if r.stream:
+                tt = data["ttft_real"].setdefault(r.path, [])
+                assert isinstance(tt, list)
+                tt.extend(r.ttft_ms)
+    return dict(data)
+
+
+def _plots(results: dict[str, SuiteResult], outdir: Path) -> list[str]:
+    from bench.venvs import ensure_venv
+
+    try:
+        python = ensure_venv("tools")
+    except subprocess.CalledProcessError as exc:
+        say(f"plots skipped: could not install matplotlib ({exc})")
+        return []
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+        json.dump(_plot_data(results), fh)
+    try:
+        out = subprocess.run([str(python), str(REPO / "bench" / "plots.py"), fh.name, str(outdir)],
+                             capture_output=True, text=True, check=True, timeout=300)
+    except subprocess.CalledProcessError as exc:
+        say(f"plots failed: {exc.stderr[-500:]}")
+        return []
+    finally:
+        Path(fh.name).unlink(missing_ok=True)
+    names: list[str] = json.loads(out.stdout.strip().splitlines()[-1])
+    return [str(outdir / n) for n in names]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="short runs (about 5 minutes)")
+    parser.add_argument("--suites", default=",".join(SUITES),
+                        help=f"comma-separated, from: {', '.join(SUITES)}")
+    parser.add_argument("--paths", default=",".join(PROXIES),
+                        help="proxies to compare with direct: passthrough,gateway,litellm")
+    parser.add_argument("--reps", type=int, default=None, help="rounds per figure (3; quick 2)")
+    parser.add_argument("--duration", type=float, default=None,
+                        help="seconds per load run (3; quick 1.5)")
+    parser.add_argument("--open-streams", type=int, default=1000)
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
+    parser.add_argument("--plots", type=Path, default=REPO / "docs" / "bench")
+    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--json", type=Path, default=None, help="also write all figures as JSON")
+    args = parser.parse_args(argv)
+    suites = [s.strip() for s in args.suites.split(",") if s.strip()]
+    unknown = set(suites) - set(SUITES)
+    if unknown:
+        parser.error(f"unknown suite(s): {', '.join(sorted(unknown))}")
+    paths = tuple(p.strip() for p in args.paths.split(",") if p.strip())
+    if set(paths) - set(PROXIES):
+        parser.error(f"unknown path(s): {', '.join(sorted(set(paths) - set(PROXIES)))}")
+    _raise_fd_limit()
+    started = time.monotonic()
+    results: dict[str, SuiteResult] = {}
+    versions: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="ai-sysadmin-bench-") as tmp:
+        opts = Options(
+            work=Path(tmp), quick=args.quick,
+            reps=args.reps or (2 if args.quick else 3),
+            duration=args.duration or (1.5 if args.quick else 3.0),
+            paths=paths, open_streams=args.open_streams,
+        )
+        if "litellm" in paths:
+            from bench.venvs import ensure_venv, package_version
+
+            versions["litellm"] = package_version(ensure_venv("litellm"), "litellm")
+        for name in suites:
+            say(f"suite {name}")
+            t0 = time.monotonic()
+            if name == "stub":
+                from bench.suites import suite_stub
+
+                results[name] = suite_stub(opts)
+            elif name == "open_streams":
+                from bench.suites import suite_open_streams
+
+                results[name] = suite_open_streams(opts)
+            elif name == "real":
+                from bench.suites import suite_real
+
+                results[name] = suite_real(opts)
+                versions["llama-server"] = _llama_version()
+            elif name == "pipeline":
+                from bench.pipeline import suite_pipeline
+
+                results[name] = suite_pipeline(opts)
+            say(f"suite {name} done in {time.monotonic() - t0:.0f} s")
+    plots = [] if args.no_plots else _plots(results, args.plots)
+    elapsed = time.monotonic() - started
+    command = "python -m bench" + (" --quick" if args.quick else "")
+    page = report.render(results, versions, plots, command, elapsed)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(page)
+    if args.json:
+        args.json.write_text(json.dumps(report.summary(results), indent=1, default=str))
+    say(f"wrote {args.out} ({elapsed / 60:.1f} min)")
+    for t in report.targets(results):
+        print(t.row())
+    return 0
+
+
+def _llama_version() -> str:
+    from layers.config import EngineConfig
+    from layers.provision.engine import ensure_llama_server
+
+    out = subprocess.run([str(ensure_llama_server(EngineConfig())), "--version"],
+                         capture_output=True, text=True, check=False, timeout=30)
+    text = (out.stdout + out.stderr).strip().splitlines()
+    line = next((ln for ln in text if ln.startswith("version")), text[0] if text else "?")
+    return line.replace("version: ", "")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

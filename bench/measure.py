@@ -1,0 +1,112 @@
+"""One load run against one path: the load generator in its own process, the server's
+CPU and peak RSS sampled from here while it runs."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from bench.load import LoadResult, LoadSpec
+from bench.procs import RssSampler, Server
+from bench.stack import MODEL, Path_
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100); NaN for no values."""
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, round(q / 100 * len(s) + 0.5) - 1))
+    return s[k]
+
+
+class Run(BaseModel):
+    """The figures of one load run."""
+
+    path: str
+    concurrency: int
+    stream: bool
+    ok: int
+    errors: int
+    error_samples: list[str] = Field(default_factory=list)
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    ttft_p50_ms: float = float("nan")
+    ttft_p99_ms: float = float("nan")
+    inter_chunk_p50_ms: float = float("nan")
+    cpu_ms_per_req: float = float("nan")
+    rss_peak_mb: float = float("nan")
+    peak_open: int = 0
+    latencies_ms: list[float] = Field(default_factory=list, exclude=True)
+    ttft_ms: list[float] = Field(default_factory=list, exclude=True)
+
+
+def chat_body(stream: bool, max_tokens: int = 8, content: str = "Is the disk full?") -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
+    if stream:
+        body["stream"] = True
+    return body
+
+
+def run_load(spec: LoadSpec) -> LoadResult:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
+        out = Path(fh.name)
+    spec = spec.model_copy(update={"out": str(out)})
+    limit = spec.warmup + spec.duration + spec.timeout + 30
+    try:
+        subprocess.run([sys.executable, "-m", "bench.load", spec.model_dump_json()],
+                       check=True, timeout=limit)
+        return LoadResult.model_validate_json(out.read_text())
+    finally:
+        out.unlink(missing_ok=True)
+
+
+def measure(path: Path_, *, concurrency: int, body: dict[str, Any], duration: float,
+            warmup: float = 0.5, mode: str = "closed", timeout: float = 60.0,
+            max_requests: int = 200_000, watch: Server | None = None) -> Run:
+    server = watch or path.server
+    spec = LoadSpec(url=path.url, body=body, headers=path.headers, concurrency=concurrency,
+                    mode=mode, duration=duration, warmup=warmup, timeout=timeout,
+                    max_requests=max_requests)
+    cpu0 = server.cpu_seconds()
+    with RssSampler(server) as rss:
+        res = run_load(spec)
+    cpu = server.cpu_seconds() - cpu0
+    stream = bool(body.get("stream"))
+    served = res.ok + res.errors + res.warmup_done
+    return Run(
+        path=path.name, concurrency=concurrency, stream=stream, ok=res.ok, errors=res.errors,
+        error_samples=res.error_samples, rps=res.ok / res.elapsed,
+        p50_ms=percentile(res.latencies_ms, 50), p99_ms=percentile(res.latencies_ms, 99),
+        ttft_p50_ms=percentile(res.ttft_ms, 50), ttft_p99_ms=percentile(res.ttft_ms, 99),
+        inter_chunk_p50_ms=percentile(res.inter_chunk_ms, 50),
+        cpu_ms_per_req=cpu * 1000 / served if served else float("nan"),
+        rss_peak_mb=rss.peak / 2**20, peak_open=res.peak_open,
+        latencies_ms=res.latencies_ms, ttft_ms=res.ttft_ms,
+    )
+
+
+def spread(values: list[float]) -> tuple[float, float, float]:
+    """(min, median, max) over repeated runs, NaNs dropped."""
+    vals = [v for v in values if v == v]
+    if not vals:
+        nan = float("nan")
+        return nan, nan, nan
+    return min(vals), statistics.median(vals), max(vals)
+
+
+def dump(runs: list[Run]) -> str:
+    return json.dumps([r.model_dump() for r in runs])

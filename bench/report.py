@@ -1,0 +1,352 @@
+"""Figures → the Markdown page ``docs/benchmarks.md``: machine, targets with pass/fail,
+then one table per suite, every figure as median (min–max) over repeated runs."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import subprocess
+from collections import defaultdict
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from bench.measure import Run, spread
+from bench.suites import SuiteResult
+
+NAN = float("nan")
+
+
+def fmt(triple: tuple[float, float, float], digits: int = 1) -> str:
+    lo, med, hi = triple
+    if med != med:
+        return "–"
+    return f"{med:.{digits}f} ({lo:.{digits}f}–{hi:.{digits}f})"
+
+
+def group(runs: list[Run]) -> dict[tuple[str, int, bool], list[Run]]:
+    g: dict[tuple[str, int, bool], list[Run]] = defaultdict(list)
+    for r in runs:
+        g[(r.path, r.concurrency, r.stream)].append(r)
+    return g
+
+
+def added(g: dict[tuple[str, int, bool], list[Run]], path: str, conc: int, stream: bool,
+          attr: str) -> list[float]:
+    """Per round: the path's percentile minus direct's, same round and concurrency."""
+    mine, direct = g.get((path, conc, stream), []), g.get(("direct", conc, stream), [])
+    return [getattr(a, attr) - getattr(b, attr) for a, b in zip(mine, direct, strict=False)]
+
+
+def med(values: list[float]) -> float:
+    return spread(values)[1]
+
+
+@dataclass
+class Target:
+    name: str
+    measured: str
+    limit: str
+    ok: bool | None  # None: not measured in this run
+
+    def row(self) -> str:
+        verdict = {True: "**pass**", False: "**FAIL**", None: "not run"}[self.ok]
+        return f"| {self.name} | {self.measured} | {self.limit} | {verdict} |"
+
+
+def _ratio_target(name: str, num: float, den: float, limit: float, *, le: bool,
+                  unit: str = "") -> Target:
+    if num != num or den != den or den == 0:
+        return Target(name, "–", ("≤ " if le else "≥ ") + f"{limit:g}×", None)
+    ratio = num / den
+    ok = ratio <= limit if le else ratio >= limit
+    return Target(name, f"{num:.2f}{unit} / {den:.2f}{unit} = {ratio:.2f}×",
+                  ("≤ " if le else "≥ ") + f"{limit:g}×", ok)
+
+
+def targets(results: dict[str, SuiteResult]) -> list[Target]:
+    out: list[Target] = []
+    stub = results.get("stub")
+    if stub:
+        g = group(stub.runs)
+        for q in ("p50", "p99"):
+            gw = med(added(g, "gateway", 16, False, f"{q}_ms"))
+            ll = med(added(g, "litellm", 16, False, f"{q}_ms"))
+            pt = med(added(g, "passthrough", 16, False, f"{q}_ms"))
+            out.append(_ratio_target(f"added latency {q}, c=16: gateway / LiteLLM", gw, ll,
+                                     0.10, le=True, unit=" ms"))
+            out.append(_ratio_target(f"added latency {q}, c=16: gateway / passthrough", gw, pt,
+                                     1.25, le=True, unit=" ms"))
+        for conc in (16, 64):
+            gw_runs = g.get(("gateway", conc, False), [])
+            gw = med([r.rps for r in gw_runs])
+            ll = med([r.rps for r in g.get(("litellm", conc, False), [])])
+            pt = med([r.rps for r in g.get(("passthrough", conc, False), [])])
+            out.append(_ratio_target(f"throughput c={conc}: gateway / LiteLLM", gw, ll, 5, le=False,
+                                     unit=" req/s"))
+            out.append(_ratio_target(f"throughput c={conc}: gateway / passthrough", gw, pt, 0.8,
+                                     le=False, unit=" req/s"))
+            errs = sum(r.errors for r in gw_runs)
+            out.append(Target(f"gateway errors, c={conc}", str(errs), "0",
+                              errs == 0 if gw_runs else None))
+    real = results.get("real")
+    if real:
+        g = group(real.runs)
+        gw = med([r.ttft_p50_ms for r in g.get(("gateway", 1, True), [])])
+        d = med([r.ttft_p50_ms for r in g.get(("direct", 1, True), [])])
+        out.append(_ratio_target("TTFT on the real model: gateway / direct", gw, d, 1.05, le=True,
+                                 unit=" ms"))
+    streams = results.get("open_streams")
+    if streams:
+        runs = [r for r in streams.runs if r.path == "gateway"]
+        growth = streams.extra.get("rss_growth_mb.gateway", [])
+        if runs:
+            n = runs[0].concurrency
+            errs = sum(r.errors for r in runs)
+            held = min(r.peak_open for r in runs)
+            ok = errs == 0 and held == n and max(growth) < 200
+            out.append(Target(f"{n} open streams through the gateway (slow stub)",
+                              f"{held} open at once, {errs} errors, RSS +{max(growth):.0f} MB",
+                              f"{n}, 0 errors, < 200 MB", ok))
+    pipe = results.get("pipeline")
+    if pipe:
+        naive, batched = pipe.extra.get("trigger_naive_vps"), pipe.extra.get("trigger_batched_vps")
+        if naive and batched:
+            out.append(_ratio_target("trigger verdicts/s: batched / naive", med(batched),
+                                     med(naive), 5, le=False, unit="/s"))
+        else:
+            out.append(Target("trigger verdicts/s: batched / naive", "–", "≥ 5×", None))
+        lps = pipe.extra.get("prefilter_lines_per_s")
+        if lps:
+            out.append(Target("prefilter lines/s on one core", f"{med(lps):,.0f}", "≥ 100,000",
+                              med(lps) >= 100_000))
+        else:
+            out.append(Target("prefilter lines/s on one core", "–", "≥ 100,000", None))
+    return out
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "?"
+
+
+def machine(extra_versions: dict[str, str]) -> list[str]:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    try:
+        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, check=False).stdout.strip()
+    except OSError:
+        git = "?"
+    versions = {
+        "Python": platform.python_version(),
+        "ai-sysadmin": f"{_version('ai-sysadmin')} (git {git or '?'})",
+        "fastapi": _version("fastapi"), "starlette": _version("starlette"),
+        "uvicorn": _version("uvicorn"), "httpx": _version("httpx"), "uvloop": _version("uvloop"),
+        **extra_versions,
+    }
+    return [
+        f"- Date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- Machine: {os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, "
+        f"{platform.system()} {platform.release()}",
+        "- Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+    ]
+
+
+def _stub_tables(res: SuiteResult) -> list[str]:
+    g = group(res.runs)
+    lines = [
+        "### Zero-latency stub upstream, non-stream",
+        "",
+        "| path | concurrency | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms "
+        "| CPU ms/request | errors |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    paths = [p for p in ("direct", "passthrough", "gateway", "litellm") if (p, 1, False) in g]
+    for conc in (1, 16, 64):
+        for p in paths:
+            runs = g.get((p, conc, False), [])
+            if not runs:
+                continue
+            a50 = fmt(spread(added(g, p, conc, False, "p50_ms")), 2) if p != "direct" else "–"
+            a99 = fmt(spread(added(g, p, conc, False, "p99_ms")), 2) if p != "direct" else "–"
+            lines.append(
+                f"| {p} | {conc} | {fmt(spread([r.rps for r in runs]), 0)} "
+                f"| {fmt(spread([r.p50_ms for r in runs]), 2)} "
+                f"| {fmt(spread([r.p99_ms for r in runs]), 2)} | {a50} | {a99} "
+                f"| {fmt(spread([r.cpu_ms_per_req for r in runs]), 3)} "
+                f"| {sum(r.errors for r in runs)} |"
+            )
+    lines += [
+        "",
+        "### Zero-latency stub upstream, streams (8 chunks each), concurrency 16",
+        "",
+        "| path | streams/s | TTFT p50 ms | TTFT p99 ms | inter-chunk p50 ms | CPU ms/stream "
+        "| errors |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for p in paths:
+        runs = g.get((p, 16, True), [])
+        if runs:
+            lines.append(
+                f"| {p} | {fmt(spread([r.rps for r in runs]), 0)} "
+                f"| {fmt(spread([r.ttft_p50_ms for r in runs]), 2)} "
+                f"| {fmt(spread([r.ttft_p99_ms for r in runs]), 2)} "
+                f"| {fmt(spread([r.inter_chunk_p50_ms for r in runs]), 3)} "
+                f"| {fmt(spread([r.cpu_ms_per_req for r in runs]), 3)} "
+                f"| {sum(r.errors for r in runs)} |"
+            )
+    lines += [
+        "",
+        "### Memory (RSS of the server process tree)",
+        "",
+        "| path | idle MB | peak under load MB (c=64) | after the suite MB |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for p in paths:
+        peak = spread([r.rss_peak_mb for r in g.get((p, 64, False), [])])
+        lines.append(f"| {p} | {res.idle_rss_mb.get(p, NAN):.0f} | {fmt(peak, 0)} "
+                     f"| {res.extra.get(f'rss_after_mb.{p}', NAN):.0f} |")
+    return lines
+
+
+def _open_streams_table(res: SuiteResult) -> list[str]:
+    lines = [
+        "### Open streams held at once (slow stub: one chunk every 250 ms)",
+        "",
+        "| path | streams | open at once | completed | errors | RSS idle MB | RSS growth MB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name in ("gateway", "passthrough"):
+        runs = [r for r in res.runs if r.path == name]
+        if not runs:
+            continue
+        lines.append(
+            f"| {name} | {runs[0].concurrency} "
+            f"| {fmt(spread([float(r.peak_open) for r in runs]), 0)} "
+            f"| {fmt(spread([float(r.ok) for r in runs]), 0)} | {sum(r.errors for r in runs)} "
+            f"| {fmt(spread(res.extra.get(f'rss_idle_mb.{name}', [])), 0)} "
+            f"| {fmt(spread(res.extra.get(f'rss_growth_mb.{name}', [])), 0)} |"
+        )
+    return lines
+
+
+def _real_tables(res: SuiteResult) -> list[str]:
+    g = group(res.runs)
+    paths = [p for p in ("direct", "passthrough", "gateway", "litellm") if (p, 1, True) in g]
+    lines = [
+        "### Real model (llama-server, gemma3-270m Q4_K_M, 4 slots)",
+        "",
+        "| path | TTFT p50 ms | TTFT / direct | inter-chunk p50 ms | latency p50 c=1 ms "
+        "| added p50 c=1 ms | req/s c=4 | errors |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    direct_ttft = med([r.ttft_p50_ms for r in g.get(("direct", 1, True), [])])
+    slots = max((c for (_, c, s) in g if not s), default=4)
+    for p in paths:
+        st = g.get((p, 1, True), [])
+        ttft = spread([r.ttft_p50_ms for r in st])
+        n1 = g.get((p, 1, False), [])
+        n4 = g.get((p, slots, False), [])
+        a50 = fmt(spread(added(g, p, 1, False, "p50_ms")), 2) if p != "direct" else "–"
+        lines.append(
+            f"| {p} | {fmt(ttft, 2)} | {ttft[1] / direct_ttft:.3f}× "
+            f"| {fmt(spread([r.inter_chunk_p50_ms for r in st]), 2)} "
+            f"| {fmt(spread([r.p50_ms for r in n1]), 1)} | {a50} "
+            f"| {fmt(spread([r.rps for r in n4]), 1)} "
+            f"| {sum(r.errors for r in st + n1 + n4)} |"
+        )
+    return lines
+
+
+def _pipeline_table(res: SuiteResult) -> list[str]:
+    lines = ["### Pipeline", "", "| figure | value |", "| --- | ---: |"]
+    labels = {
+        "prefilter_lines_per_s": ("prefilter, journal lines/s (one core)", 0),
+        "trigger_naive_vps": ("trigger verdicts/s, naive (one event per request, sequential)", 2),
+        "trigger_batched_vps": ("trigger verdicts/s, batched + parallel slots", 2),
+        "e2e_p50_ms": ("event → verdict latency p50 ms", 0),
+        "e2e_p99_ms": ("event → verdict latency p99 ms", 0),
+    }
+    for key, (label, digits) in labels.items():
+        vals = res.extra.get(key)
+        lines.append(f"| {label} | {fmt(spread(vals), digits) if vals else 'not measured'} |")
+    return lines + [""] + [f"- {n}" for n in res.notes]
+
+
+def render(results: dict[str, SuiteResult], versions: dict[str, str], plots: list[str],
+           command: str, elapsed: float) -> str:
+    tg = targets(results)
+    out = [
+        "# Benchmarks",
+        "",
+        "How much the gateway costs on top of the model, next to the anchors, measured in "
+        "one run on one machine: the upstream called **direct**, a **minimal passthrough** "
+        "(FastAPI + httpx in a dozen lines, `bench/minimal_passthrough.py`: the floor for a "
+        "Python gateway), this **gateway** with its production features on (API-key auth, "
+        "Prometheus metrics, per-layer limits, breakers) and **LiteLLM**'s proxy "
+        "(`litellm[proxy]` from PyPI in its own virtual environment, master key set, "
+        "`openai/…` provider with `api_base`). Two upstreams: a zero-latency stub "
+        "(`bench/stub_upstream.py`, a fake that says so in `/v1/models`; it isolates each "
+        "proxy's own cost) and a real `llama-server` with the default model.",
+        "",
+        f"Regenerate with `{command}` (`make bench`, `BENCH_ARGS=--quick` for a short run). "
+        f"This run took {elapsed / 60:.1f} min.",
+        "",
+        "## Machine",
+        "",
+        *machine(versions),
+        "- The load generator (`bench/load.py`, raw asyncio + uvloop, closed loop) runs on the "
+        "same two cores as the servers, and the machine was shared with other engineers' "
+        "test runs: absolute figures are pessimistic; the ratios compare paths measured in "
+        "interleaved rounds of the same run.",
+        "",
+        "Every figure is **median (min–max)** over repeated runs. *Added latency* is a path's "
+        "percentile minus direct's in the same round.",
+        "",
+        "## Targets",
+        "",
+        "| target | measured (medians) | limit | result |",
+        "| --- | --- | --- | --- |",
+        *[t.row() for t in tg],
+        "",
+        "## Figures",
+        "",
+    ]
+    if "stub" in results:
+        out += _stub_tables(results["stub"]) + [""]
+    if "open_streams" in results:
+        out += _open_streams_table(results["open_streams"]) + [""]
+    if "real" in results:
+        out += _real_tables(results["real"]) + [""]
+    if "pipeline" in results:
+        out += _pipeline_table(results["pipeline"]) + [""]
+    notes = [n for k, r in results.items() if k != "pipeline" for n in r.notes]
+    if notes:
+        out += ["## Notes", "", *[f"- {n}" for n in notes], ""]
+    if plots:
+        out += ["## Plots", ""] + [f"![{Path(p).stem}](bench/{Path(p).name})" for p in plots] + [""]
+    return "\n".join(out)
+
+
+def summary(results: dict[str, SuiteResult]) -> dict[str, Any]:
+    return {
+        name: {
+            "runs": [r.model_dump() for r in res.runs],
+            "idle_rss_mb": res.idle_rss_mb,
+            "extra": res.extra,
+            "notes": res.notes,
+        }
+        for name, res in results.items()
+    }

@@ -1,0 +1,167 @@
+"""The paths under test, each a real process on a free loopback port, all pointed at the
+same upstream: the upstream itself (direct), the minimal passthrough, this project's
+gateway with its production features on, and LiteLLM's proxy."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.procs import Server, free_port
+from bench.venvs import ensure_venv
+
+GATEWAY_KEY = "sk-bench-gateway-6b1f0c9e2d7a4e53b8c1"
+GATEWAY_ADMIN_KEY = "sk-bench-admin-0e4d2b7f9a1c3e5d7f90"
+LITELLM_KEY = "sk-bench-litellm-3f9c2a7e5d1b4c8a9e6f0a1b"
+MODEL = "trigger"  # every path gets the same body; the gateway passes `trigger` to its layer
+
+
+@dataclass
+class Path_:
+    """One way to reach the upstream: a server to watch and how to call it."""
+
+    name: str
+    server: Server
+    headers: dict[str, str]
+
+    @property
+    def url(self) -> str:
+        return self.server.base + "/v1/chat/completions"
+
+
+def _toml(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(x)}" for k, x in v.items()) + " }"
+    s = str(v).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{s}"'
+
+
+def write_toml(path: Path, data: dict[str, Any]) -> Path:
+    lines: list[str] = []
+
+    def emit(prefix: str, table: dict[str, Any]) -> None:
+        scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
+        tables = {k: v for k, v in table.items() if isinstance(v, dict)}
+        if prefix and scalars:
+            lines.append(f"[{prefix}]")
+        for k, v in scalars.items():
+            lines.append(f"{k} = {_toml(v)}")
+        for k, v in tables.items():
+            emit(f"{prefix}.{k}" if prefix else k, v)
+
+    emit("", data)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def stub_server(work: Path, *, chunks: int = 8, chunk_delay: float = 0.0, tag: str = "stub") -> Server:
+    port = free_port()
+    return Server(
+        tag,
+        [sys.executable, "-m", "bench.stub_upstream", "--port", str(port),
+         "--chunks", str(chunks), "--chunk-delay", str(chunk_delay)],
+        port, "/health", work / f"{tag}.log", ready_timeout=20,
+    )
+
+
+def llama_server(work: Path, *, parallel: int = 4, ctx: int = 4096) -> Server:
+    from layers.config import EngineConfig
+    from layers.provision.engine import ensure_llama_server
+    from layers.provision.model import default_model
+
+    engine = EngineConfig()
+    binary = ensure_llama_server(engine)
+    model = default_model(engine.cache_dir)
+    port = free_port()
+    return Server(
+        "llama-server",
+        [str(binary), "--model", str(model), "--alias", MODEL, "--host", "127.0.0.1",
+         "--port", str(port), "--ctx-size", str(ctx), "--parallel", str(parallel),
+         "--metrics", "--slots"],
+        port, "/health", work / "llama-server.log", ready_timeout=240,
+    )
+
+
+def passthrough_server(work: Path, upstream: Server) -> Server:
+    port = free_port()
+    return Server(
+        "passthrough",
+        [sys.executable, "-m", "uvicorn", "bench.minimal_passthrough:app", "--host", "127.0.0.1",
+         "--port", str(port), "--log-level", "warning", "--no-access-log",
+         "--timeout-keep-alive", "30"],
+        port, "/docs", work / "passthrough.log",
+        env={"BENCH_UPSTREAM": upstream.base}, ready_timeout=60,
+    )
+
+
+def gateway_server(work: Path, upstream: Server, *, slots: int, replicas: int = 1,
+                   max_queue: int = 64, tag: str = "gateway") -> Server:
+    """``python -m gateway.cli --config X gateway`` with API-key auth, metrics, limits and
+    breakers on, every layer unmanaged and pointed at ``upstream``. ``replicas`` lists the
+    same upstream several times: the stub has no slot limit, the gateway's limiter counts
+    ``slots`` per endpoint."""
+    port = free_port()
+    layer: dict[str, Any] = {
+        "managed": False, "host": "127.0.0.1", "port": upstream.port,
+        "parallel": slots, "max_queue": max_queue,
+    }
+    if replicas > 1:
+        layer["endpoints"] = [{"url": upstream.base + "/v1", "role": "replica"}] * replicas
+    config = write_toml(work / f"{tag}.toml", {
+        "state_dir": str(work / f"{tag}-state"),
+        "gateway": {"host": "127.0.0.1", "port": port, "api_keys": [GATEWAY_KEY],
+                    "admin_key": GATEWAY_ADMIN_KEY, "log_level": "warning"},
+        "memory": {"enabled": False},
+        "layers": {"trigger": dict(layer), "review": dict(layer), "meta": dict(layer)},
+    })
+    return Server(
+        tag, [sys.executable, "-m", "gateway.cli", "--config", str(config), "gateway"],
+        port, "/health", work / f"{tag}.log", ready_timeout=90,
+    )
+
+
+def litellm_server(work: Path, upstream: Server, *, tag: str = "litellm") -> Server:
+    python = ensure_venv("litellm")
+    port = free_port()
+    config = work / f"{tag}.yaml"
+    # LiteLLM's YAML; JSON is valid YAML, so no YAML writer is needed here.
+    import json
+
+    config.write_text(json.dumps({
+        "model_list": [{"model_name": MODEL, "litellm_params": {
+            "model": f"openai/{MODEL}", "api_base": upstream.base + "/v1",
+            "api_key": "bench-upstream-needs-no-key"}}],
+        "litellm_settings": {"drop_params": True, "telemetry": False},
+        "general_settings": {"master_key": LITELLM_KEY},
+    }, indent=2))
+    return Server(
+        tag,
+        [str(python.parent / "litellm"), "--config", str(config), "--host", "127.0.0.1",
+         "--port", str(port), "--num_workers", "1"],
+        port, "/health/liveliness", work / f"{tag}.log",
+        # No network here: use the bundled model cost map instead of fetching it.
+        env={"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"},
+        ready_timeout=180,
+    )
+
+
+def paths_for(upstream: Server, servers: dict[str, Server]) -> dict[str, Path_]:
+    """Each started proxy as a path, plus the upstream itself as ``direct``."""
+    headers = {
+        "direct": {},
+        "passthrough": {},
+        "gateway": {"authorization": f"Bearer {GATEWAY_KEY}"},
+        "litellm": {"authorization": f"Bearer {LITELLM_KEY}"},
+    }
+    out = {"direct": Path_("direct", upstream, {})}
+    for name, server in servers.items():
+        out[name] = Path_(name, server, headers[name])
+    return out

@@ -1,0 +1,179 @@
+"""The bench suites. Each starts what it needs, measures in rounds that interleave the
+paths (so drift from a shared machine spreads over all of them), stops its servers and
+returns its figures."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import stack
+from bench.measure import Run, chat_body, measure
+from bench.procs import Server
+
+PROXIES = ("passthrough", "gateway", "litellm")
+
+
+@dataclass
+class Options:
+    work: Path
+    quick: bool = False
+    reps: int = 3
+    duration: float = 3.0
+    paths: tuple[str, ...] = PROXIES
+    open_streams: int = 1000
+
+
+@dataclass
+class SuiteResult:
+    runs: list[Run] = field(default_factory=list)
+    idle_rss_mb: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def say(msg: str) -> None:
+    print(f"bench: {msg}", flush=True)
+
+
+@contextlib.contextmanager
+def running(servers: list[Server]) -> Iterator[None]:
+    started: list[Server] = []
+    try:
+        for s in servers:
+            say(f"starting {s.name} on port {s.port}")
+            started.append(s.start())
+        for s in servers:
+            s.wait_ready()
+        yield
+    finally:
+        for s in reversed(started):
+            s.stop()
+
+
+def _proxies(opts: Options, upstream: Server, *, slots: int, tag: str = "") -> dict[str, Server]:
+    make = {
+        "passthrough": lambda: stack.passthrough_server(opts.work, upstream),
+        "gateway": lambda: stack.gateway_server(opts.work, upstream, slots=slots,
+                                                max_queue=256, tag=f"gateway{tag}"),
+        "litellm": lambda: stack.litellm_server(opts.work, upstream, tag=f"litellm{tag}"),
+    }
+    return {name: make[name]() for name in opts.paths}
+
+
+def _warm(paths: dict[str, stack.Path_], body: dict[str, Any]) -> None:
+    """A few requests each so lazy imports and pools are done before anything counts."""
+    for p in paths.values():
+        measure(p, concurrency=2, body=body, duration=0.3, warmup=0.2, timeout=120)
+
+
+def _log_run(r: Run) -> None:
+    extra = f" ttft p50 {r.ttft_p50_ms:.2f} ms" if r.stream else ""
+    err = f" ERRORS {r.errors}: {r.error_samples[:1]}" if r.errors else ""
+    say(f"  {r.path:<11} c={r.concurrency:<4} {r.rps:8.0f} req/s  p50 {r.p50_ms:7.2f} ms  "
+        f"p99 {r.p99_ms:7.2f} ms  cpu {r.cpu_ms_per_req:.3f} ms/req{extra}{err}")
+
+
+def suite_stub(opts: Options) -> SuiteResult:
+    """Non-stream latency/throughput at c=1,16,64 and streams at c=16, zero-latency stub."""
+    out = SuiteResult()
+    upstream = stack.stub_server(opts.work)
+    proxies = _proxies(opts, upstream, slots=64)
+    with running([upstream, *proxies.values()]):
+        paths = stack.paths_for(upstream, proxies)
+        _warm(paths, chat_body(False))
+        _warm(paths, chat_body(True))
+        for name, p in paths.items():
+            out.idle_rss_mb[name] = p.server.rss() / 2**20
+        for rep in range(opts.reps):
+            for conc in (1, 16, 64):
+                say(f"stub round {rep + 1}/{opts.reps}, concurrency {conc}, non-stream")
+                for p in paths.values():
+                    r = measure(p, concurrency=conc, body=chat_body(False), duration=opts.duration)
+                    _log_run(r)
+                    out.runs.append(r)
+            say(f"stub round {rep + 1}/{opts.reps}, concurrency 16, stream")
+            for p in paths.values():
+                r = measure(p, concurrency=16, body=chat_body(True), duration=opts.duration)
+                _log_run(r)
+                out.runs.append(r)
+        for name, p in paths.items():
+            out.extra[f"rss_after_mb.{name}"] = p.server.rss() / 2**20
+    return out
+
+
+def suite_open_streams(opts: Options) -> SuiteResult:
+    """N streams opened at once against a slow stub and held until it ends them."""
+    out = SuiteResult()
+    chunks, delay = (20, 0.25) if opts.quick else (40, 0.25)
+    upstream = stack.stub_server(opts.work, chunks=chunks, chunk_delay=delay, tag="slow-stub")
+    names = [n for n in ("gateway", "passthrough") if n in opts.paths]
+    proxies: dict[str, Server] = {}
+    for n in names:
+        if n == "gateway":
+            # The stub has no slot limit; the gateway counts slots per endpoint, so the
+            # layer lists the stub as 16 replicas of 64 slots (1,024 at once).
+            proxies[n] = stack.gateway_server(opts.work, upstream, slots=64, replicas=16,
+                                              max_queue=1024, tag="gateway-streams")
+        else:
+            proxies[n] = stack.passthrough_server(opts.work, upstream)
+    with running([upstream, *proxies.values()]):
+        paths = stack.paths_for(upstream, proxies)
+        del paths["direct"]
+        for p in paths.values():
+            measure(p, concurrency=4, body=chat_body(True), duration=0.2, warmup=0.0)
+        reps = 1 if opts.quick else 2
+        for rep in range(reps):
+            for name, p in paths.items():
+                idle = p.server.rss() / 2**20
+                say(f"open streams round {rep + 1}/{reps}: {opts.open_streams} streams held "
+                    f"~{chunks * delay:.0f} s through {name}")
+                r = measure(p, concurrency=opts.open_streams, body=chat_body(True),
+                            duration=1, warmup=0, mode="hold", timeout=chunks * delay + 60)
+                growth = r.rss_peak_mb - idle
+                say(f"  {name}: {r.ok} ok, {r.errors} errors, {r.peak_open} open at once, "
+                    f"RSS {idle:.0f} -> {r.rss_peak_mb:.0f} MB (+{growth:.0f}){r.error_samples[:1]}")
+                out.runs.append(r)
+                out.extra.setdefault(f"rss_growth_mb.{name}", []).append(growth)
+                out.extra.setdefault(f"rss_idle_mb.{name}", []).append(idle)
+                time.sleep(1.0)
+    return out
+
+
+def suite_real(opts: Options) -> SuiteResult:
+    """The real model: TTFT (interleaved, concurrency 1), non-stream latency at 1 and
+    throughput at the server's slot count."""
+    out = SuiteResult()
+    slots = 4
+    upstream = stack.llama_server(opts.work, parallel=slots)
+    proxies = _proxies(opts, upstream, slots=slots, tag="-real")
+    with running([upstream, *proxies.values()]):
+        paths = stack.paths_for(upstream, proxies)
+        # Streams with a short answer: TTFT dominates; the same prompt each time (the
+        # server's prompt cache treats every path alike).
+        sbody = chat_body(True, max_tokens=8, content="Name one Linux init system.")
+        nbody = chat_body(False, max_tokens=16, content="Name one Linux init system.")
+        _warm(paths, nbody)
+        rounds = 3 if opts.quick else 6
+        per = 6 if opts.quick else 10
+        for rep in range(rounds):
+            say(f"real model round {rep + 1}/{rounds}: {per} streams each, concurrency 1")
+            for p in paths.values():
+                r = measure(p, concurrency=1, body=sbody, duration=60, warmup=0,
+                            max_requests=per, timeout=120)
+                _log_run(r)
+                out.runs.append(r)
+        reps = 2 if opts.quick else 3
+        for rep in range(reps):
+            for conc in (1, slots):
+                say(f"real model round {rep + 1}/{reps}, concurrency {conc}, non-stream")
+                for p in paths.values():
+                    r = measure(p, concurrency=conc, body=nbody, duration=opts.duration,
+                                warmup=0.3, timeout=120)
+                    _log_run(r)
+                    out.runs.append(r)
+    return out
