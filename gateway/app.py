@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from gateway.errors import install_error_handlers
-from gateway.routes import actions, health, openai
+from gateway.routes import actions, events, health, incidents, openai
 from gateway.state import GatewayState
 from layers.config import Settings
 
@@ -30,4 +30,6 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(health.router)
     app.include_router(openai.router)
     app.include_router(actions.router)
+    events.install(app)  # the pipeline: store, trigger stage, /v1/events
+    app.include_router(incidents.router)
     return app

@@ -323,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("show", cmd_config_show, "print the effective configuration as JSON", csub)
 
     __import__("gateway.cli_actions").cli_actions.register(sub, add)
+    __import__("gateway.cli_pipeline").cli_pipeline.register(sub, add)
     for register in _extensions:
         register(sub, add)
     return parser

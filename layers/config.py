@@ -376,6 +376,73 @@ class CollectorsConfig(Section):
     gateway_url: str = Field(
         "http://127.0.0.1:8083", description="Gateway the daemon posts events to."
     )
+    api_key: str | None = Field(
+        None,
+        description="Key the daemon sends to the gateway; empty: the first of "
+        "`gateway.api_keys` / `gateway.api_keys_file`.",
+    )
+    journal_replay: Path | None = Field(
+        None,
+        description="Read journal entries (`journalctl --output=json` lines) from this file "
+        "instead of following journalctl: replays a recorded journal through the pipeline.",
+    )
+    hostname: str | None = Field(
+        None, description="Host name put on collected events; empty: this machine's name."
+    )
+
+
+class PipelineConfig(Section):
+    """The trigger → review → meta pipeline: prefilter, batching, incidents, limits."""
+
+    rules_file: Path | None = Field(
+        None,
+        description="TOML file of prefilter rules (`[[rule]]` tables, see docs/pipeline.md); "
+        "empty: the packaged default rules.",
+    )
+    debounce: float = Field(
+        300.0, ge=0, description="Seconds a rule/fingerprint pair stays quiet after it passed."
+    )
+    batch_size: int = Field(
+        8, ge=1, le=64, description="Candidate events per trigger-layer request."
+    )
+    poll_interval: float = Field(
+        1.0, gt=0, description="Seconds between store polls for work written by other processes."
+    )
+    retry_wait: float = Field(
+        2.0, gt=0, description="Seconds to wait before retrying a layer that is down (doubles)."
+    )
+    retry_wait_max: float = Field(30.0, gt=0, description="Longest wait between retries.")
+    trigger_max_tokens: int = Field(
+        96, ge=16, description="Output tokens per event in a trigger request."
+    )
+    review_max_tokens: int = Field(512, ge=64, description="Output tokens of a review.")
+    meta_max_tokens: int = Field(768, ge=64, description="Output tokens of a meta decision.")
+    layer_retries: int = Field(
+        1, ge=0, description="Retries of truncated or invalid layer output before giving up "
+        "(the incident is then marked `unreviewed`, never healthy).",
+    )
+    incident_window: float = Field(
+        3600.0, gt=0, description="Seconds within which anomalies of one unit/host/fingerprint "
+        "join the same open incident.",
+    )
+    resolve_after: float = Field(
+        3600.0, gt=0, description="Seconds without new anomalies after which an incident is "
+        "resolved (and remembered).",
+    )
+    escalate_severity: Literal["info", "warning", "critical", "never"] = Field(
+        "critical",
+        description="Incidents at or above this severity always go to the meta layer, whatever "
+        "the review says; `never`: only when the review escalates.",
+    )
+    max_batch_events: int = Field(
+        1000, ge=1, description="Most events one `POST /v1/events` may carry (413 above)."
+    )
+    max_batch_bytes: int = Field(
+        2 * 1024 * 1024, ge=1024, description="Largest `POST /v1/events` body (413 above)."
+    )
+    stream_keepalive: float = Field(
+        15.0, gt=0, description="Seconds between SSE keep-alive comments on the event stream."
+    )
 
 
 class Settings(BaseSettings):
@@ -399,6 +466,7 @@ class Settings(BaseSettings):
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
     actions: ActionsConfig = Field(default_factory=ActionsConfig)
     collectors: CollectorsConfig = Field(default_factory=CollectorsConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
 
     @field_validator("state_dir", mode="after")
     @classmethod

@@ -1,0 +1,112 @@
+"""Event intake and the verdict stream.
+
+``POST /v1/events``: a batch of events, validated and size-limited, idempotent by the
+client's ids, committed to the store before the 2xx answer.
+``GET /v1/events/stream``: trigger verdicts as Server-Sent Events (``id`` = verdict
+sequence number), resumable with ``Last-Event-ID``, filtered by severity and host.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+from sse_starlette.sse import EventSourceResponse
+
+from gateway.auth import require_key
+from gateway.body import read_model
+from gateway.errors import OpenAIError
+from gateway.state import GatewayState
+from layers.events import Event
+from layers.pipeline.service import IncidentContext, PipelineService
+
+router = APIRouter(tags=["events"], dependencies=[Depends(require_key)])
+
+
+class EventBatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    events: list[Event] = Field(min_length=1)
+
+
+def install(app: FastAPI) -> None:
+    """Attach the pipeline (store, trigger stage, context source) to the gateway."""
+    gw: GatewayState = app.state.gw
+    service = PipelineService(gw.settings, gw.layers)
+    app.state.pipeline = service
+
+    async def start() -> None:
+        await service.start()
+        gw.store = service.store  # type: ignore[attr-defined]  # shared with other stages
+        gw.context_sources.append(IncidentContext(service.store))
+
+    gw.on_start.append(start)
+    gw.on_close.append(service.close)
+    app.include_router(router)
+
+
+def pipeline(request: Request) -> PipelineService:
+    service: PipelineService = request.app.state.pipeline
+    return service
+
+
+@router.post("/v1/events")
+async def post_events(request: Request) -> dict[str, Any]:
+    service = pipeline(request)
+    cfg = service.settings.pipeline
+    batch, _ = await read_model(request, EventBatch, cfg.max_batch_bytes)
+    if len(batch.events) > cfg.max_batch_events:
+        raise OpenAIError(
+            413, f"batch of {len(batch.events)} events exceeds the limit of "
+            f"{cfg.max_batch_events}", param="events", code="too_many_events",
+        )
+    result = await service.intake(batch.events)
+    return {
+        "object": "event.batch",
+        "accepted": len(result.accepted),
+        "duplicates": len(result.duplicates),
+        "ids": [e.id for e in batch.events],
+    }
+
+
+@router.get("/v1/events/stream")
+async def stream(
+    request: Request,
+    min_severity: Literal["info", "warning", "critical"] | None = Query(None),
+    host: str | None = Query(None, max_length=255),
+    anomalies_only: bool = Query(False),
+    last_event_id: int | None = Query(None, ge=0, description="alternative to the header"),
+) -> EventSourceResponse:
+    service = pipeline(request)
+    header = request.headers.get("last-event-id")
+    after = last_event_id or 0
+    if header:
+        try:
+            after = int(header)
+        except ValueError:
+            raise OpenAIError(400, "Last-Event-ID must be a verdict sequence number",
+                              param="Last-Event-ID", code="invalid_last_event_id") from None
+    cfg = service.settings.pipeline
+
+    async def verdicts() -> AsyncIterator[dict[str, Any]]:
+        cursor = after
+        while True:
+            horizon = service.bus.last_seq
+            batch = await service.store.verdicts_after(
+                cursor, limit=200, min_severity=min_severity, host=host,
+                anomalies_only=anomalies_only,
+            )
+            for v in batch:
+                cursor = v.seq
+                yield {"id": str(v.seq), "event": "verdict", "data": json.dumps(
+                    v.model_dump(mode="json"), separators=(",", ":"))}
+            if len(batch) < 200:
+                # Verdicts up to the horizon were scanned; sleep until newer ones exist
+                # (or a poll interval passes: another gateway may share the store).
+                await service.bus.wait(max(cursor, horizon), cfg.poll_interval)
+
+    return EventSourceResponse(verdicts(), ping=int(cfg.stream_keepalive),
+                               headers={"Cache-Control": "no-cache"})

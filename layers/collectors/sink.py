@@ -1,0 +1,79 @@
+"""Where collected events go. A sink returns only once the events are stored, so a
+collector may advance its cursor after ``send`` returns; it never drops a batch."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Protocol
+
+import httpx
+
+from layers.events import Event
+from layers.store import Store
+
+log = logging.getLogger("ai_sysadmin.collectors")
+
+
+class EventSink(Protocol):
+    async def send(self, events: Sequence[Event]) -> None: ...
+
+
+class StoreSink:
+    """Write straight into the shared store (the daemon on the gateway's machine)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def send(self, events: Sequence[Event]) -> None:
+        if events:
+            await self.store.add_events(events)
+
+
+class GatewaySink:
+    """``POST /v1/events`` to the gateway, retrying (with backoff) until it answers 2xx.
+    Event ids make a retried batch idempotent."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None,
+        *,
+        client: httpx.AsyncClient | None = None,
+        max_batch: int = 500,
+        retry_wait: float = 1.0,
+        retry_wait_max: float = 30.0,
+    ) -> None:
+        self.url = base_url.rstrip("/") + "/v1/events"
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = client or httpx.AsyncClient(timeout=30.0)
+        self.max_batch = max_batch
+        self.retry_wait = retry_wait
+        self.retry_wait_max = retry_wait_max
+
+    async def send(self, events: Sequence[Event]) -> None:
+        for i in range(0, len(events), self.max_batch):
+            await self._send_batch(events[i : i + self.max_batch])
+
+    async def _send_batch(self, events: Sequence[Event]) -> None:
+        body = {"events": [e.model_dump(mode="json") for e in events]}
+        wait = self.retry_wait
+        while True:
+            try:
+                r = await self.client.post(self.url, json=body, headers=self.headers)
+                if r.status_code < 300:
+                    return
+                if 400 <= r.status_code < 500 and r.status_code not in (408, 429):
+                    # Our own bug or a misconfigured key: retrying cannot help, but the
+                    # events must not vanish silently.
+                    log.error("gateway refused %d events: %s %s", len(events), r.status_code,
+                              r.text[:300])
+            except httpx.HTTPError as exc:
+                log.warning("gateway unreachable (%s); retrying in %.0fs",
+                            type(exc).__name__, wait)
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, self.retry_wait_max)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()

@@ -1,0 +1,155 @@
+"""The ``ai-sysadmin daemon``: collectors that feed events in, and the consumer of
+trigger verdicts that runs review → meta → proposals.
+
+Collectors post to the gateway (``POST /v1/events``); the gateway runs the prefilter and
+the trigger stage and publishes verdicts on ``GET /v1/events/stream``. The daemon
+follows that stream (its position persisted in the store, so a restart resumes where it
+stopped) to wake its incident worker, whose work queue is the shared store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Coroutine, Sequence
+from typing import Any
+
+import httpx
+
+from layers.client import LayerClients
+from layers.collectors.journald import JournaldCollector
+from layers.collectors.metrics import MetricsCollector
+from layers.collectors.sink import GatewaySink
+from layers.collectors.units import FailedUnitsCollector
+from layers.config import Settings
+from layers.events import Proposal
+from layers.memory import Memory
+from layers.pipeline.stages import IncidentWorker
+from layers.store import Store, open_store
+
+log = logging.getLogger("ai_sysadmin.daemon")
+
+STREAM_CURSOR = "daemon.stream"
+
+
+def gateway_key(settings: Settings) -> str | None:
+    if settings.collectors.api_key:
+        return settings.collectors.api_key
+    keys = settings.gateway.resolved_api_keys()
+    return keys[0] if keys else None
+
+
+async def sse_events(response: httpx.Response) -> AsyncIterator[dict[str, str]]:
+    """Parse a ``text/event-stream`` body into {id, event, data} dicts."""
+    current: dict[str, str] = {}
+    data: list[str] = []
+    async for line in response.aiter_lines():
+        if line == "":
+            if data or current:
+                yield {**current, "data": "\n".join(data)}
+            current, data = {}, []
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data":
+            data.append(value)
+        elif name in ("id", "event"):
+            current[name] = value
+
+
+async def _handle_proposals(
+    settings: Settings, store: Store, incident_id: str, proposals: Sequence[Proposal]
+) -> None:
+    try:
+        from layers.actions.service import handle_proposals
+    except ImportError:
+        log.info("no action stage installed: %d proposals stay pending", len(proposals))
+        return
+    await handle_proposals(incident_id, proposals, store, settings)
+
+
+class Daemon:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    async def run(self) -> None:
+        s = self.settings
+        store = await open_store(s)
+        store.incident_window = s.pipeline.incident_window
+        layers = LayerClients(s)
+        memory: Memory | None = None
+        if s.memory.enabled:
+            memory = Memory(s, layers[s.gateway.embeddings_layer].embeddings)
+            try:
+                await memory.open()
+            except Exception as exc:
+                log.warning("memory off: %s", exc)
+                memory = None
+        sink = GatewaySink(s.collectors.gateway_url, gateway_key(s),
+                           retry_wait=s.pipeline.retry_wait,
+                           retry_wait_max=s.pipeline.retry_wait_max)
+
+        async def on_proposals(incident_id: str, proposals: Sequence[Proposal]) -> None:
+            await _handle_proposals(s, store, incident_id, proposals)
+
+        worker = IncidentWorker(s, store, layers, memory=memory, on_proposals=on_proposals)
+        c = s.collectors
+        jobs: list[Coroutine[Any, Any, None]] = [worker.run(), self.follow_stream(store, worker)]
+        if c.journald or c.journal_replay is not None:
+            jobs.append(JournaldCollector(store, sink, hostname=c.hostname,
+                                          replay=c.journal_replay).run())
+        if c.metrics:
+            jobs.append(MetricsCollector(sink, interval=c.metrics_interval,
+                                         hostname=c.hostname).run())
+        if c.failed_units:
+            jobs.append(FailedUnitsCollector(sink, interval=c.units_interval,
+                                             hostname=c.hostname).run())
+        tasks = [asyncio.create_task(j) for j in jobs]
+        log.info("daemon running: %d tasks", len(tasks))
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(BaseException):
+                    await t
+            await sink.aclose()
+            await layers.aclose()
+            await store.close()
+
+    async def follow_stream(self, store: Store, worker: IncidentWorker) -> None:
+        """Follow the gateway's anomaly stream; each verdict wakes the incident worker."""
+        s = self.settings
+        key = gateway_key(s)
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        url = s.collectors.gateway_url.rstrip("/") + "/v1/events/stream"
+        wait = s.pipeline.retry_wait
+        timeout = httpx.Timeout(10.0, read=s.pipeline.stream_keepalive * 3)
+        async with httpx.AsyncClient(timeout=timeout) as client:
+            while True:
+                last = await store.get_cursor(STREAM_CURSOR)
+                h = {**headers, **({"Last-Event-ID": last} if last else {})}
+                try:
+                    async with client.stream("GET", url, params={"anomalies_only": "true"},
+                                             headers=h) as r:
+                        if r.status_code != 200:
+                            raise httpx.HTTPStatusError(f"status {r.status_code}",
+                                                        request=r.request, response=r)
+                        wait = s.pipeline.retry_wait
+                        async for ev in sse_events(r):
+                            if ev.get("event") != "verdict" or "id" not in ev:
+                                continue
+                            verdict = json.loads(ev["data"])
+                            log.info("verdict %s: %s %s %s", ev["id"], verdict.get("severity"),
+                                     verdict.get("unit"), verdict.get("summary"))
+                            worker.notify()
+                            await store.set_cursor(STREAM_CURSOR, ev["id"])
+                except (httpx.HTTPError, ValueError) as exc:
+                    log.warning("event stream: %s; reconnecting in %.0fs", exc, wait)
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, s.pipeline.retry_wait_max)

@@ -1,0 +1,178 @@
+"""The review and meta stages, and the end of an incident's life (resolve, remember).
+
+They run in the daemon. Work is read from the store (an incident's ``stage``), so the
+daemon can restart at any point: a stage whose result was not committed runs again, a
+committed one never does (``record_review``/``record_decision`` are compare-and-set on
+the stage). A layer that is down makes the work wait; layer output that stays
+truncated or invalid after retries marks the incident ``unreviewed`` — never healthy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+import psutil
+
+from layers.client import LayerClients, LayerError, StructuredOutputError
+from layers.config import Settings
+from layers.events import SEVERITY_RANK, Incident, Proposal, Review
+from layers.memory import Memory
+from layers.pipeline import prompts
+from layers.store import Store
+
+log = logging.getLogger("ai_sysadmin.pipeline.stages")
+
+ProposalHandler = Callable[[str, Sequence[Proposal]], Awaitable[object]]
+
+
+def metrics_snapshot() -> list[str]:
+    vm = psutil.virtual_memory()
+    load = os.getloadavg()
+    lines = [
+        f"host {socket.gethostname()}: load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
+        f"on {os.cpu_count()} CPUs",
+        f"memory {vm.percent:.0f}% used of {vm.total / 2**30:.1f} GiB",
+    ]
+    with contextlib.suppress(OSError):
+        lines.append(f"root disk {psutil.disk_usage('/').percent:.0f}% used")
+    return lines
+
+
+def catalog_summaries() -> dict[str, str]:
+    """Action names the meta layer may propose (the action stage checks them again)."""
+    try:
+        from layers.actions.catalog import CATALOG
+    except ImportError:  # the action stage is optional for the pipeline itself
+        return {}
+    return {name: spec.summary for name, spec in CATALOG.items()}
+
+
+class IncidentWorker:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        layers: LayerClients,
+        *,
+        memory: Memory | None = None,
+        on_proposals: ProposalHandler | None = None,
+    ) -> None:
+        self.settings = settings
+        self.cfg = settings.pipeline
+        self.store = store
+        self.layers = layers
+        self.memory = memory
+        self.on_proposals = on_proposals
+        self.wakeup = asyncio.Event()
+        self.catalog = catalog_summaries()
+
+    def notify(self) -> None:
+        self.wakeup.set()
+
+    async def run(self) -> None:
+        wait = self.cfg.retry_wait
+        while True:
+            try:
+                did = await self.step()
+                wait = self.cfg.retry_wait
+                if did:
+                    continue
+            except LayerError as exc:
+                log.warning("layer unavailable (%s); incident work waits %.0fs", exc.message,
+                            wait)
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, self.cfg.retry_wait_max)
+                continue
+            except Exception:
+                log.exception("incident work failed")
+                await asyncio.sleep(wait)
+                continue
+            self.wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wakeup.wait(), self.cfg.poll_interval)
+
+    async def step(self) -> bool:
+        """Do the oldest piece of owed work; False when nothing is owed."""
+        inc = await self.store.next_incident("review")
+        if inc is not None:
+            await self.review(inc)
+            return True
+        inc = await self.store.next_incident("meta")
+        if inc is not None:
+            await self.diagnose(inc)
+            return True
+        inc = await self.store.next_incident("remember")
+        if inc is not None:
+            await self.remember(inc)
+            return True
+        return await self.resolve_quiet()
+
+    def must_escalate(self, inc: Incident, review: Review) -> bool:
+        if review.escalate or review.status == "critical":
+            return True
+        floor = self.cfg.escalate_severity
+        return floor != "never" and SEVERITY_RANK[inc.severity] >= SEVERITY_RANK[floor]
+
+    async def review(self, inc: Incident) -> None:
+        verdicts = await self.store.incident_verdicts(inc.id, limit=10)
+        events = await self.store.recent_events(host=inc.host, unit=inc.unit, limit=15)
+        nonce = prompts.new_nonce()
+        messages = prompts.review_messages(inc, verdicts, events, metrics_snapshot(), nonce)
+        try:
+            out = await self.layers["review"].chat_json(
+                messages, prompts.ReviewOut, max_tokens=self.cfg.review_max_tokens,
+                retries=self.cfg.layer_retries,
+            )
+        except StructuredOutputError as exc:
+            log.warning("incident %s unreviewed: %s", inc.id, exc.message)
+            await self.store.record_review(inc.id, None, escalate=False, error=exc.message)
+            return
+        review = Review.model_validate(out.model_dump())
+        await self.store.record_review(inc.id, review, escalate=self.must_escalate(inc, review))
+
+    async def diagnose(self, inc: Incident) -> None:
+        verdicts = await self.store.incident_verdicts(inc.id, limit=10)
+        memories: list[str] = []
+        if self.memory is not None:
+            try:
+                memories = await self.memory.recall(f"{inc.title}\n{inc.fingerprint}")
+            except LayerError:
+                raise
+            except Exception as exc:  # memory is advice; its failure must not stop diagnosis
+                log.warning("memory recall failed: %s", exc)
+        nonce = prompts.new_nonce()
+        messages = prompts.meta_messages(inc, inc.review, verdicts, memories, self.catalog, nonce)
+        try:
+            out = await self.layers["meta"].chat_json(
+                messages, prompts.decision_schema(list(self.catalog)),
+                max_tokens=self.cfg.meta_max_tokens, retries=self.cfg.layer_retries,
+            )
+        except StructuredOutputError as exc:
+            log.warning("incident %s undiagnosed (unreviewed): %s", inc.id, exc.message)
+            await self.store.record_decision(inc.id, None, error=exc.message)
+            return
+        decision = prompts.to_decision(out)
+        proposals = await self.store.record_decision(
+            inc.id, decision, proposal_ttl=self.settings.actions.approval_ttl
+        )
+        if proposals and self.on_proposals is not None:
+            await self.on_proposals(inc.id, proposals)
+
+    async def remember(self, inc: Incident) -> None:
+        if self.memory is not None:
+            detail = await self.store.get_incident(inc.id)
+            if detail is not None:
+                await self.memory.remember(detail)
+        await self.store.mark_remembered(inc.id)
+
+    async def resolve_quiet(self) -> bool:
+        quiet = await self.store.quiet_incidents(time.time() - self.cfg.resolve_after)
+        for inc in quiet:
+            await self.store.resolve_incident(inc.id, by="quiet", remember=self.memory is not None)
+        return bool(quiet)

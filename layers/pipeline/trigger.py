@@ -1,0 +1,153 @@
+"""The trigger stage: prefilter new events, classify candidates in batches, store
+verdicts (grouped into incidents) and announce them to stream readers.
+
+It runs inside the gateway. Its queue is the store: events wait as ``new`` or
+``candidate`` until their verdict is committed, so a crash or a trigger layer that is
+down delays work but never drops or doubles it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+
+from layers.client import LayerError, LayerPool, StructuredOutputError
+from layers.config import Settings
+from layers.events import SEVERITY_RANK, StoredEvent, TriggerVerdict, Verdict, max_severity
+from layers.pipeline import prompts
+from layers.prefilter import Prefilter, Rule
+from layers.store import Prefiltered, Store, VerdictInput
+
+log = logging.getLogger("ai_sysadmin.pipeline.trigger")
+
+
+class VerdictBus:
+    """Wakes stream readers when new verdicts are committed (they read from the store)."""
+
+    def __init__(self) -> None:
+        self._cond = asyncio.Condition()
+        self.last_seq = 0
+
+    async def publish(self, verdicts: Sequence[Verdict]) -> None:
+        if not verdicts:
+            return
+        async with self._cond:
+            self.last_seq = max(self.last_seq, max(v.seq for v in verdicts))
+            self._cond.notify_all()
+
+    async def wait(self, after: int, timeout: float) -> None:
+        """Return when a verdict newer than ``after`` may exist, or after ``timeout``."""
+        async with self._cond:
+            if self.last_seq > after:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._cond.wait(), timeout)
+
+
+def combine(rule: Rule | None, verdict: TriggerVerdict | None, event: StoredEvent) -> VerdictInput:
+    """The stored verdict: the layer's call, with the rule's severity as a floor.
+
+    A warning/critical rule makes the event an anomaly whatever the layer says (the small
+    trigger model may raise severity, never dismiss a deterministic finding). With no
+    usable layer verdict the rule alone decides and the verdict is flagged unreviewed.
+    """
+    floor = rule.severity if rule else "info"
+    forced = SEVERITY_RANK[floor] >= SEVERITY_RANK["warning"]
+    if verdict is None:
+        return VerdictInput(
+            event, True, floor, rule.category if rule else "other",
+            f"{rule.name if rule else 'event'} (not classified: trigger layer output invalid)",
+            unreviewed=True,
+        )
+    anomaly = verdict.anomaly or forced
+    severity = max_severity(verdict.severity, floor) if anomaly else verdict.severity
+    return VerdictInput(event, anomaly, severity, verdict.category, verdict.summary)
+
+
+class TriggerStage:
+    def __init__(
+        self, settings: Settings, store: Store, pool: LayerPool, prefilter: Prefilter,
+        bus: VerdictBus,
+    ) -> None:
+        self.cfg = settings.pipeline
+        self.store = store
+        self.pool = pool
+        self.prefilter = prefilter
+        self.bus = bus
+        self.wakeup = asyncio.Event()
+        self.layer_waiting = False
+
+    def notify(self) -> None:
+        self.wakeup.set()
+
+    async def run(self) -> None:
+        wait = self.cfg.retry_wait
+        while True:
+            try:
+                did = await self.step()
+                wait = self.cfg.retry_wait
+                if did:
+                    continue
+            except LayerError as exc:
+                # The layer is down or saturated: the candidates stay queued in the store.
+                self.layer_waiting = True
+                log.warning("trigger layer unavailable (%s); retrying in %.0fs", exc.message,
+                            wait)
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, self.cfg.retry_wait_max)
+                continue
+            except Exception:
+                log.exception("trigger stage step failed")
+                await asyncio.sleep(wait)
+                continue
+            self.wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wakeup.wait(), self.cfg.poll_interval)
+
+    async def step(self) -> bool:
+        """One round of work; False when there was nothing to do."""
+        did = await self.prefilter_new()
+        did = await self.classify_batch() or did
+        return did
+
+    async def prefilter_new(self, limit: int = 2000) -> bool:
+        new = await self.store.events_in_state("new", limit)
+        if not new:
+            return False
+        decisions = []
+        for e in new:
+            m = self.prefilter.check(e)
+            decisions.append(
+                Prefiltered(e.seq, True, m.fingerprint, m.rule.name) if m
+                else Prefiltered(e.seq, False)
+            )
+        await self.store.mark_prefiltered(decisions)
+        return True
+
+    async def classify_batch(self) -> bool:
+        cands = await self.store.events_in_state("candidate", self.cfg.batch_size)
+        if not cands:
+            return False
+        rules = [self.prefilter.rule(e.rule) for e in cands]
+        nonce = prompts.new_nonce()
+        messages = prompts.trigger_messages(cands, [e.rule for e in cands], nonce)
+        verdicts: list[TriggerVerdict | None]
+        try:
+            result = await self.pool.chat_json(
+                messages, prompts.trigger_schema(len(cands)),
+                max_tokens=self.cfg.trigger_max_tokens * len(cands) + 32,
+                retries=self.cfg.layer_retries,
+            )
+            got = prompts.trigger_verdicts(result)
+            verdicts = [got[i] if i < len(got) else None for i in range(len(cands))]
+        except StructuredOutputError as exc:
+            log.warning("trigger layer output unusable after retries: %s", exc.message)
+            verdicts = [None] * len(cands)
+        self.layer_waiting = False
+        stored = await self.store.record_verdicts(
+            [combine(r, v, e) for e, r, v in zip(cands, rules, verdicts, strict=True)]
+        )
+        await self.bus.publish(stored)
+        return True
