@@ -1,12 +1,207 @@
-"""Pipeline figures: prefilter lines/s on a replayed journal, trigger verdicts/s naive vs
-batched on the real model, event → verdict latency. Filled in as those stages land."""
+"""Pipeline figures.
+
+- Prefilter lines/s on a replayed journal: a synthetic ``journalctl --output=json``
+  journal (mostly benign lines, ~5% that the default rules flag), pinned to one core in a
+  child process; measured twice: the prefilter alone on parsed events, and the whole
+  replay (JSON line → ``Event`` → prefilter) as the journald collector runs it.
+- Trigger verdicts/s on the real model: naive (one event per request, one request at a
+  time) versus the project's batching (``pipeline.batch_size`` events per request with
+  the compact verdict schema of ``layers.pipeline.prompts``), one batch at a time as the
+  trigger stage runs, and with as many batches at once as the layer has slots.
+- Event → verdict latency: a burst of candidates submitted at once, each event's time
+  until its verdict is back (batched, parallel slots).
+"""
 
 from __future__ import annotations
 
-from bench.suites import Options, SuiteResult
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from typing import Any
+
+from bench import stack
+from bench.measure import percentile
+from bench.suites import Options, SuiteResult, running, say
+
+BENIGN = [
+    ("systemd", "Started Session {n} of User root."),
+    ("sshd.service", "Accepted publickey for deploy from 10.1.{a}.{b} port {p} ssh2: ED25519"),
+    ("sshd.service", "pam_unix(sshd:session): session opened for user deploy(uid=1000)"),
+    ("cron.service", "(root) CMD (/usr/local/bin/backup --quiet {n})"),
+    ("nginx.service", "10.0.{a}.{b} - - \"GET /api/v1/items/{n} HTTP/1.1\" 200 {p}"),
+    ("systemd-timesyncd.service", "Initial synchronization to time server 10.0.0.{a}:123."),
+    ("postgresql.service", "LOG:  checkpoint complete: wrote {n} buffers (0.{a}%)"),
+    ("kernel", "audit: type=1400 audit({n}.{p}:{a}): apparmor=\"STATUS\" operation=\"profile_load\""),
+    ("docker.service", "time=\"2024-05-01T10:{a}:{b}Z\" level=info msg=\"Container {h} started\""),
+    ("systemd-logind.service", "New session {n} of user deploy."),
+]
+FLAGGED = [
+    ("kernel", "Out of memory: Killed process {n} (java) total-vm:{p}kB"),
+    ("kernel", "EXT4-fs error (device sda1): ext4_find_entry:{n}: inode #{p}: comm ls"),
+    ("nginx.service", "nginx.service: Main process exited, code=exited, status=1/FAILURE"),
+    ("sshd.service", "Failed password for invalid user admin from 203.0.{a}.{b} port {p} ssh2"),
+    ("app.service", "app[{n}]: segfault at {h} ip 00007f{h} sp 00007ffd error 4 in libc.so.6"),
+    ("postgresql.service", "could not write to file \"base/{n}\": No space left on device"),
+]
+
+
+def journal_lines(n: int, flagged_share: float = 0.05, seed: int = 7) -> list[str]:
+    """``journalctl --output=json`` lines, deterministic for a seed."""
+    rng = random.Random(seed)
+    t0 = 1_714_557_600_000_000
+    out = []
+    for i in range(n):
+        unit, tmpl = rng.choice(FLAGGED if rng.random() < flagged_share else BENIGN)
+        msg = tmpl.format(n=rng.randrange(1, 99999), a=rng.randrange(256), b=rng.randrange(256),
+                          p=rng.randrange(1024, 65535), h=f"{rng.getrandbits(48):012x}")
+        entry: dict[str, Any] = {
+            "__CURSOR": f"s=bench;i={i:x}", "__REALTIME_TIMESTAMP": str(t0 + i * 1000),
+            "_HOSTNAME": "bench-host", "PRIORITY": "3" if tmpl in dict(FLAGGED).values() else "6",
+            "MESSAGE": msg, "SYSLOG_IDENTIFIER": unit.split(".")[0],
+        }
+        if unit != "kernel":
+            entry["_SYSTEMD_UNIT"] = unit
+        out.append(json.dumps(entry))
+    return out
+
+
+def _prefilter_child(n: int) -> dict[str, float]:
+    """Runs in a child pinned to one core."""
+    from layers.collectors.journald import parse_lines
+    from layers.prefilter import Prefilter, load_rules
+
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[-1]})
+    lines = journal_lines(n)
+    t = time.perf_counter()
+    parsed = parse_lines(lines, "bench-host")
+    parse_s = time.perf_counter() - t
+    events = [e for e, _ in parsed]
+    pf = Prefilter(load_rules())
+    t = time.perf_counter()
+    passed = sum(1 for e in events if pf.check(e) is not None)
+    check_s = time.perf_counter() - t
+    return {"lines": n, "passed": passed, "check_lps": n / check_s,
+            "replay_lps": n / (parse_s + check_s)}
+
+
+def prefilter_figures(n: int, reps: int) -> list[dict[str, float]]:
+    out = []
+    for _ in range(reps):
+        r = subprocess.run([sys.executable, "-m", "bench.pipeline", "prefilter", str(n)],
+                           capture_output=True, text=True, timeout=600, check=True)
+        out.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    return out
+
+
+async def _trigger(port: int, slots: int, naive_n: int, batched_n: int,
+                   res: SuiteResult) -> None:
+    from layers.client import LayerClients, StructuredOutputError
+    from layers.collectors.journald import parse_lines
+    from layers.config import Settings
+    from layers.pipeline import prompts
+    from layers.prefilter import Prefilter, load_rules
+
+    settings = Settings(layers={"trigger": {"managed": False, "host": "127.0.0.1",
+                                            "port": port, "parallel": slots, "max_queue": 256}})
+    cfg = settings.pipeline
+    pf = Prefilter(load_rules(), debounce=0)
+    events, rules = [], []
+    for e, _ in parse_lines(journal_lines(4000, flagged_share=0.3, seed=11), "bench-host"):
+        m = pf.check(e)
+        if m is not None:
+            events.append(e)
+            rules.append(m.rule.name)
+    clients = LayerClients(settings)
+    pool = clients["trigger"]
+    failures = {"naive": 0, "batched": 0, "parallel": 0}
+
+    async def classify(idx: list[int], kind: str) -> int:
+        batch = [events[i % len(events)] for i in idx]
+        names = [rules[i % len(rules)] for i in idx]
+        try:
+            result = await pool.chat_json(
+                prompts.trigger_messages(batch, names, prompts.new_nonce()),
+                prompts.trigger_schema(len(batch)),
+                max_tokens=cfg.trigger_max_tokens * len(batch) + 32, retries=cfg.layer_retries)
+        except StructuredOutputError:
+            failures[kind] += len(batch)
+            return 0
+        return len(prompts.trigger_verdicts(result))
+
+    try:
+        await classify([0], "naive")  # warm the prompt cache's system prefix
+        t = time.perf_counter()
+        got = 0
+        for i in range(naive_n):
+            got += await classify([i], "naive")
+        res.extra.setdefault("trigger_naive_vps", []).append(got / (time.perf_counter() - t))
+        bs = cfg.batch_size
+        batches = [list(range(s, min(s + bs, batched_n))) for s in range(0, batched_n, bs)]
+        t = time.perf_counter()
+        got = 0
+        for b in batches:
+            got += await classify(b, "batched")
+        res.extra.setdefault("trigger_sequential_batches_vps", []).append(
+            got / (time.perf_counter() - t))
+        # Parallel slots: every batch submitted at once; the layer pool's limiter keeps
+        # `slots` in flight. Each event's latency is measured from the burst's start.
+        t = time.perf_counter()
+        latencies: list[float] = []
+
+        async def timed(b: list[int]) -> int:
+            n = await classify(b, "parallel")
+            latencies.extend([(time.perf_counter() - t) * 1000] * n)
+            return n
+
+        got = sum(await asyncio.gather(*(timed(b) for b in batches)))
+        res.extra.setdefault("trigger_batched_vps", []).append(got / (time.perf_counter() - t))
+        res.extra.setdefault("e2e_p50_ms", []).append(percentile(latencies, 50))
+        res.extra.setdefault("e2e_p99_ms", []).append(percentile(latencies, 99))
+        for k, v in failures.items():
+            res.extra.setdefault(f"trigger_failed_events.{k}", []).append(float(v))
+    finally:
+        await clients.aclose()
 
 
 def suite_pipeline(opts: Options) -> SuiteResult:
     out = SuiteResult()
-    out.notes.append("pipeline stages (layers/prefilter.py, layers/pipeline/) not present yet")
+    n = 100_000 if opts.quick else 300_000
+    say(f"prefilter: replaying a {n:,}-line synthetic journal, one core")
+    for fig in prefilter_figures(n, 2 if opts.quick else 3):
+        say(f"  prefilter alone {fig['check_lps']:,.0f} lines/s; replay (parse + prefilter) "
+            f"{fig['replay_lps']:,.0f} lines/s; {fig['passed']:.0f} candidates")
+        out.extra.setdefault("prefilter_lines_per_s", []).append(fig["check_lps"])
+        out.extra.setdefault("replay_lines_per_s", []).append(fig["replay_lps"])
+    slots = 4
+    server = stack.llama_server(opts.work, parallel=slots)
+    naive_n, batched_n = (8, 32) if opts.quick else (16, 64)
+    reps = 1 if opts.quick else 2
+    with running([server]):
+        for rep in range(reps):
+            say(f"trigger round {rep + 1}/{reps}: {naive_n} events naive, {batched_n} batched")
+            asyncio.run(_trigger(server.port, slots, naive_n, batched_n, out))
+            ex = out.extra
+            say(f"  naive {ex['trigger_naive_vps'][-1]:.2f}/s, batches one at a time "
+                f"{ex['trigger_sequential_batches_vps'][-1]:.2f}/s, batches on {slots} slots "
+                f"{ex['trigger_batched_vps'][-1]:.2f}/s; event→verdict p50 "
+                f"{ex['e2e_p50_ms'][-1]:.0f} ms")
+    out.notes.append(
+        "Prefilter: `layers.prefilter.Prefilter.check` with the default rules on parsed events "
+        "(the target figure); the whole replay including JSON parsing and `Event` validation "
+        "in `layers.collectors.journald.parse_lines` is listed separately.")
+    out.notes.append(
+        f"Trigger: the default model on llama-server with {slots} slots; batches of "
+        "`pipeline.batch_size` events with the project's prompt and compact verdict schema; "
+        "verdicts counted only when the output validated. Event → verdict latency: a burst of "
+        f"{batched_n} candidates submitted at once (store and prefilter excluded).")
     return out
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "prefilter":
+        print(json.dumps(_prefilter_child(int(sys.argv[2]))))
