@@ -88,17 +88,16 @@ let
     description = "absolute path outside the Nix store (a string, not a Nix path literal)";
   };
 
-  # Where local clients (the daemon) reach the API.
-  apiClientHost =
-    let
-      h = cfg.api.host;
-    in
+  # Where a local client reaches a server bound to `h`.
+  clientHost =
+    h:
     if isLoopback h || h == "0.0.0.0" || h == "::" || h == "" then
       "127.0.0.1"
     else if lib.hasInfix ":" h then
       "[${h}]"
     else
       h;
+  apiClientHost = clientHost cfg.api.host;
 
   isLoopback = host: host == "127.0.0.1" || host == "::1" || host == "localhost";
 
@@ -333,8 +332,28 @@ let
   dbName = "ai-sysadmin";
   chromaService = cfg.memory.enable && cfg.memory.backend == "chromadb";
 
+  # An unmanaged layer with `endpoints` uses exactly those; when this machine also runs the
+  # layer's unit, it stays the first endpoint, so extra endpoints add replicas or fallbacks
+  # instead of silently replacing the local server.
+  withLocalEndpoints =
+    settings:
+    settings
+    // {
+      layers = lib.mapAttrs (
+        name: l:
+        let
+          local = "http://${clientHost l.host}:${toString l.port}/v1";
+          extra = l.endpoints or [ ];
+        in
+        if lib.elem name enabledLayers && extra != [ ] && !(lib.any (e: e.url or null == local) extra) then
+          l // { endpoints = [ { url = local; } ] ++ extra; }
+        else
+          l
+      ) settings.layers;
+    };
+
   # Read by the gateway, the daemon and the helper; a change restarts them.
-  configFile = settingsFormat.generate "ai-sysadmin.toml" cfg.settings;
+  configFile = settingsFormat.generate "ai-sysadmin.toml" (withLocalEndpoints cfg.settings);
 
   exe = lib.getExe' cfg.package "ai-sysadmin";
   cli = args: execCommand ([ exe "--config" configPath ] ++ args);

@@ -1,0 +1,559 @@
+"""The NixOS module and flake, checked without Nix's package set.
+
+1. Every ``.nix`` file in the repository parses (``nix-instantiate --parse``).
+2. With nixpkgs' ``lib`` (directory in ``$AI_SYSADMIN_NIXPKGS_LIB``), ``module.nix`` is
+   evaluated through ``lib.evalModules`` against stub NixOS options (nix/tests/stubs.nix)
+   and fake packages; each scenario is one ``nix-instantiate --eval --strict --json``
+   call (nix/tests/eval.nix). The generated units and configuration are checked against
+   what the Python side really does: the layer argv against the supervisor's, the rendered
+   settings against the config schema, the credentials against the config loader.
+
+The flake's own checks (``nix flake check``) evaluate the module against real NixOS and
+run the VM test; these tests are what runs here and in CI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from layers.config import ActionsConfig, Settings, load_settings
+from layers.supervisor import engine_command
+
+REPO = Path(__file__).resolve().parent.parent
+EVAL = REPO / "nix" / "tests" / "eval.nix"
+NIX_INSTANTIATE = shutil.which("nix-instantiate")
+LIB_ENV = "AI_SYSADMIN_NIXPKGS_LIB"
+SKIP_DIRS = {".git", ".venv", "node_modules", "build", "test-artifacts"}
+
+needs_nix = pytest.mark.skipif(
+    NIX_INSTANTIATE is None,
+    reason="nix-instantiate not installed (apt-get install nix-bin; scripts/bootstrap.sh test does it)",
+)
+
+
+def _nixpkgs_lib() -> Path | None:
+    value = os.environ.get(LIB_ENV)
+    if not value:
+        return None
+    path = Path(value)
+    # Accept the checkout root or its lib/ directory.
+    if (path / "lib" / "default.nix").is_file():
+        path = path / "lib"
+    return path if (path / "default.nix").is_file() else None
+
+
+NIXPKGS_LIB = _nixpkgs_lib()
+needs_lib = pytest.mark.skipif(
+    NIX_INSTANTIATE is None or NIXPKGS_LIB is None,
+    reason=f"module evaluation needs nix-instantiate and nixpkgs' lib in ${LIB_ENV} "
+    "(see docs/nixos.md, 'Testing the module'); not set",
+)
+
+
+def nix_files() -> list[Path]:
+    found = []
+    for path in sorted(REPO.rglob("*.nix")):
+        if not SKIP_DIRS.intersection(path.relative_to(REPO).parts):
+            found.append(path)
+    return found
+
+
+# -- 1. every .nix file parses --------------------------------------------------------------
+
+
+def test_repository_has_the_nix_files() -> None:
+    names = {p.relative_to(REPO).as_posix() for p in nix_files()}
+    assert {"module.nix", "flake.nix", "nix/package.nix", "nix/vm-test.nix"} <= names
+
+
+@needs_nix
+@pytest.mark.parametrize("path", nix_files(), ids=lambda p: p.relative_to(REPO).as_posix())
+def test_nix_file_parses(path: Path) -> None:
+    assert NIX_INSTANTIATE is not None
+    proc = subprocess.run(
+        [NIX_INSTANTIATE, "--parse", str(path)], capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+# -- 2. module evaluation ---------------------------------------------------------------------
+
+MODELS = (
+    'llama-cpp.models = { trigger.model = "/srv/models/trigger.gguf"; '
+    'review.model = "/srv/models/review.gguf"; '
+    'meta.model = pkgs.fetchurl { url = "https://example.org/meta.gguf"; hash = ""; }; };'
+)
+
+
+def run_eval(body: str) -> subprocess.CompletedProcess[str]:
+    """Evaluate a scenario: ``body`` goes inside ``services.ai-sysadmin = { … };``."""
+    assert NIX_INSTANTIATE is not None and NIXPKGS_LIB is not None
+    scenario = f"{{ pkgs, lib, ... }}: {{ services.ai-sysadmin = {{ enable = true; {body} }}; }}"
+    return subprocess.run(
+        [
+            NIX_INSTANTIATE, "--store", "dummy://", "--eval", "--strict", "--json", str(EVAL),
+            "--arg", "lib", f"import {json.dumps(str(NIXPKGS_LIB))}",
+            "--arg", "scenario", scenario,
+        ],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def evaluate(body: str) -> dict[str, Any]:
+    proc = run_eval(body)
+    assert proc.returncode == 0, proc.stderr
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return result
+
+
+def evaluate_ok(body: str) -> dict[str, Any]:
+    result = evaluate(body)
+    assert result["assertions"] == [], result["assertions"]
+    return result
+
+
+def evaluation_error(body: str) -> str:
+    proc = run_eval(body)
+    assert proc.returncode != 0, f"expected an evaluation error, got {proc.stdout[:500]}"
+    return proc.stderr
+
+
+def exec_argv(exec_start: str) -> list[str]:
+    """Split an ExecStart= line the way systemd does for what the module emits: bare words,
+    or C-escaped double-quoted words; `%%` and `$$` stand for `%` and `$`."""
+    decoder = json.JSONDecoder()
+    argv: list[str] = []
+    i = 0
+    while i < len(exec_start):
+        if exec_start[i] == " ":
+            i += 1
+            continue
+        if exec_start[i] == '"':
+            word, i = decoder.raw_decode(exec_start, i)
+        else:
+            end = exec_start.find(" ", i)
+            end = len(exec_start) if end == -1 else end
+            word, i = exec_start[i:end], end
+            assert not set(word) & set("\"'\\;"), f"unquoted special character in {word!r}"
+        argv.append(word.replace("%%", "%").replace("$$", "$"))
+    return argv
+
+
+def settings_from(rendered: dict[str, Any]) -> Settings:
+    """The rendered TOML, read by the real config schema (unknown keys are errors)."""
+    return Settings(**rendered)
+
+
+@pytest.fixture(scope="module")
+def default_system() -> dict[str, Any]:
+    return evaluate_ok(MODELS)
+
+
+@needs_lib
+def test_units_of_the_whole_system(default_system: dict[str, Any]) -> None:
+    assert set(default_system["units"]) == {
+        "llama-trigger", "llama-review", "llama-meta",
+        "ai-sysadmin-api", "ai-sysadmin-daemon", "ai-sysadmin-helper",
+    }  # fmt: skip
+    for name, unit in default_system["units"].items():
+        assert "multi-user.target" in unit["wantedBy"], name
+
+
+@needs_lib
+def test_layer_units_run_what_the_supervisor_runs(default_system: dict[str, Any]) -> None:
+    """Same flags as `ai-sysadmin run` would use for the same layer configuration."""
+    settings = settings_from(default_system["settings"])
+    for name, layer in settings.layers.items():
+        unit = default_system["units"][f"llama-{name}"]
+        argv = exec_argv(unit["serviceConfig"]["ExecStart"])
+        assert argv[0].endswith("-llama-cpp/bin/llama-server")
+        assert layer.model is not None
+        expected = engine_command(settings, name, layer, layer.model, Path(argv[0]))
+        assert argv == expected
+    meta = exec_argv(default_system["units"]["llama-meta"]["serviceConfig"]["ExecStart"])
+    assert meta[meta.index("--model") + 1].endswith("-fetched-meta.gguf")
+    assert meta[meta.index("--port") + 1] == "8082" and "--embeddings" in meta
+    trigger = exec_argv(default_system["units"]["llama-trigger"]["serviceConfig"]["ExecStart"])
+    assert trigger[trigger.index("--model") + 1] == "/srv/models/trigger.gguf"
+    assert trigger[trigger.index("--parallel") + 1] == "4" and "--embeddings" not in trigger
+
+
+@needs_lib
+def test_layer_units_are_sandboxed_like_nixpkgs_llama_cpp(default_system: dict[str, Any]) -> None:
+    for name in ("trigger", "review", "meta"):
+        sc = default_system["units"][f"llama-{name}"]["serviceConfig"]
+        assert sc["DynamicUser"] is True
+        assert sc["ProtectSystem"] == "strict"
+        assert sc["ProtectHome"] is True
+        assert sc["NoNewPrivileges"] is True
+        assert sc["CapabilityBoundingSet"] == ""
+        assert sc["PrivateDevices"] is True and sc["DeviceAllow"] == []
+        assert sc["MemoryDenyWriteExecute"] is True
+        assert sorted(sc["RestrictAddressFamilies"]) == ["AF_INET", "AF_INET6", "AF_UNIX"]
+        assert sc["SystemCallFilter"] == ["@system-service", "~@privileged"]
+        assert sc["SystemCallArchitectures"] == "native"
+        assert sc["RestrictNamespaces"] is True and sc["PrivateTmp"] is True
+
+
+@needs_lib
+def test_gateway_unit(default_system: dict[str, Any]) -> None:
+    api = default_system["units"]["ai-sysadmin-api"]
+    sc = api["serviceConfig"]
+    assert exec_argv(sc["ExecStart"])[1:] == ["--config", "/etc/ai-sysadmin/config.toml", "gateway"]
+    assert exec_argv(sc["ExecStart"])[0].endswith("-ai-sysadmin/bin/ai-sysadmin")
+    for layer in ("trigger", "review", "meta"):
+        assert f"llama-{layer}.service" in api["after"]
+        assert f"llama-{layer}.service" in api["wants"]
+    assert sc["User"] == "ai-sysadmin" and sc["Group"] == "ai-sysadmin"
+    assert sc["StateDirectory"] == "ai-sysadmin"
+    assert "DynamicUser" not in sc  # state is shared with the daemon
+    assert sc["ProtectSystem"] == "strict" and sc["CapabilityBoundingSet"] == ""
+    assert sc["NoNewPrivileges"] is True and sc["PrivateDevices"] is True
+    assert "SupplementaryGroups" not in sc
+    assert sc["LoadCredential"] == [] and sc["EnvironmentFile"] == []
+    # The unit restarts when the rendered configuration changes.
+    assert default_system["configFile"] in api["restartTriggers"]
+    assert default_system["etc"]["ai-sysadmin/config.toml"] == default_system["configFile"]
+    assert default_system["users"]["ai-sysadmin"]["isSystemUser"] is True
+    assert default_system["firewall"] == []
+
+
+@needs_lib
+def test_daemon_gets_the_journal_and_nothing_more(default_system: dict[str, Any]) -> None:
+    daemon = default_system["units"]["ai-sysadmin-daemon"]
+    sc = daemon["serviceConfig"]
+    assert exec_argv(sc["ExecStart"])[1:] == ["--config", "/etc/ai-sysadmin/config.toml", "daemon"]
+    assert sc["SupplementaryGroups"] == ["systemd-journal"]
+    assert sc["User"] == "ai-sysadmin" and sc["CapabilityBoundingSet"] == ""
+    assert sc["NoNewPrivileges"] is True and sc["ProtectSystem"] == "strict"
+    assert sc["ProtectHome"] == "read-only"
+    assert any(p.endswith("-systemd") for p in daemon["path"])  # journalctl, systemctl
+    assert "ai-sysadmin-helper.service" in daemon["after"]
+
+
+@needs_lib
+def test_helper_unit_and_socket(default_system: dict[str, Any]) -> None:
+    helper = default_system["units"]["ai-sysadmin-helper"]
+    sc = helper["serviceConfig"]
+    argv = exec_argv(sc["ExecStart"])
+    assert argv[1:] == [
+        "--config", "/etc/ai-sysadmin/config.toml", "helper",
+        "--socket", "/run/ai-sysadmin/helper.sock",
+    ]  # fmt: skip
+    assert sc["User"] == "root" and sc["Group"] == "ai-sysadmin"
+    assert sc["RuntimeDirectory"] == "ai-sysadmin" and sc["RuntimeDirectoryMode"] == "0750"
+    assert sc["UMask"] == "0007"
+    assert sc["RestrictAddressFamilies"] == ["AF_UNIX", "AF_NETLINK"]
+    actions = settings_from(default_system["settings"]).actions
+    assert str(actions.helper_socket) == "/run/ai-sysadmin/helper.sock"
+    assert actions.helper_allowed_users == ["ai-sysadmin"]
+    # The whole catalog includes nixos_rollback, which rewrites /etc and /boot.
+    assert "ProtectSystem" not in sc
+
+
+@needs_lib
+def test_helper_without_rollback_gets_a_read_only_system() -> None:
+    result = evaluate_ok(MODELS + ' actionAllowlist = [ "unit_status" "restart_unit" "nix_gc" ];')
+    sc = result["units"]["ai-sysadmin-helper"]["serviceConfig"]
+    assert sc["ProtectSystem"] == "strict"
+    assert sc["ReadWritePaths"] == ["/var/log/journal", "/nix/var/nix"]
+    assert sc["PrivateNetwork"] is True
+    assert set(sc["CapabilityBoundingSet"]) == {"CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_KILL"}
+    assert result["settings"]["actions"]["allowlist"] == ["unit_status", "restart_unit", "nix_gc"]
+
+
+@needs_lib
+def test_rendered_settings_are_a_valid_gateway_config(default_system: dict[str, Any]) -> None:
+    rendered = default_system["settings"]
+    settings = settings_from(rendered)
+    assert str(settings.state_dir) == "/var/lib/ai-sysadmin"
+    for name, layer in settings.layers.items():
+        assert layer.managed is False  # systemd runs the servers
+        assert layer.endpoint_list()[0].url == f"http://127.0.0.1:{layer.port}/v1", name
+    assert [settings.layers.get(n).port for n in ("trigger", "review", "meta")] == [8080, 8081, 8082]
+    assert (settings.gateway.host, settings.gateway.port) == ("127.0.0.1", 8083)
+    assert settings.actions.autonomy == "suggest" and settings.actions.allow_auto_full is False
+    assert settings.store.url == ""  # SQLite in the state directory
+    assert settings.memory.enabled is True and settings.memory.chroma_url is None
+    assert settings.collectors.gateway_url == "http://127.0.0.1:8083"
+    assert settings.actions.search_path is not None
+    assert settings.actions.search_path.endswith(":/run/current-system/sw/bin")
+
+
+@needs_lib
+def test_default_protected_units_match_the_python_default(default_system: dict[str, Any]) -> None:
+    assert default_system["settings"]["actions"]["protected_units"] == ActionsConfig().protected_units
+
+
+@needs_lib
+def test_secrets_reach_the_gateway_as_credentials(tmp_path: Path) -> None:
+    result = evaluate_ok(
+        MODELS
+        + ' api.apiKeysFile = "/run/secrets/api-keys";'
+        + ' api.adminKeyFile = "/run/secrets/admin-key";'
+        + ' api.environmentFile = "/run/secrets/ai-sysadmin.env";'
+    )
+    for unit in ("ai-sysadmin-api", "ai-sysadmin-daemon"):
+        svc = result["units"][unit]
+        assert svc["serviceConfig"]["LoadCredential"] == [
+            "api-keys:/run/secrets/api-keys",
+            "admin-key:/run/secrets/admin-key",
+        ], unit
+        assert svc["serviceConfig"]["EnvironmentFile"] == ["/run/secrets/ai-sysadmin.env"]
+        assert svc["environment"]["AI_SYSADMIN_GATEWAY__API_KEYS_FILE"] == "%d/api-keys"
+        assert svc["environment"]["AI_SYSADMIN_GATEWAY__ADMIN_KEY_FILE"] == "%d/admin-key"
+    # No secret path, let alone a secret, in the rendered (world-readable) configuration.
+    assert "/run/secrets" not in json.dumps(result["settings"])
+
+    # What the gateway sees once systemd expands %d to $CREDENTIALS_DIRECTORY.
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / "api-keys").write_text("# keys\nkey-one\nkey-two\n")
+    (creds / "admin-key").write_text("the-admin-key\n")
+    config = tmp_path / "config.toml"
+    config.write_text(_toml(result["settings"]))
+    env = result["units"]["ai-sysadmin-api"]["environment"]
+    saved = {k: os.environ.get(k) for k in env}
+    try:
+        for key, value in env.items():
+            os.environ[key] = value.replace("%d", str(creds))
+        settings = load_settings(config)
+    finally:
+        for key, old in saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+    assert settings.gateway.resolved_api_keys() == ["key-one", "key-two"]
+    assert settings.gateway.resolved_admin_key() == "the-admin-key"
+    assert settings.gateway.port == 8083  # the file's values are kept alongside the env
+
+
+@needs_lib
+@pytest.mark.parametrize("value", ['"/nix/store/abc-keys"', "./keys", '"relative/keys"'])
+def test_secret_files_in_the_store_are_refused(value: str) -> None:
+    err = evaluation_error(MODELS + f" api.apiKeysFile = {value};")
+    assert "api.apiKeysFile" in err and "outside the Nix store" in err
+
+
+@needs_lib
+def test_extra_flags_survive_systemd_quoting() -> None:
+    tricky = ["--chat-template", 'a "quoted" %s ${HOME} $x \\ back', "--", "two words", "", ";"]
+    flags = " ".join(json.dumps(f) for f in tricky).replace("${", "\\${")
+    result = evaluate_ok(MODELS + f" llama-cpp.models.review.extraFlags = [ {flags} ];")
+    argv = exec_argv(result["units"]["llama-review"]["serviceConfig"]["ExecStart"])
+    assert argv[-len(tricky):] == tricky
+    assert result["settings"]["layers"]["review"]["extra_flags"] == tricky
+
+
+@needs_lib
+@pytest.mark.parametrize(
+    ("accel", "devices", "groups"),
+    [
+        ("cuda", {"char-nvidiactl", "char-nvidia-caps", "char-nvidia-frontend", "char-nvidia-uvm"},
+         ["video"]),
+        ("rocm", {"char-drm", "char-kfd"}, ["video", "render"]),
+        ("vulkan", {"char-drm"}, ["video", "render"]),
+    ],
+)  # fmt: skip
+def test_acceleration_picks_the_build_and_the_devices(
+    accel: str, devices: set[str], groups: list[str]
+) -> None:
+    result = evaluate_ok(MODELS + f' llama-cpp.acceleration = "{accel}";')
+    assert result["llamaPackage"].endswith(f"-llama-cpp-{accel}Support")
+    for name in ("trigger", "review", "meta"):
+        sc = result["units"][f"llama-{name}"]["serviceConfig"]
+        assert exec_argv(sc["ExecStart"])[0] == result["llamaPackage"] + "/bin/llama-server"
+        assert set(sc["DeviceAllow"]) == devices
+        assert sc["DevicePolicy"] == "closed" and sc["PrivateDevices"] is False
+        assert sc["SupplementaryGroups"] == groups
+        assert sc["ProtectSystem"] == "strict" and sc["NoNewPrivileges"] is True
+        argv = exec_argv(sc["ExecStart"])
+        assert argv[argv.index("--n-gpu-layers") + 1] == "999"
+
+
+@needs_lib
+def test_cpu_build_disables_every_gpu_backend(default_system: dict[str, Any]) -> None:
+    # override { cudaSupport = false; ... } also undoes a global nixpkgs.config.cudaSupport
+    assert default_system["llamaPackage"].endswith("-llama-cpp")
+
+
+@needs_lib
+def test_gpu_layers_and_threads_flags() -> None:
+    result = evaluate_ok(
+        MODELS + " llama-cpp.models.meta.gpuLayers = 20; llama-cpp.models.meta.threads = 6;"
+        " llama-cpp.models.meta.contextSize = 16384; llama-cpp.models.meta.port = 9182;"
+    )
+    argv = exec_argv(result["units"]["llama-meta"]["serviceConfig"]["ExecStart"])
+    assert argv[argv.index("--n-gpu-layers") + 1] == "20"
+    assert argv[argv.index("--threads") + 1] == "6"
+    assert argv[argv.index("--ctx-size") + 1] == "16384"
+    meta = settings_from(result["settings"]).layers.meta
+    assert (meta.port, meta.gpu_layers, meta.threads, meta.context_size) == (9182, 20, 6, 16384)
+
+
+@needs_lib
+def test_local_postgresql_with_timescaledb() -> None:
+    result = evaluate_ok(MODELS + ' database.type = "postgresql";')
+    pg = result["postgresql"]
+    assert pg["enable"] is True
+    assert pg["ensureDatabases"] == ["ai-sysadmin"]
+    assert pg["ensureUsers"] == [{"name": "ai-sysadmin", "ensureDBOwnership": True}]
+    assert pg["extensions"] == ["timescaledb-apache"]
+    assert pg["settings"]["shared_preload_libraries"] == "timescaledb"
+    assert settings_from(result["settings"]).store.url == "postgresql:///ai-sysadmin?host=/run/postgresql"
+    setup = result["units"]["ai-sysadmin-postgresql-setup"]
+    argv = exec_argv(setup["serviceConfig"]["ExecStart"])
+    assert argv[-1] == "CREATE EXTENSION IF NOT EXISTS timescaledb"
+    assert setup["serviceConfig"]["User"] == "postgres"
+    for unit in ("ai-sysadmin-api", "ai-sysadmin-daemon"):
+        assert "postgresql.service" in result["units"][unit]["requires"]
+        assert "ai-sysadmin-postgresql-setup.service" in result["units"][unit]["after"]
+
+
+@needs_lib
+def test_sqlite_leaves_postgresql_alone(default_system: dict[str, Any]) -> None:
+    assert default_system["postgresql"]["enable"] is False
+    assert "ai-sysadmin-postgresql-setup" not in default_system["units"]
+
+
+@needs_lib
+def test_remote_postgresql_needs_a_url() -> None:
+    result = evaluate(MODELS + ' database.type = "postgresql"; database.createLocally = false;')
+    assert any("AI_SYSADMIN_STORE__URL" in m for m in result["assertions"])
+    ok = evaluate_ok(
+        MODELS + ' database.type = "postgresql"; database.createLocally = false;'
+        ' database.url = "postgresql://ai@db.example.org/ai";'
+    )
+    assert ok["postgresql"]["enable"] is False
+    assert ok["settings"]["store"]["url"] == "postgresql://ai@db.example.org/ai"
+
+
+@needs_lib
+def test_chromadb_service_memory() -> None:
+    result = evaluate_ok(MODELS + ' memory.backend = "chromadb";')
+    assert result["chromadb"] is True
+    assert settings_from(result["settings"]).memory.chroma_url == "http://127.0.0.1:8000"
+    assert "chromadb.service" in result["units"]["ai-sysadmin-api"]["after"]
+
+
+@needs_lib
+def test_freeform_settings_pass_through_and_typed_keys_conflict() -> None:
+    result = evaluate_ok(
+        MODELS + " settings.gateway.public_models = true;"
+        ' settings.layers.meta.endpoints = [ { url = "http://gpu:8082/v1"; role = "fallback"; } ];'
+    )
+    settings = settings_from(result["settings"])
+    assert settings.gateway.public_models is True
+    assert [e.url for e in settings.layers.meta.endpoint_list()] == [
+        "http://127.0.0.1:8082/v1", "http://gpu:8082/v1",
+    ]  # fmt: skip
+    err = evaluation_error(MODELS + " settings.layers.trigger.port = 9999;")
+    assert "settings.layers.trigger.port" in err and "conflicting definition values" in err
+
+
+# -- assertions --------------------------------------------------------------------------------
+
+
+@needs_lib
+def test_same_port_twice_is_refused() -> None:
+    result = evaluate(MODELS + " llama-cpp.models.review.port = 8080;")
+    assert result["assertions"] == [
+        "services.ai-sysadmin: llama-cpp.models.trigger.port and llama-cpp.models.review.port "
+        "are both 8080; every layer and the API need their own port."
+    ]
+    result = evaluate(MODELS + " api.port = 8082;")
+    assert any("llama-cpp.models.meta.port and api.port are both 8082" in m
+               for m in result["assertions"])  # fmt: skip
+
+
+@needs_lib
+def test_missing_model_is_refused() -> None:
+    result = evaluate('llama-cpp.models.trigger.model = "/m/t.gguf";'
+                      ' llama-cpp.models.meta.model = "/m/m.gguf";')  # fmt: skip
+    assert len(result["assertions"]) == 1
+    assert "llama-cpp.models.review.model must be set" in result["assertions"][0]
+    assert "units" not in result
+
+
+@needs_lib
+def test_disabled_layers_need_no_model() -> None:
+    result = evaluate_ok(
+        'llama-cpp.models.trigger.model = "/m/t.gguf"; llama-cpp.models.meta.model = "/m/m.gguf";'
+        ' llama-cpp.models.review.enable = false; llama-cpp.models.review.host = "10.0.0.7";'
+    )
+    assert "llama-review" not in result["units"]
+    assert "llama-review.service" not in result["units"]["ai-sysadmin-api"]["after"]
+    review = settings_from(result["settings"]).layers.review
+    assert review.endpoint_list()[0].url == "http://10.0.0.7:8081/v1"
+    remote = evaluate_ok("llama-cpp.enable = false;")
+    assert not any(name.startswith("llama-") for name in remote["units"])
+
+
+@needs_lib
+def test_auto_full_needs_explicit_opt_in() -> None:
+    result = evaluate(MODELS + ' autonomyLevel = "auto-full";')
+    assert len(result["assertions"]) == 1 and "allowAutoFull = true" in result["assertions"][0]
+    ok = evaluate_ok(MODELS + ' autonomyLevel = "auto-full"; allowAutoFull = true;')
+    actions = settings_from(ok["settings"]).actions
+    assert (actions.autonomy, actions.allow_auto_full) == ("auto-full", True)
+
+
+@needs_lib
+def test_observe_runs_no_helper() -> None:
+    result = evaluate_ok(MODELS + ' autonomyLevel = "observe";')
+    assert "ai-sysadmin-helper" not in result["units"]
+    assert settings_from(result["settings"]).actions.helper_socket is None
+
+
+@needs_lib
+def test_firewall_only_when_asked() -> None:
+    result = evaluate(MODELS + " api.openFirewall = true;")
+    assert any("api.host is 127.0.0.1" in m for m in result["assertions"])
+    opened = evaluate_ok(
+        MODELS + ' api.openFirewall = true; api.host = "0.0.0.0"; api.port = 9083;'
+        ' api.apiKeysFile = "/run/secrets/keys";'
+    )
+    assert opened["firewall"] == [9083]
+    assert opened["warnings"] == []
+    assert settings_from(opened["settings"]).collectors.gateway_url == "http://127.0.0.1:9083"
+    unauthenticated = evaluate_ok(MODELS + ' api.host = "0.0.0.0";')
+    assert unauthenticated["firewall"] == []
+    assert any("no api.apiKeysFile" in w for w in unauthenticated["warnings"])
+
+
+def _toml(data: dict[str, Any]) -> str:
+    """Enough TOML for the rendered settings (tables, scalars, lists, inline tables)."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{json.dumps(k)} = {value(x)}" for k, x in v.items()) + " }"
+        return json.dumps(v)
+
+    lines: list[str] = []
+
+    def table(prefix: str, t: dict[str, Any]) -> None:
+        if prefix:
+            lines.append(f"[{prefix}]")
+        for k, v in t.items():
+            if not isinstance(v, dict):
+                lines.append(f"{json.dumps(k)} = {value(v)}")
+        for k, v in t.items():
+            if isinstance(v, dict):
+                table(f"{prefix}.{k}" if prefix else k, v)
+
+    table("", data)
+    return "\n".join(lines) + "\n"
