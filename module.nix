@@ -264,7 +264,14 @@ let
       "--n-gpu-layers"
       (toString l.gpuLayers)
     ]
-    ++ lib.optional l.embeddings "--embeddings"
+    ++ lib.optionals l.embeddings (
+      [ "--embeddings" ]
+      # OpenAI-style /v1/embeddings needs one pooled vector; chat models default to none.
+      ++ lib.optionals (!(lib.elem "--pooling" l.extraFlags)) [
+        "--pooling"
+        "mean"
+      ]
+    )
     ++ l.extraFlags;
 
   accel = cfg.llama-cpp.acceleration;
@@ -727,7 +734,12 @@ in
                   who = "api.port";
                   port = cfg.api.port;
                 }
-              ];
+              ]
+              # Open WebUI also defaults to 8080, the trigger layer's port.
+              ++ lib.optional (config.services.open-webui.enable or false) {
+                who = "services.open-webui.port";
+                port = config.services.open-webui.port;
+              };
             clash =
               a: b:
               lib.optional (a.port == b.port) {

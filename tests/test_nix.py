@@ -92,10 +92,13 @@ MODELS = (
 )
 
 
-def run_eval(body: str) -> subprocess.CompletedProcess[str]:
-    """Evaluate a scenario: ``body`` goes inside ``services.ai-sysadmin = { … };``."""
+def run_eval(body: str, extra: str = "") -> subprocess.CompletedProcess[str]:
+    """Evaluate a scenario: ``body`` goes inside ``services.ai-sysadmin = { … };``,
+    ``extra`` beside it (other services)."""
     assert NIX_INSTANTIATE is not None and NIXPKGS_LIB is not None
-    scenario = f"{{ pkgs, lib, ... }}: {{ services.ai-sysadmin = {{ enable = true; {body} }}; }}"
+    scenario = (
+        f"{{ pkgs, lib, ... }}: {{ services.ai-sysadmin = {{ enable = true; {body} }}; {extra} }}"
+    )
     return subprocess.run(
         [
             NIX_INSTANTIATE, "--store", "dummy://", "--eval", "--strict", "--json", str(EVAL),
@@ -475,6 +478,16 @@ def test_same_port_twice_is_refused() -> None:
 
 
 @needs_lib
+def test_open_webui_on_the_trigger_port_is_refused() -> None:
+    proc = run_eval(MODELS, extra="services.open-webui.enable = true;")
+    result = json.loads(proc.stdout)
+    assert any("llama-cpp.models.trigger.port and services.open-webui.port are both 8080" in m
+               for m in result["assertions"]), result["assertions"]  # fmt: skip
+    moved = run_eval(MODELS, extra="services.open-webui = { enable = true; port = 3000; };")
+    assert json.loads(moved.stdout)["assertions"] == []
+
+
+@needs_lib
 def test_missing_model_is_refused() -> None:
     result = evaluate('llama-cpp.models.trigger.model = "/m/t.gguf";'
                       ' llama-cpp.models.meta.model = "/m/m.gguf";')  # fmt: skip
@@ -557,3 +570,44 @@ def _toml(data: dict[str, Any]) -> str:
 
     table("", data)
     return "\n".join(lines) + "\n"
+
+
+@needs_lib
+def test_package_has_every_runtime_dependency_of_pyproject() -> None:
+    """nix/package.nix against pyproject.toml: the version and every dependency (plus the
+    postgres and memory extras the NixOS service uses) come from nixpkgs."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = {Requirement(r).name.lower().replace("_", "-") for r in project["dependencies"]}
+    for extra in ("postgres", "memory"):
+        wanted |= {Requirement(r).name.lower() for r in project["optional-dependencies"][extra]}
+    known = sorted(wanted | {"setuptools"})
+    assert NIX_INSTANTIATE is not None and NIXPKGS_LIB is not None
+    expr = f"""
+      let
+        lib = import {json.dumps(str(NIXPKGS_LIB))};
+        mk = pname: {{ inherit pname; }};
+        python3Packages = lib.genAttrs (builtins.fromJSON {json.dumps(json.dumps(known))}) mk // {{
+          uvicorn = mk "uvicorn" // {{ optional-dependencies.standard = [ (mk "uvloop") ]; }};
+          buildPythonApplication = a: {{
+            inherit (a) pname version pyproject;
+            dependencies = map (d: d.pname) a.dependencies;
+            build = map (d: d.pname) a.build-system;
+            mainProgram = a.meta.mainProgram;
+          }};
+        }};
+      in import {json.dumps(str(REPO / "nix" / "package.nix"))} {{ inherit lib python3Packages; }}
+    """
+    proc = subprocess.run(
+        [NIX_INSTANTIATE, "--store", "dummy://", "--eval", "--strict", "--json", "--expr", expr],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    package = json.loads(proc.stdout)
+    assert package["version"] == project["version"]
+    assert package["pyproject"] is True and package["build"] == ["setuptools"]
+    assert package["mainProgram"] == "ai-sysadmin" in project["scripts"]
+    assert wanted <= set(package["dependencies"]), wanted - set(package["dependencies"])

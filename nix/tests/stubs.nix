@@ -140,6 +140,17 @@ in
       };
     };
 
+    services.open-webui = {
+      enable = mkOption {
+        type = types.bool;
+        default = false;
+      };
+      port = mkOption {
+        type = types.port;
+        default = 8080;
+      };
+    };
+
     services.chromadb = {
       enable = mkOption {
         type = types.bool;
