@@ -26,7 +26,7 @@ from gateway.server import BindRefused
 from layers.config import ConfigError, Settings, load_settings
 from layers.provision.engine import EngineError
 from layers.provision.model import ModelError
-from layers.supervisor import Supervisor, SupervisorError, read_status
+from layers.supervisor import Supervisor, SupervisorError, port_is_free, read_status
 
 PROG = "ai-sysadmin"
 EXIT_USAGE = 2
@@ -88,6 +88,9 @@ async def _serve_stack(settings: Settings, *, with_layers: bool, with_gateway: b
     supervisor = Supervisor(settings) if with_layers else None
     server = None
     try:
+        g = settings.gateway
+        if with_gateway and not port_is_free(g.host, g.port):
+            raise CliError(f"gateway: port {g.port} on {g.host} is already in use")
         if supervisor is not None:
             supervisor.prepare()
         if with_gateway:
@@ -108,7 +111,6 @@ async def _serve_stack(settings: Settings, *, with_layers: bool, with_gateway: b
                 raise CliError(
                     f"gateway: could not listen on {settings.gateway.host}:{settings.gateway.port}"
                 )
-            g = settings.gateway
             print(
                 f"{PROG}: gateway listening on http://{g.host}:{g.port} "
                 f"(OpenAI base URL http://{g.host}:{g.port}/v1)",
@@ -257,7 +259,7 @@ def cmd_layers_status(args: argparse.Namespace) -> int:
                 "model": proc.get("model") or (str(layer.model) if layer.model else "(default)"),
             }
         )
-    if args.json:
+    if getattr(args, "json", False):
         print(json.dumps(rows, indent=2))
     else:
         cols = ["layer", "port", "pid", "health", "slots", "restarts", "model"]

@@ -87,6 +87,9 @@ def engine_command(
         argv += ["--n-gpu-layers", str(layer.gpu_layers)]
     if layer.embeddings:
         argv += ["--embeddings"]
+        if "--pooling" not in layer.extra_flags:
+            # OpenAI-style /v1/embeddings needs a pooled vector; chat models default to none.
+            argv += ["--pooling", "mean"]
     return argv + list(layer.extra_flags)
 
 
@@ -277,7 +280,8 @@ class Supervisor:
         for lp in self.layers.values():
             lp.state = "stopped"
             lp.ready.clear()
-        self._write_status()
+        if self.layers:
+            self._write_status()
         await self._client.aclose()
 
     def _write_status(self) -> None:

@@ -147,3 +147,23 @@ def pid_alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state != "Z"
+
+
+def llama_server(binary: Path, model: Path, port: int, log_path: Path, *extra: str) -> Proc:
+    """A bare llama-server (no supervisor), for tests that kill or starve one layer."""
+    return Proc(
+        [str(binary), "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
+         "--ctx-size", "2048", "--parallel", "2", "--threads", "2", "--alias", "meta", *extra],
+        log_path=log_path,
+    )
+
+
+def gateway_config(tmp: Path, layer_ports: dict[str, int], gateway_port: int,
+                   **gateway: Any) -> dict[str, Any]:
+    """A gateway config whose layers run elsewhere (``managed = false``)."""
+    return {
+        "state_dir": str(tmp / "state"),
+        "layers": {n: {"port": p, "managed": False, "parallel": 2} for n, p in layer_ports.items()},
+        "gateway": {"port": gateway_port, "api_keys": ["test-key"], "admin_key": "admin-key",
+                    **gateway},
+    }

@@ -30,6 +30,8 @@ from layers.context import gather_context, system_message
 log = logging.getLogger("ai_sysadmin.gateway")
 
 SYSADMIN_MODEL = "ai-sysadmin"
+# Which layer answered: lets admins see where titles and chats went.
+LAYER_HEADER = "X-Ai-Sysadmin-Layer"
 MODEL_IDS = (SYSADMIN_MODEL, *LAYER_NAMES)
 CREATED = int(time.time())
 TASK_NAMES = {
@@ -200,7 +202,11 @@ async def forward(
         return StreamingResponse(
             relay(gw, upstream, model, rename, t0, route),
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            headers={
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+                LAYER_HEADER: pool.name,
+            },
         )
     try:
         raw = await upstream.response.aread()
@@ -217,7 +223,7 @@ async def forward(
         raw = raw.replace(rename[0], rename[1], 1)
     m.requests.labels(route, model, "200").inc()
     m.latency.labels(route, model).observe(time.perf_counter() - t0)
-    return Response(raw, media_type="application/json")
+    return Response(raw, media_type="application/json", headers={LAYER_HEADER: pool.name})
 
 
 def _sse_error(message: str, code: str) -> bytes:
