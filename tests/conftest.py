@@ -71,7 +71,7 @@ def stack(
     gport = free_port()
     cfg = write_toml(tmp / "config.toml", stack_config(tmp, ports, gport))
     layers = cli(cfg, "layers", "serve", log_path=tmp / "layers.log").start()
-    for name, port in ports.items():
+    for port in ports.values():
         layers.wait_http(f"http://127.0.0.1:{port}/health")
     # The gateway runs separately from the supervisor, as on NixOS: layers unmanaged there.
     gcfg_data = stack_config(tmp, ports, gport)
