@@ -735,6 +735,10 @@ in
                   port = cfg.api.port;
                 }
               ]
+              ++ lib.optional chromaService {
+                who = "services.chromadb.port";
+                port = config.services.chromadb.port;
+              }
               # Open WebUI also defaults to 8080, the trigger layer's port.
               ++ lib.optional (config.services.open-webui.enable or false) {
                 who = "services.open-webui.port";
@@ -767,7 +771,11 @@ in
           }
         ];
 
-      warnings = lib.optional (!(isLoopback cfg.api.host) && cfg.api.apiKeysFile == null && cfg.api.environmentFile == null) "services.ai-sysadmin.api.host is ${cfg.api.host} but no api.apiKeysFile is set; the API will refuse every non-loopback client until keys are configured.";
+      warnings =
+        map (
+          name: "services.ai-sysadmin.llama-cpp.models.${name}.host is ${layers.${name}.host}: llama-server has no authentication, so anyone who reaches that address can use the ${name} layer; keep it on loopback unless a firewall or VPN guards it."
+        ) (lib.filter (name: !(isLoopback layers.${name}.host)) enabledLayers)
+        ++ lib.optional (!(isLoopback cfg.api.host) && cfg.api.apiKeysFile == null && cfg.api.environmentFile == null) "services.ai-sysadmin.api.host is ${cfg.api.host} but no api.apiKeysFile is set; the API will refuse every non-loopback client until keys are configured.";
 
       services.ai-sysadmin.settings = {
         state_dir = stateDir;
@@ -800,7 +808,7 @@ in
           enabled = cfg.memory.enable;
         }
         // lib.optionalAttrs chromaService {
-          chroma_url = "http://${config.services.chromadb.host}:${toString config.services.chromadb.port}";
+          chroma_url = "http://${clientHost config.services.chromadb.host}:${toString config.services.chromadb.port}";
         };
         actions = {
           autonomy = cfg.autonomyLevel;

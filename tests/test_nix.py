@@ -449,6 +449,8 @@ def test_chromadb_service_memory() -> None:
     assert result["chromadb"] is True
     assert settings_from(result["settings"]).memory.chroma_url == "http://127.0.0.1:8000"
     assert "chromadb.service" in result["units"]["ai-sysadmin-api"]["after"]
+    clash = evaluate(MODELS + ' memory.backend = "chromadb"; api.port = 8000;')
+    assert any("services.chromadb.port" in m for m in clash["assertions"])
 
 
 @needs_lib
@@ -510,6 +512,11 @@ def test_disabled_layers_need_no_model() -> None:
     assert "llama-review.service" not in result["units"]["ai-sysadmin-api"]["after"]
     review = settings_from(result["settings"]).layers.review
     assert review.endpoint_list()[0].url == "http://10.0.0.7:8081/v1"
+    # A layer reachable from the network is allowed, with a warning: llama-server has no auth.
+    assert not any("models.review.host" in w for w in result["warnings"])
+    exposed = evaluate_ok(MODELS + ' llama-cpp.models.meta.host = "0.0.0.0";')
+    assert [w for w in exposed["warnings"] if "models.meta.host is 0.0.0.0" in w]
+    assert settings_from(exposed["settings"]).layers.meta.local_url == "http://127.0.0.1:8082"
     remote = evaluate_ok("llama-cpp.enable = false;")
     assert not any(name.startswith("llama-") for name in remote["units"])
 
