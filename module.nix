@@ -288,8 +288,6 @@ let
       KillSignal = "SIGINT";
       Restart = "on-failure";
       RestartSec = 5;
-      # A big model on a slow disk takes a while to map.
-      TimeoutStartSec = "10min";
 
       DynamicUser = true;
       CapabilityBoundingSet = "";
