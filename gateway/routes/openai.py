@@ -33,7 +33,8 @@ SYSADMIN_MODEL = "ai-sysadmin"
 # Which layer answered: lets admins see where titles and chats went.
 LAYER_HEADER = "X-Ai-Sysadmin-Layer"
 MODEL_IDS = (SYSADMIN_MODEL, *LAYER_NAMES)
-CREATED = int(time.time())
+# A fixed date: the same model list from every gateway and after every restart.
+CREATED = 1767225600  # 2026-01-01
 TASK_NAMES = {
     "title_generation", "tags_generation", "follow_up_generation", "query_generation",
     "emoji_generation", "autocomplete_generation", "image_prompt_generation", "title",
