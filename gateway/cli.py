@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 
 from gateway.server import BindRefused
-from layers.config import ConfigError, Settings, load_settings
+from layers.config import CollectorsConfig, ConfigError, Settings, load_settings
 from layers.provision.engine import EngineError
 from layers.provision.model import ModelError
 from layers.supervisor import Supervisor, SupervisorError, port_is_free, read_status
@@ -32,18 +32,19 @@ PROG = "ai-sysadmin"
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
 
+class CliError(Exception):
+    """A failure reported as one line."""
+
+
 # One place that decides which exceptions are the user's to fix (a line, exit 1).
 USER_ERRORS: tuple[type[Exception], ...] = (
+    CliError,
     ConfigError,
     ModelError,
     EngineError,
     SupervisorError,
     BindRefused,
 )
-
-
-class CliError(Exception):
-    """A failure reported as one line."""
 
 
 Handler = Callable[[argparse.Namespace], int]
@@ -84,9 +85,13 @@ def _run_async(main: Callable[[], Awaitable[int]]) -> int:
 # -- run / gateway / layers serve -------------------------------------------------
 
 
-async def _serve_stack(settings: Settings, *, with_layers: bool, with_gateway: bool) -> int:
+async def _serve_stack(
+    settings: Settings, *, with_layers: bool, with_gateway: bool, with_daemon: bool = False
+) -> int:
     supervisor = Supervisor(settings) if with_layers else None
     server = None
+    serve_task: asyncio.Task[None] | None = None
+    daemon_task: asyncio.Task[None] | None = None
     try:
         g = settings.gateway
         if with_gateway and not port_is_free(g.host, g.port):
@@ -97,6 +102,7 @@ async def _serve_stack(settings: Settings, *, with_layers: bool, with_gateway: b
             from gateway.server import make_server
 
             server = make_server(settings)
+            server.config.app.state.gw.supervisor = supervisor  # layer control from the API
         if supervisor is not None:
             print(f"{PROG}: starting layers (models load in a few seconds)", file=sys.stderr)
             await supervisor.start(wait=True)
@@ -116,22 +122,50 @@ async def _serve_stack(settings: Settings, *, with_layers: bool, with_gateway: b
                 f"(OpenAI base URL http://{g.host}:{g.port}/v1)",
                 flush=True,
             )
+            if with_daemon:
+                daemon_task = asyncio.create_task(_run_daemon(settings))
+                done, _ = await asyncio.wait(
+                    {serve_task, daemon_task}, return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in done:
+                    task.result()  # a crashed daemon or server ends `run` with its error
             await serve_task
         else:
             print(f"{PROG}: layers running; Ctrl-C stops them", flush=True)
             await asyncio.Event().wait()
     finally:
+        if daemon_task is not None:
+            daemon_task.cancel()
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await daemon_task
         if server is not None:
             server.should_exit = True
+            if serve_task is not None and not serve_task.done():
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await asyncio.wait_for(asyncio.shield(serve_task), 10)
         if supervisor is not None:
             await asyncio.shield(supervisor.stop())
     return 0
 
 
+async def _run_daemon(settings: Settings) -> None:
+    """The collector and review → meta consumer, posting to the gateway started with it."""
+    from layers.daemon import Daemon
+
+    c = settings.collectors
+    if c.gateway_url == CollectorsConfig.model_fields["gateway_url"].default:
+        g = settings.gateway
+        host = "127.0.0.1" if g.host in ("0.0.0.0", "::") else g.host
+        c.gateway_url = f"http://{host}:{g.port}"
+    await Daemon(settings).run()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _setup_logging(settings.gateway.log_level)
-    return _run_async(lambda: _serve_stack(settings, with_layers=True, with_gateway=True))
+    return _run_async(
+        lambda: _serve_stack(settings, with_layers=True, with_gateway=True, with_daemon=True)
+    )
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
@@ -326,13 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     __import__("gateway.cli_actions").cli_actions.register(sub, add)
     __import__("gateway.cli_pipeline").cli_pipeline.register(sub, add)
-    for register in _extensions:
-        register(sub, add)
     return parser
-
-
-# Later stages (pipeline, actions) register their subcommands here.
-_extensions: list[Callable[[Any, Callable[..., argparse.ArgumentParser]], None]] = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -345,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in exc.lines:
             print(f"{PROG}: config: {line}", file=sys.stderr)
         return EXIT_FAILURE
-    except (CliError, *USER_ERRORS) as exc:
+    except USER_ERRORS as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Generator
+
 import uvicorn
 
 from gateway.app import create_app
@@ -28,7 +31,13 @@ def make_server(settings: Settings) -> uvicorn.Server:
         # Many SSE clients hold connections open; keep-alive must not reap them.
         timeout_keep_alive=30,
     )
-    server = uvicorn.Server(config)
-    # The CLI owns SIGINT/SIGTERM (it also stops the layers).
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    return server
+    return QuietServer(config)
+
+
+class QuietServer(uvicorn.Server):
+    """A uvicorn server that leaves SIGINT/SIGTERM to the CLI, which also stops the layers
+    and the collector in order; it shuts down when ``should_exit`` is set."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield

@@ -241,3 +241,32 @@ def test_missing_config_file_is_one_line(tmp_path: Path) -> None:
     r = run_cli("--config", str(tmp_path / "absent.toml"), "config", "check")
     assert r.returncode == 1
     assert r.stderr.strip() == f"ai-sysadmin: config: config file {tmp_path / 'absent.toml'}: not found"
+
+
+def test_run_serves_the_stack_and_sigterm_leaves_nothing(tmp_path: Path) -> None:
+    """`ai-sysadmin run` (what `make run` starts): layers, gateway and collector; it prints
+    where the gateway listens, answers a chat, and SIGTERM stops every process."""
+    ports = {n: free_port() for n in ("trigger", "review", "meta")}
+    gport = free_port()
+    cfg = write_toml(tmp_path / "c.toml", {
+        "state_dir": str(tmp_path / "state"),
+        "layers": {n: layer_config(p) for n, p in ports.items()},
+        "gateway": {"port": gport},
+    })
+    proc = cli(cfg, "run", log_path=tmp_path / "run.log").start()
+    try:
+        _wait(lambda: "gateway listening" in proc.log(), 240, "the gateway line")
+        assert f"gateway listening on http://127.0.0.1:{gport}" in proc.log()
+        r = httpx.post(f"http://127.0.0.1:{gport}/v1/chat/completions", timeout=120, json={
+            "model": "ai-sysadmin", "max_tokens": 4,
+            "messages": [{"role": "user", "content": "hello"}]})
+        assert r.status_code == 200 and r.json()["model"] == "ai-sysadmin"
+        pids = [v["pid"] for v in _status(tmp_path / "state")["layers"].values()]
+        assert len(pids) == 3 and all(pid_alive(p) for p in pids)
+    finally:
+        code = proc.stop(signal.SIGTERM)
+    assert code == 0, proc.log()[-2000:]
+    for pid in pids:
+        assert not pid_alive(pid)
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", gport)) != 0

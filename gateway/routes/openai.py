@@ -7,6 +7,7 @@ that layer. Streams are relayed event by event as the layer sends them.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -209,9 +210,11 @@ async def forward(
                 LAYER_HEADER: pool.name,
             },
         )
+    total = gw.settings.gateway.timeouts.total
     try:
-        raw = await upstream.response.aread()
-    except httpx.TimeoutException:
+        async with asyncio.timeout(max(0.001, total - (time.perf_counter() - t0))):
+            raw = await upstream.response.aread()
+    except (httpx.TimeoutException, TimeoutError):
         m.requests.labels(route, model, "504").inc()
         raise OpenAIError(504, f"layer {pool.name} timed out", code="upstream_timeout") from None
     except httpx.HTTPError:
@@ -248,8 +251,11 @@ async def relay(
     first = True
     done = False
     status = "200"
+    deadline = t0 + gw.settings.gateway.timeouts.total
     try:
         async for chunk in upstream.response.aiter_raw():
+            if time.perf_counter() > deadline:
+                raise httpx.ReadTimeout("total timeout exceeded")
             pending += chunk
             cut = pending.rfind(b"\n\n")
             if cut < 0:
