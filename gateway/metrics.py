@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 OVERHEAD_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1)
@@ -44,6 +44,14 @@ class GatewayMetrics:
         self.queued = Gauge(
             "ai_sysadmin_layer_queued_requests", "Requests waiting for a layer slot",
             ["layer"], registry=r,
+        )
+        # Leaks show as growth here under steady load: open fds and resident memory of the
+        # process (process_open_fds, process_resident_memory_bytes, Linux /proc) and the
+        # asyncio tasks alive (a request that leaves a task behind raises it for good).
+        ProcessCollector(registry=r)
+        self.tasks = Gauge(
+            "ai_sysadmin_asyncio_tasks", "asyncio tasks alive in the gateway's event loop",
+            registry=r,
         )
         self.stream_errors = Counter(
             "ai_sysadmin_stream_errors", "Streams that ended with an error event",

@@ -16,6 +16,7 @@ from gateway.metrics import GatewayMetrics
 from layers.client import LayerClients
 from layers.config import Settings
 from layers.context import ContextSource, HostFacts
+from layers.supervisor import Supervisor
 
 log = logging.getLogger("ai_sysadmin.gateway")
 
@@ -29,6 +30,9 @@ class GatewayState:
         self.layers = LayerClients(settings)
         self.metrics = GatewayMetrics()
         self.context_sources: list[ContextSource] = [HostFacts()]
+        # The in-process layer supervisor when started by `ai-sysadmin run`; None when the
+        # layers run elsewhere (systemd, `layers serve`): layer control then answers 409.
+        self.supervisor: Supervisor | None = None
         # Hooks run at start/close by stages that attach to the gateway (store, pipeline…).
         self.on_start: list[Callable[[], Awaitable[None]]] = []
         self.on_close: list[Callable[[], Awaitable[None]]] = []
@@ -56,6 +60,7 @@ class GatewayState:
 
     def refresh_gauges(self) -> None:
         m = self.metrics
+        m.tasks.set(len(asyncio.all_tasks()))
         for pool in self.layers:
             m.inflight.labels(pool.name).set(pool.limiter.inflight)
             m.queued.labels(pool.name).set(pool.limiter.waiting)

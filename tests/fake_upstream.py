@@ -14,7 +14,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Literal
 
-Fault = Literal["hang", "loading", "error500", "garbage", "truncated_json", "crash_midstream", "ok"]
+Fault = Literal["hang", "loading", "error500", "garbage", "truncated_json", "crash_midstream",
+                "slow", "invalid_json", "ok"]
 
 
 def _chunk(content: str, finish: str | None = None) -> bytes:
@@ -41,6 +42,9 @@ class FakeUpstream:
     port: int
     requests: int = 0
     open_connections: int = 0
+    # "slow": one streamed token per this many seconds (a layer thrashing on swap).
+    token_interval: float = 5.0
+    slow_tokens: int = 100
     _loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
     _server: asyncio.Server | None = field(default=None, repr=False)
@@ -122,6 +126,22 @@ class FakeUpstream:
             send("200 OK", _completion("this is not json {{{"))
         elif self.fault == "truncated_json":
             send("200 OK", _completion('{"anomaly": true, "sever', finish="length"))
+        elif self.fault == "invalid_json":
+            send("200 OK", b'{"id": "chatcmpl-fake", "choices": [{"message": ')
+        elif self.fault == "slow":
+            if not stream:
+                await asyncio.sleep(self.token_interval * self.slow_tokens)
+                send("200 OK", _completion("fine"))
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                             b"Transfer-Encoding: chunked\r\n\r\n")
+                for i in range(self.slow_tokens):
+                    part = _chunk(f" t{i}")
+                    writer.write(f"{len(part):x}\r\n".encode() + part + b"\r\n")
+                    await writer.drain()
+                    await asyncio.sleep(self.token_interval)
+                done = b"data: [DONE]\n\n"
+                writer.write(f"{len(done):x}\r\n".encode() + done + b"\r\n0\r\n\r\n")
         elif self.fault == "crash_midstream" and stream:
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                          b"Transfer-Encoding: chunked\r\n\r\n")

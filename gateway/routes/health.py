@@ -25,13 +25,21 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready", dependencies=[Depends(require_key)])
 async def ready(request: Request) -> Response:
-    """Readiness: every layer has an endpoint answering ``/health`` with 200."""
+    """Readiness: every layer has an endpoint answering ``/health`` with 200 whose circuit
+    breaker is not open."""
     gw = _gw(request)
     states = await gw.layers.probe_all()
     gw.refresh_gauges()
     layers = {}
     for name, state in states.items():
         pool = gw.layers[name]
+        if state == "ready" and all(
+            e.breaker.state == "open" for e in pool.endpoints if e.health == "ready"
+        ):
+            # /health answers but every healthy endpoint's breaker is open (it fails real
+            # requests): requests get 503 now, so readiness must not claim otherwise.
+            state = "circuit-open"
+        states[name] = state
         layers[name] = {
             "state": state,
             "inflight": pool.limiter.inflight,
