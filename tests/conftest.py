@@ -13,6 +13,9 @@ import pytest
 from layers.config import EngineConfig
 from layers.provision.engine import ensure_llama_server
 from layers.provision.model import default_model
+
+# Fixtures of the reliability/security suite: own gateways, fake upstreams.
+from tests.reliability_support import fakes, gateways  # noqa: F401
 from tests.support import Proc, cli, free_port, layer_config, write_toml
 
 

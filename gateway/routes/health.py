@@ -31,15 +31,15 @@ async def ready(request: Request) -> Response:
     states = await gw.layers.probe_all()
     gw.refresh_gauges()
     layers = {}
-    for name, state in states.items():
+    shown: dict[str, str] = dict(states)
+    for name, state in shown.items():
         pool = gw.layers[name]
         if state == "ready" and all(
             e.breaker.state == "open" for e in pool.endpoints if e.health == "ready"
         ):
             # /health answers but every healthy endpoint's breaker is open (it fails real
             # requests): requests get 503 now, so readiness must not claim otherwise.
-            state = "circuit-open"
-        states[name] = state
+            state = shown[name] = "circuit-open"
         layers[name] = {
             "state": state,
             "inflight": pool.limiter.inflight,
@@ -49,7 +49,7 @@ async def ready(request: Request) -> Response:
                 for e in pool.endpoints
             ],
         }
-    ok = all(s == "ready" for s in states.values())
+    ok = all(s == "ready" for s in shown.values())
     body = {"status": "ready" if ok else "not ready", "layers": layers}
     if ok:
         return JSONResponse(body)
