@@ -24,7 +24,8 @@ from tests.support import Proc, cli, free_port, layer_config, run_cli, write_tom
 
 USER = {"Authorization": "Bearer user-key"}
 ADMIN = {"Authorization": "Bearer admin-key"}
-TTL = 3.0
+TTL = 600.0  # the gateway's; the expiry test proposes with its own short TTL
+SHORT_TTL = 1.0
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +57,11 @@ def settings_of(cfg: Path) -> Settings:
     return load_settings(cfg)
 
 
-async def propose(cfg: Path, *proposals: dict[str, Any], incident: str | None = None) -> list[Any]:
+async def propose(cfg: Path, *proposals: dict[str, Any], incident: str | None = None,
+                  ttl: float | None = None) -> list[Any]:  # fmt: skip
     settings = settings_of(cfg)
+    if ttl is not None:
+        settings.actions.approval_ttl = ttl  # the proposer stamps expires_at
     store = await open_store(settings)
     try:
         return await service.handle_proposals(incident, list(proposals), store, settings)
@@ -129,8 +133,8 @@ async def test_admin_rejects_duplicates_merge_and_expiry(gateway: tuple[str, Pat
     assert r.status_code == 200 and r.json()["status"] == "rejected"
     assert r.json()["decided_by"] == "admin:bob"
 
-    [c] = await propose(cfg, restart("web5.service"))
-    time.sleep(TTL + 0.5)
+    [c] = await propose(cfg, restart("web5.service"), ttl=SHORT_TTL)
+    time.sleep(SHORT_TTL + 0.5)
     r = httpx.post(f"{url}/v1/actions/{c.id}/approve", headers=ADMIN, json={})
     assert r.status_code == 409
     assert httpx.get(f"{url}/v1/actions/{c.id}", headers=USER).json()["status"] == "expired"
