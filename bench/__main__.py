@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -17,6 +18,10 @@ from bench.procs import REPO
 from bench.suites import PROXIES, Options, SuiteResult, say
 
 SUITES = ("stub", "open_streams", "real", "pipeline")
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _raise_fd_limit() -> None:
@@ -101,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     if set(paths) - set(PROXIES):
         parser.error(f"unknown path(s): {', '.join(sorted(set(paths) - set(PROXIES)))}")
     _raise_fd_limit()
+    # SIGTERM unwinds like Ctrl-C, so every server started so far is stopped.
+    signal.signal(signal.SIGTERM, _terminate)
     started = time.monotonic()
     results: dict[str, SuiteResult] = {}
     versions: dict[str, str] = {}

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -100,7 +101,7 @@ def prefilter_figures(n: int, reps: int) -> list[dict[str, float]]:
 
 async def _trigger(port: int, slots: int, naive_n: int, batched_n: int,
                    res: SuiteResult) -> None:
-    from layers.client import LayerClients, StructuredOutputError
+    from layers.client import LayerClients, LayerError
     from layers.collectors.journald import parse_lines
     from layers.config import Settings
     from layers.pipeline import prompts
@@ -128,7 +129,7 @@ async def _trigger(port: int, slots: int, naive_n: int, batched_n: int,
                 prompts.trigger_messages(batch, names, prompts.new_nonce()),
                 prompts.trigger_schema(len(batch)),
                 max_tokens=cfg.trigger_max_tokens * len(batch) + 32, retries=cfg.layer_retries)
-        except StructuredOutputError:
+        except LayerError:  # StructuredOutputError included: no valid verdict
             failures[kind] += len(batch)
             return 0
         return len(prompts.trigger_verdicts(result))
@@ -151,21 +152,75 @@ async def _trigger(port: int, slots: int, naive_n: int, batched_n: int,
         # Parallel slots: every batch submitted at once; the layer pool's limiter keeps
         # `slots` in flight. Each event's latency is measured from the burst's start.
         t = time.perf_counter()
-        latencies: list[float] = []
-
-        async def timed(b: list[int]) -> int:
-            n = await classify(b, "parallel")
-            latencies.extend([(time.perf_counter() - t) * 1000] * n)
-            return n
-
-        got = sum(await asyncio.gather(*(timed(b) for b in batches)))
+        got = sum(await asyncio.gather(*(classify(b, "parallel") for b in batches)))
         res.extra.setdefault("trigger_batched_vps", []).append(got / (time.perf_counter() - t))
-        res.extra.setdefault("e2e_p50_ms", []).append(percentile(latencies, 50))
-        res.extra.setdefault("e2e_p99_ms", []).append(percentile(latencies, 99))
         for k, v in failures.items():
             res.extra.setdefault(f"trigger_failed_events.{k}", []).append(float(v))
     finally:
         await clients.aclose()
+
+
+async def _e2e(base: str, key: str, single: int, burst: int, res: SuiteResult) -> None:
+    """Events posted to the gateway's ``/v1/events``; verdicts read from its
+    ``/v1/events/stream``. Single events one at a time, then one burst."""
+    import httpx
+
+    headers = {"authorization": f"Bearer {key}"}
+    arrived: dict[str, float] = {}
+    changed = asyncio.Event()
+    flagged = [f for f in FLAGGED if not f[1].startswith("Failed password")]
+
+    async def listen(client: httpx.AsyncClient) -> None:
+        async with client.stream("GET", base + "/v1/events/stream", headers=headers,
+                                 timeout=None) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data:"):
+                    arrived[json.loads(line[5:])["event_id"]] = time.perf_counter()
+                    changed.set()
+
+    def event(i: int, tag: str) -> dict[str, Any]:
+        unit, tmpl = flagged[i % len(flagged)]
+        msg = tmpl.format(n=1000 + i, a=i % 256, b=(i * 7) % 256, p=2000 + i, h=f"{i:012x}")
+        return {"id": f"bench-{tag}-{i}", "host": f"bench-{i}", "source": "journald",
+                "unit": None if unit == "kernel" else unit, "priority": 3, "message": msg}
+
+    async def wait_for(ids: list[str], deadline: float) -> None:
+        while not all(i in arrived for i in ids):
+            changed.clear()
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                raise TimeoutError(f"{sum(i not in arrived for i in ids)} verdicts missing")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), left)
+
+    async with httpx.AsyncClient(timeout=60) as client:
+        listener = asyncio.create_task(listen(client))
+        try:
+            await asyncio.sleep(0.5)
+            lat = []
+            for i in range(single):
+                t = time.perf_counter()
+                r = await client.post(base + "/v1/events", headers=headers,
+                                      json={"events": [event(i, "single")]})
+                r.raise_for_status()
+                await wait_for([f"bench-single-{i}"], t + 120)
+                lat.append((arrived[f"bench-single-{i}"] - t) * 1000)
+            res.extra.setdefault("e2e_single_p50_ms", []).append(percentile(lat, 50))
+            tag = f"burst{len(res.extra.get('e2e_burst_vps', []))}"
+            evs = [event(i, tag) for i in range(burst)]
+            t = time.perf_counter()
+            r = await client.post(base + "/v1/events", headers=headers, json={"events": evs})
+            r.raise_for_status()
+            ids = [e["id"] for e in evs]
+            await wait_for(ids, t + 300)
+            lat = [(arrived[i] - t) * 1000 for i in ids]
+            res.extra.setdefault("e2e_p50_ms", []).append(percentile(lat, 50))
+            res.extra.setdefault("e2e_p99_ms", []).append(percentile(lat, 99))
+            res.extra.setdefault("e2e_burst_vps", []).append(burst / (max(lat) / 1000))
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
+                await listener
 
 
 def suite_pipeline(opts: Options) -> SuiteResult:
@@ -179,17 +234,24 @@ def suite_pipeline(opts: Options) -> SuiteResult:
         out.extra.setdefault("replay_lines_per_s", []).append(fig["replay_lps"])
     slots = 4
     server = stack.llama_server(opts.work, parallel=slots)
-    naive_n, batched_n = (8, 32) if opts.quick else (16, 64)
+    naive_n, batched_n = (4, 16) if opts.quick else (8, 32)
     reps = 1 if opts.quick else 2
-    with running([server]):
+    gateway = stack.gateway_server(opts.work, server, slots=slots, max_queue=256,
+                                   tag="gateway-pipeline", pipeline={"debounce": 0.0})
+    single, burst = (3, 16) if opts.quick else (5, 32)
+    with running([server, gateway]):
         for rep in range(reps):
             say(f"trigger round {rep + 1}/{reps}: {naive_n} events naive, {batched_n} batched")
             asyncio.run(_trigger(server.port, slots, naive_n, batched_n, out))
             ex = out.extra
             say(f"  naive {ex['trigger_naive_vps'][-1]:.2f}/s, batches one at a time "
                 f"{ex['trigger_sequential_batches_vps'][-1]:.2f}/s, batches on {slots} slots "
-                f"{ex['trigger_batched_vps'][-1]:.2f}/s; event→verdict p50 "
-                f"{ex['e2e_p50_ms'][-1]:.0f} ms")
+                f"{ex['trigger_batched_vps'][-1]:.2f}/s")
+            say(f"event → verdict through the gateway: {single} single events, a burst of {burst}")
+            asyncio.run(_e2e(gateway.base, stack.GATEWAY_KEY, single, burst, out))
+            say(f"  single event p50 {ex['e2e_single_p50_ms'][-1]:.0f} ms; burst p50 "
+                f"{ex['e2e_p50_ms'][-1]:.0f} ms, p99 {ex['e2e_p99_ms'][-1]:.0f} ms, "
+                f"{ex['e2e_burst_vps'][-1]:.2f} verdicts/s")
     out.notes.append(
         "Prefilter: `layers.prefilter.Prefilter.check` with the default rules on parsed events "
         "(the target figure); the whole replay including JSON parsing and `Event` validation "
@@ -197,8 +259,10 @@ def suite_pipeline(opts: Options) -> SuiteResult:
     out.notes.append(
         f"Trigger: the default model on llama-server with {slots} slots; batches of "
         "`pipeline.batch_size` events with the project's prompt and compact verdict schema; "
-        "verdicts counted only when the output validated. Event → verdict latency: a burst of "
-        f"{batched_n} candidates submitted at once (store and prefilter excluded).")
+        "verdicts counted only when the output validated. Event → verdict: events posted to "
+        "the gateway's `POST /v1/events` (store, prefilter with `pipeline.debounce = 0`, "
+        "trigger stage), each timed until its verdict arrives on `GET /v1/events/stream`; "
+        f"single events one at a time, then a burst of {burst} in one request.")
     return out
 
 

@@ -103,7 +103,8 @@ def passthrough_server(work: Path, upstream: Server) -> Server:
 
 
 def gateway_server(work: Path, upstream: Server, *, slots: int, replicas: int = 1,
-                   max_queue: int = 64, tag: str = "gateway") -> Server:
+                   max_queue: int = 64, tag: str = "gateway",
+                   pipeline: dict[str, Any] | None = None) -> Server:
     """``python -m gateway.cli --config X gateway`` with API-key auth, metrics, limits and
     breakers on, every layer unmanaged and pointed at ``upstream``. ``replicas`` lists the
     same upstream several times: the stub has no slot limit, the gateway's limiter counts
@@ -120,6 +121,7 @@ def gateway_server(work: Path, upstream: Server, *, slots: int, replicas: int = 
         "gateway": {"host": "127.0.0.1", "port": port, "api_keys": [GATEWAY_KEY],
                     "admin_key": GATEWAY_ADMIN_KEY, "log_level": "warning"},
         "memory": {"enabled": False},
+        "pipeline": pipeline or {},
         "layers": {"trigger": dict(layer), "review": dict(layer), "meta": dict(layer)},
     })
     return Server(

@@ -109,7 +109,8 @@ def suite_stub(opts: Options) -> SuiteResult:
 def suite_open_streams(opts: Options) -> SuiteResult:
     """N streams opened at once against a slow stub and held until it ends them."""
     out = SuiteResult()
-    chunks, delay = (20, 0.25) if opts.quick else (40, 0.25)
+    # Long enough that the last stream opens before the first ends, on a busy machine too.
+    chunks, delay = (40, 0.5) if opts.quick else (60, 0.5)
     upstream = stack.stub_server(opts.work, chunks=chunks, chunk_delay=delay, tag="slow-stub")
     names = [n for n in ("gateway", "passthrough") if n in opts.paths]
     proxies: dict[str, Server] = {}
@@ -158,12 +159,13 @@ def suite_real(opts: Options) -> SuiteResult:
         sbody = chat_body(True, max_tokens=8, content="Name one Linux init system.")
         nbody = chat_body(False, max_tokens=16, content="Name one Linux init system.")
         _warm(paths, nbody)
-        rounds = 3 if opts.quick else 6
-        per = 6 if opts.quick else 10
+        # Counted requests, not a duration: one answer takes ~0.2-2 s on two shared cores.
+        rounds = 2 if opts.quick else 4
+        per = 4 if opts.quick else 6
         for rep in range(rounds):
             say(f"real model round {rep + 1}/{rounds}: {per} streams each, concurrency 1")
             for p in paths.values():
-                r = measure(p, concurrency=1, body=sbody, duration=60, warmup=0,
+                r = measure(p, concurrency=1, body=sbody, duration=120, warmup=0,
                             max_requests=per, timeout=120)
                 _log_run(r)
                 out.runs.append(r)
@@ -172,8 +174,8 @@ def suite_real(opts: Options) -> SuiteResult:
             for conc in (1, slots):
                 say(f"real model round {rep + 1}/{reps}, concurrency {conc}, non-stream")
                 for p in paths.values():
-                    r = measure(p, concurrency=conc, body=nbody, duration=opts.duration,
-                                warmup=0.3, timeout=120)
+                    r = measure(p, concurrency=conc, body=nbody, duration=120, warmup=0,
+                                max_requests=2 * conc if opts.quick else 3 * conc, timeout=120)
                     _log_run(r)
                     out.runs.append(r)
     return out
