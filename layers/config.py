@@ -403,7 +403,8 @@ class PipelineConfig(Section):
         300.0, ge=0, description="Seconds a rule/fingerprint pair stays quiet after it passed."
     )
     batch_size: int = Field(
-        8, ge=1, le=64, description="Candidate events per trigger-layer request."
+        4, ge=1, le=64, description="Candidate events per trigger-layer request (prompt and "
+        "answer must fit one slot's context: `context_size / parallel` of the trigger layer).",
     )
     poll_interval: float = Field(
         1.0, gt=0, description="Seconds between store polls for work written by other processes."
@@ -413,10 +414,10 @@ class PipelineConfig(Section):
     )
     retry_wait_max: float = Field(30.0, gt=0, description="Longest wait between retries.")
     trigger_max_tokens: int = Field(
-        96, ge=16, description="Output tokens per event in a trigger request."
+        64, ge=16, description="Output tokens per event in a trigger request."
     )
-    review_max_tokens: int = Field(512, ge=64, description="Output tokens of a review.")
-    meta_max_tokens: int = Field(768, ge=64, description="Output tokens of a meta decision.")
+    review_max_tokens: int = Field(320, ge=64, description="Output tokens of a review.")
+    meta_max_tokens: int = Field(400, ge=64, description="Output tokens of a meta decision.")
     layer_retries: int = Field(
         1, ge=0, description="Retries of truncated or invalid layer output before giving up "
         "(the incident is then marked `unreviewed`, never healthy).",

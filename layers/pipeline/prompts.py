@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
@@ -58,8 +58,16 @@ def _untrusted_note(nonce: str) -> str:
     )
 
 
+# Layers may have as little as 1024 tokens of context per slot: log text is clipped.
+MAX_TEXT = 240
+
+
+def clip(text: str, n: int = MAX_TEXT) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
 def event_item(e: Event) -> dict[str, Any]:
-    return {"unit": e.unit, "host": e.host, "priority": e.priority, "message": e.message}
+    return {"unit": e.unit, "host": e.host, "priority": e.priority, "message": clip(e.message)}
 
 
 # -- trigger ---------------------------------------------------------------------------
@@ -115,9 +123,9 @@ def trigger_messages(events: Sequence[Event], rules: Sequence[str | None],
 class ReviewOut(Review):
     """Review with tighter limits for constrained decoding on small models."""
 
-    summary: str = Field(max_length=300)
-    findings: list[str] = Field(max_length=4)
-    reason: str = Field(max_length=200)
+    summary: str = Field(max_length=240)
+    findings: list[Annotated[str, Field(max_length=120)]] = Field(max_length=3)
+    reason: str = Field(max_length=160)
 
 
 def incident_item(inc: Incident) -> dict[str, Any]:
@@ -129,7 +137,7 @@ def incident_item(inc: Incident) -> dict[str, Any]:
 
 def verdict_item(v: Verdict) -> dict[str, Any]:
     return {"rule": v.rule, "severity": v.severity, "category": v.category,
-            "summary": v.summary, "message": v.message}
+            "summary": v.summary, "message": clip(v.message, 160)}
 
 
 def review_messages(
@@ -164,14 +172,14 @@ def decision_schema(actions: Sequence[str]) -> type[BaseModel]:
         __config__=ConfigDict(extra="forbid"),
         action=(action_type, ...),
         params=(dict[str, str | int | bool], Field(default_factory=dict)),
-        rationale=(str, Field(max_length=200)),
+        rationale=(str, Field(max_length=120)),
     )
     return create_model(
         "MetaDecision",
         __config__=ConfigDict(extra="forbid"),
-        diagnosis=(str, Field(max_length=500)),
-        proposals=(list[proposal], Field(max_length=3)),  # type: ignore[valid-type]
-        rollback_plan=(str, Field(max_length=300)),
+        diagnosis=(str, Field(max_length=300)),
+        proposals=(list[proposal], Field(max_length=2)),  # type: ignore[valid-type]
+        rollback_plan=(str, Field(max_length=200)),
     )
 
 
@@ -193,8 +201,11 @@ def meta_messages(
         "Action catalog (name: what it does):",
         "\n".join(f"- {k}: {v}" for k, v in catalog.items()) or "- (none)",
         "Incident:", fence("INCIDENT", [incident_item(inc)], nonce),
-        "Review:", fence("REVIEW", [review.model_dump() if review else None], nonce),
+        "Review:", fence("REVIEW", [
+            {"status": review.status, "summary": review.summary, "findings": review.findings}
+            if review else None], nonce),
         "Anomalies:", fence("VERDICTS", [verdict_item(v) for v in verdicts], nonce),
-        "Similar past incidents (memory):", fence("MEMORY", list(memories), nonce),
+        "Similar past incidents (memory):",
+        fence("MEMORY", [clip(m, 300) for m in memories], nonce),
     ])
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]

@@ -19,11 +19,12 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import psutil
 
-from layers.client import LayerClients, LayerError, StructuredOutputError
+from layers.client import LayerClients, LayerError
 from layers.config import Settings
 from layers.events import SEVERITY_RANK, Incident, Proposal, Review
 from layers.memory import Memory
 from layers.pipeline import prompts
+from layers.pipeline.trigger import is_permanent
 from layers.store import Store
 
 log = logging.getLogger("ai_sysadmin.pipeline.stages")
@@ -120,8 +121,8 @@ class IncidentWorker:
         return floor != "never" and SEVERITY_RANK[inc.severity] >= SEVERITY_RANK[floor]
 
     async def review(self, inc: Incident) -> None:
-        verdicts = await self.store.incident_verdicts(inc.id, limit=10)
-        events = await self.store.recent_events(host=inc.host, unit=inc.unit, limit=15)
+        verdicts = await self.store.incident_verdicts(inc.id, limit=3)
+        events = await self.store.recent_events(host=inc.host, unit=inc.unit, limit=5)
         nonce = prompts.new_nonce()
         messages = prompts.review_messages(inc, verdicts, events, metrics_snapshot(), nonce)
         try:
@@ -129,7 +130,9 @@ class IncidentWorker:
                 messages, prompts.ReviewOut, max_tokens=self.cfg.review_max_tokens,
                 retries=self.cfg.layer_retries,
             )
-        except StructuredOutputError as exc:
+        except LayerError as exc:
+            if not is_permanent(exc):
+                raise
             log.warning("incident %s unreviewed: %s", inc.id, exc.message)
             await self.store.record_review(inc.id, None, escalate=False, error=exc.message)
             return
@@ -137,11 +140,11 @@ class IncidentWorker:
         await self.store.record_review(inc.id, review, escalate=self.must_escalate(inc, review))
 
     async def diagnose(self, inc: Incident) -> None:
-        verdicts = await self.store.incident_verdicts(inc.id, limit=10)
+        verdicts = await self.store.incident_verdicts(inc.id, limit=3)
         memories: list[str] = []
         if self.memory is not None:
             try:
-                memories = await self.memory.recall(f"{inc.title}\n{inc.fingerprint}")
+                memories = await self.memory.recall(f"{inc.title}\n{inc.fingerprint}", n=2)
             except LayerError:
                 raise
             except Exception as exc:  # memory is advice; its failure must not stop diagnosis
@@ -153,7 +156,9 @@ class IncidentWorker:
                 messages, prompts.decision_schema(list(self.catalog)),
                 max_tokens=self.cfg.meta_max_tokens, retries=self.cfg.layer_retries,
             )
-        except StructuredOutputError as exc:
+        except LayerError as exc:
+            if not is_permanent(exc):
+                raise
             log.warning("incident %s undiagnosed (unreviewed): %s", inc.id, exc.message)
             await self.store.record_decision(inc.id, None, error=exc.message)
             return

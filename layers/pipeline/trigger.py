@@ -23,6 +23,13 @@ from layers.store import Prefiltered, Store, VerdictInput
 log = logging.getLogger("ai_sysadmin.pipeline.trigger")
 
 
+def is_permanent(exc: LayerError) -> bool:
+    """Failures that waiting cannot cure: output that is truncated or invalid after the
+    retries, or a request the layer refuses (e.g. larger than its context). Everything
+    else (down, loading, busy, timeout) is waited out."""
+    return isinstance(exc, StructuredOutputError) or exc.status == 400
+
+
 class VerdictBus:
     """Wakes stream readers when new verdicts are committed (they read from the store)."""
 
@@ -142,8 +149,10 @@ class TriggerStage:
             )
             got = prompts.trigger_verdicts(result)
             verdicts = [got[i] if i < len(got) else None for i in range(len(cands))]
-        except StructuredOutputError as exc:
-            log.warning("trigger layer output unusable after retries: %s", exc.message)
+        except LayerError as exc:
+            if not is_permanent(exc):
+                raise  # down or busy: the candidates wait in the store
+            log.warning("trigger layer output unusable: %s", exc.message)
             verdicts = [None] * len(cands)
         self.layer_waiting = False
         stored = await self.store.record_verdicts(

@@ -47,6 +47,11 @@ class StoreError(Exception):
     """The store cannot be opened or used; the message is one readable line."""
 
 
+class StoreUnavailable(StoreError):
+    """The store cannot take this operation now (disk full, I/O error, database server
+    restarting). Nothing of the failed transaction was kept; retrying later is safe."""
+
+
 class Tx(Protocol):
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> list[Row]: ...
 
@@ -253,7 +258,13 @@ class Store(abc.ABC):
     async def _group(
         self, tx: Tx, ev: StoredEvent, item: VerdictInput, fingerprint: str, now: float
     ) -> str:
-        key = f"{ev.host}|unit:{ev.unit}" if ev.unit else f"{ev.host}|fp:{fingerprint}"
+        # One incident per unit; unit-less events (kernel) per rule, else per fingerprint.
+        if ev.unit:
+            key = f"{ev.host}|unit:{ev.unit}"
+        elif ev.rule:
+            key = f"{ev.host}|rule:{ev.rule}"
+        else:
+            key = f"{ev.host}|fp:{fingerprint}"
         statuses = ",".join("?" * len(ACTIVE_INCIDENT_STATUSES))
         rows = await tx.execute(
             f"SELECT * FROM incidents WHERE key = ? AND status IN ({statuses}) "

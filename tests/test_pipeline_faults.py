@@ -1,0 +1,180 @@
+"""Layer output that is truncated or garbage never reads as healthy. A real llama-server
+cannot be made to answer garbage on demand, so these tests use a fake upstream (an
+OpenAI-shaped HTTP server in the test) and say so in their names."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+
+from layers.client import LayerClients
+from layers.config import Settings
+from layers.events import Event
+from layers.pipeline.service import IncidentContext
+from layers.pipeline.stages import IncidentWorker
+from layers.pipeline.trigger import TriggerStage, VerdictBus
+from layers.prefilter import Prefilter, load_rules
+from layers.store import Store, make_store
+from tests.support import free_port
+
+
+@dataclass
+class FakeUpstream:
+    """Answers /v1/chat/completions with whatever ``content``/``finish_reason`` say."""
+
+    content: str = "{}"
+    finish_reason: str = "stop"
+    port: int = field(default_factory=free_port)
+    calls: int = 0
+
+    def app(self) -> FastAPI:
+        app = FastAPI()
+
+        @app.get("/health")
+        async def health() -> dict[str, str]:
+            return {"status": "ok"}
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request) -> dict[str, Any]:
+            await request.json()
+            self.calls += 1
+            return {"id": "x", "object": "chat.completion", "model": "fake",
+                    "choices": [{"index": 0, "finish_reason": self.finish_reason,
+                                 "message": {"role": "assistant", "content": self.content}}]}
+
+        return app
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeUpstream]:
+    # Its own thread and event loop: independent of the loop the test runs on.
+    up = FakeUpstream()
+    server = uvicorn.Server(uvicorn.Config(up.app(), host="127.0.0.1", port=up.port,
+                                           log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(500):
+        if server.started:
+            break
+        time.sleep(0.01)
+    yield up
+    server.should_exit = True
+    thread.join(10)
+
+
+def settings_for(tmp: Path, port: int) -> Settings:
+    layers = {n: {"port": port, "managed": False} for n in ("trigger", "review", "meta")}
+    return Settings.model_validate({
+        "state_dir": str(tmp / "state"), "layers": layers,
+        "pipeline": {"layer_retries": 1, "escalate_severity": "warning"},
+        "memory": {"enabled": False},
+    })
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    s = make_store("", tmp_path)
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def classify(settings: Settings, store: Store, clients: LayerClients,
+                   events: list[Event]) -> TriggerStage:
+    stage = TriggerStage(settings, store, clients["trigger"],
+                         Prefilter(load_rules()), VerdictBus())
+    await store.add_events(events)
+    while await stage.step():
+        pass
+    return stage
+
+
+OOM = Event(message="Out of memory: Killed process 4242 (java) total-vm:100kB", host="h1")
+
+
+async def test_trigger_garbage_fake_upstream_keeps_rule_verdict_unreviewed(
+    tmp_path: Path, store: Store, fake: FakeUpstream
+) -> None:
+    fake.content = "I think everything is fine!"
+    settings = settings_for(tmp_path, fake.port)
+    clients = LayerClients(settings)
+    try:
+        await classify(settings, store, clients, [OOM])
+    finally:
+        await clients.aclose()
+    assert fake.calls == 2  # first try + one retry
+    (v,) = await store.verdicts_after(0)
+    # Never healthy: the rule's critical floor stands, flagged as not classified by a model.
+    assert v.anomaly and v.severity == "critical" and v.unreviewed and v.rule == "oom_kill"
+    assert v.incident_id is not None
+
+
+async def test_review_truncated_json_fake_upstream_marks_incident_unreviewed(
+    tmp_path: Path, store: Store, fake: FakeUpstream
+) -> None:
+    settings = settings_for(tmp_path, fake.port)
+    clients = LayerClients(settings)
+    try:
+        fake.content = json.dumps({"verdicts": [{"anomaly": False, "severity": "info",
+                                                 "category": "memory", "summary": "fine"}]})
+        await classify(settings, store, clients, [OOM])
+        (v,) = await store.verdicts_after(0)
+        # A model saying "fine" cannot dismiss the critical rule.
+        assert v.anomaly and v.severity == "critical" and not v.unreviewed
+        fake.content, fake.finish_reason = '{"status": "normal", "summary": "all g', "length"
+        worker = IncidentWorker(settings, store, clients)
+        assert await worker.step()
+    finally:
+        await clients.aclose()
+    inc = await store.get_incident(v.incident_id or "")
+    assert inc is not None and inc.status == "unreviewed" and inc.review is None
+    assert any(t.kind == "unreviewed" and "truncated" in t.detail["error"] for t in inc.timeline)
+
+
+async def test_meta_garbage_fake_upstream_marks_incident_unreviewed(
+    tmp_path: Path, store: Store, fake: FakeUpstream
+) -> None:
+    settings = settings_for(tmp_path, fake.port)
+    clients = LayerClients(settings)
+    try:
+        fake.content = json.dumps({"verdicts": [{"anomaly": True, "severity": "critical",
+                                                 "category": "memory", "summary": "oom"}]})
+        await classify(settings, store, clients, [OOM])
+        fake.content = json.dumps({"status": "degraded", "summary": "java was killed",
+                                   "findings": ["oom"], "escalate": True, "reason": "r"})
+        worker = IncidentWorker(settings, store, clients)
+        assert await worker.step()  # review → escalated
+        (inc,) = await store.list_incidents()
+        assert inc.status == "escalated" and inc.stage == "meta"
+        fake.content = '{"diagnosis": 42, "proposals": "rm -rf /"}'
+        assert await worker.step()
+    finally:
+        await clients.aclose()
+    detail = await store.get_incident(inc.id)
+    assert detail is not None and detail.status == "unreviewed" and detail.decision is None
+    assert detail.proposals == []
+
+
+async def test_incident_context_lists_open_incidents_and_verdicts(
+    tmp_path: Path, store: Store, fake: FakeUpstream
+) -> None:
+    settings = settings_for(tmp_path, fake.port)
+    clients = LayerClients(settings)
+    try:
+        fake.content = json.dumps({"verdicts": [{"anomaly": True, "severity": "critical",
+                                                 "category": "memory", "summary": "java OOM"}]})
+        await classify(settings, store, clients, [OOM])
+    finally:
+        await clients.aclose()
+    lines = await IncidentContext(store).snippets()
+    assert any(line.startswith("incident inc_") and "[open, critical]" in line for line in lines)
+    assert any("verdict" in line and "java OOM" in line for line in lines)
