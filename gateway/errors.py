@@ -16,6 +16,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from layers.store.base import StoreError
+
 log = logging.getLogger("ai_sysadmin.gateway")
 
 # status → OpenAI error type, as OpenAI's own API uses them.
@@ -125,6 +127,16 @@ def install_error_handlers(app: FastAPI) -> None:
         else:
             message, code = str(exc.detail), None
         return error_response(exc.status_code, message, code=code, headers=exc.headers)
+
+    @app.exception_handler(StoreError)
+    async def _store(_: Request, exc: StoreError) -> Response:
+        # The store is full, restarting or not open (yet / any more): the request was not
+        # stored and may be retried. One line in the log, no traceback per request.
+        log.warning("store unavailable: %s", exc)
+        return error_response(
+            503, f"the store is unavailable, retry later ({exc})", code="store_unavailable",
+            headers={"Retry-After": "2"},
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> Response:

@@ -4,11 +4,15 @@ text parsing, and event batches."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
+import sqlite3
+import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,3 +185,119 @@ def events(n: int, *, prefix: str = "", anomaly_every: int = 0, host: str = "rel
             "message": ANOMALY if anomalous else NOISE,
         })
     return out
+
+
+# -- load that survives restarts ----------------------------------------------------------
+
+
+class EventLoad:
+    """Threads posting event batches as a careful client does: a batch is retried, same
+    ids, until it is acknowledged with 2xx (the server's idempotency makes retries safe).
+    ``acked`` holds every id the server acknowledged; ``statuses`` counts every answer
+    (``conn`` for refused or broken connections)."""
+
+    def __init__(self, url: str, *, threads: int = 2, batch: int = 20, anomaly_every: int = 10,
+                 pause: float = 0.02) -> None:
+        self.url = url
+        self.n_threads = threads
+        self.batch = batch
+        self.anomaly_every = anomaly_every
+        self.pause = pause
+        self.acked: set[str] = set()
+        self.statuses: Counter[str] = Counter()
+        self.bodies_500: list[str] = []
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def start(self) -> EventLoad:
+        for i in range(self.n_threads):
+            t = threading.Thread(target=self._run, args=(i,), daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout)
+
+    def _run(self, worker: int) -> None:
+        n = 0
+        with httpx.Client(timeout=10, headers=AUTH) as client:
+            while not self._stop.is_set():
+                batch = events(self.batch, prefix=f"w{worker}-{n}-{uuid.uuid4().hex[:6]}",
+                               anomaly_every=self.anomaly_every)
+                n += 1
+                while not self._stop.is_set():
+                    try:
+                        r = client.post(f"{self.url}/v1/events", json={"events": batch})
+                    except httpx.TransportError:
+                        self._count("conn")
+                        time.sleep(0.1)
+                        continue
+                    self._count(str(r.status_code))
+                    if r.status_code == 200:
+                        with self._lock:
+                            self.acked.update(e["id"] for e in batch)
+                        break
+                    if r.status_code >= 500 and r.status_code != 503:
+                        self.bodies_500.append(r.text[:500])
+                    time.sleep(0.1)
+                time.sleep(self.pause)
+
+    def _count(self, key: str) -> None:
+        with self._lock:
+            self.statuses[key] += 1
+
+
+class VerdictReader(threading.Thread):
+    """An SSE consumer of /v1/events/stream that reconnects with ``Last-Event-ID`` after
+    every break, as EventSource clients do. ``ids`` is every event id it received, in
+    order; ``seen`` the verdicts' event ids."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url = url
+        self.ids: list[int] = []
+        self.seen: list[str] = []
+        self.reconnects = 0
+        self.garbage: list[str] = []
+        self._stop_flag = threading.Event()
+
+    def stop(self) -> None:
+        self._stop_flag.set()
+        self.join(15)
+
+    def run(self) -> None:
+        while not self._stop_flag.is_set():
+            headers = dict(AUTH)
+            if self.ids:
+                headers["Last-Event-ID"] = str(self.ids[-1])
+            try:
+                with httpx.stream("GET", f"{self.url}/v1/events/stream", headers=headers,
+                                  timeout=httpx.Timeout(5.0, read=10.0)) as r:
+                    if r.status_code != 200:
+                        self.garbage.append(f"status {r.status_code}")
+                        time.sleep(0.2)
+                        continue
+                    for line in r.iter_lines():
+                        if self._stop_flag.is_set():
+                            return
+                        if line.startswith("id:"):
+                            self.ids.append(int(line[3:].strip()))
+                        elif line.startswith("data:") and '"event_id"' in line:
+                            self.seen.append(json.loads(line[5:])["event_id"])
+            except httpx.HTTPError:
+                pass
+            self.reconnects += 1
+            time.sleep(0.2)
+
+
+def store_rows(db: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Read the gateway's SQLite store from outside (WAL: readers never block it)."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        return list(conn.execute(sql, params).fetchall())
+    finally:
+        conn.close()

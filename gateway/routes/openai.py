@@ -223,11 +223,25 @@ async def forward(
                           code="upstream_error") from None
     finally:
         await upstream.aclose()
+    if not _is_json_object(raw):
+        # A layer that answers 200 with a body no client can parse is broken: say so
+        # (502) rather than hand the client a 200 it cannot read; it counts as a failure.
+        upstream.endpoint.breaker.failure()
+        m.requests.labels(route, model, "502").inc()
+        raise OpenAIError(502, f"layer {pool.name} answered with invalid JSON",
+                          code="upstream_error")
     if rename is not None:
         raw = raw.replace(rename[0], rename[1], 1)
     m.requests.labels(route, model, "200").inc()
     m.latency.labels(route, model).observe(time.perf_counter() - t0)
     return Response(raw, media_type="application/json", headers={LAYER_HEADER: pool.name})
+
+
+def _is_json_object(raw: bytes) -> bool:
+    try:
+        return isinstance(json.loads(raw), dict)
+    except ValueError:
+        return False
 
 
 def _sse_error(message: str, code: str) -> bytes:

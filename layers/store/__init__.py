@@ -14,6 +14,7 @@ from layers.store.base import (
     Prefiltered,
     Store,
     StoreError,
+    StoreUnavailable,
     VerdictInput,
 )
 
@@ -22,6 +23,7 @@ __all__ = [
     "Prefiltered",
     "Store",
     "StoreError",
+    "StoreUnavailable",
     "VerdictInput",
     "make_store",
     "open_store",

@@ -12,6 +12,7 @@ small and ordered; contention is not where its time goes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import time
@@ -20,7 +21,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from layers.events import Event
-from layers.store.base import Row, Store, StoreError, Tx
+from layers.store.base import Row, Store, StoreError, StoreUnavailable, Tx
 from layers.store.migrations import MIGRATIONS
 
 _QMARK = re.compile(r"\?")
@@ -82,12 +83,25 @@ class PostgresStore(Store):
 
     @asynccontextmanager
     async def tx(self) -> AsyncIterator[Tx]:
+        import psycopg
+
         async with self._lock:
-            if self._conn is None or self._conn.closed:
-                # A restarted server: reconnect once; the failed transaction was rolled back.
-                await self._connect()
-            async with self._conn.transaction():
-                yield _PgTx(self._conn)
+            if self._conn is None or self._conn.closed or self._conn.broken:
+                # A restarted server: reconnect; the failed transaction was rolled back.
+                try:
+                    await self._connect()
+                except StoreError as exc:
+                    raise StoreUnavailable(str(exc)) from exc
+            try:
+                async with self._conn.transaction():
+                    yield _PgTx(self._conn)
+            except psycopg.OperationalError as exc:
+                # The server went away (restart, network): drop the connection so the next
+                # transaction reconnects; nothing of this one was committed.
+                conn, self._conn = self._conn, None
+                with contextlib.suppress(Exception):
+                    await conn.close()
+                raise StoreUnavailable(f"store: PostgreSQL unavailable: {_one_line(exc)}") from exc
 
     async def _migrate(self) -> None:
         async with self.tx() as tx:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from layers.events import Event
-from layers.store.base import Row, Store, StoreError, Tx
+from layers.store.base import Row, Store, StoreError, StoreUnavailable, Tx
 from layers.store.migrations import MIGRATIONS
 
 
@@ -92,13 +92,29 @@ class SqliteStore(Store):
         if self._conn is None:
             raise StoreError("store: not open")
         async with self._lock:
-            await self._call(self._execute, "BEGIN IMMEDIATE", ())
             try:
-                yield _SqliteTx(self)
-            except BaseException:
-                await asyncio.shield(self._call(self._execute, "ROLLBACK", ()))
-                raise
-            await asyncio.shield(self._call(self._execute, "COMMIT", ()))
+                await self._call(self._execute, "BEGIN IMMEDIATE", ())
+                try:
+                    yield _SqliteTx(self)
+                except BaseException:
+                    await asyncio.shield(self._call(self._rollback))
+                    raise
+                try:
+                    await asyncio.shield(self._call(self._execute, "COMMIT", ()))
+                except sqlite3.Error:
+                    # A COMMIT that failed (disk full) may leave the transaction open;
+                    # without this every later BEGIN would fail too.
+                    await asyncio.shield(self._call(self._rollback))
+                    raise
+            except sqlite3.OperationalError as exc:
+                # Disk full, I/O error, locked past the busy timeout: the transaction is
+                # rolled back; the caller may retry later (the gateway answers 503).
+                raise StoreUnavailable(f"store: {exc}") from exc
+
+    def _rollback(self) -> None:
+        assert self._conn is not None
+        if self._conn.in_transaction:
+            self._conn.execute("ROLLBACK")
 
     async def _migrate(self) -> None:
         async with self.tx() as tx:
