@@ -17,6 +17,12 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _die_with_parent() -> None:
+    from layers.supervisor import _die_with_parent as die
+
+    die()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -75,7 +81,9 @@ class Proc:
         env = {**os.environ, **self.env}
         self._log = self.log_path.open("ab")
         self.popen = subprocess.Popen(
-            self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,  # a killed test run leaves no server behind
         )
         return self
 
