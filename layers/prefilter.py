@@ -129,6 +129,88 @@ def fingerprint(event: Event) -> str:
 # -- the filter ----------------------------------------------------------------------
 
 
+_SPECIAL = set(".^$*+?{}[]()|\\")
+
+
+def required_literals(pattern: str) -> list[str] | None:
+    """Substrings one of which every match of ``pattern`` contains: the longest literal run
+    of each top-level alternative. None when some alternative has no literal run of 3+
+    characters (then the pattern must always be tried). Used to reject a line with a few
+    C-speed substring tests instead of a regex scan."""
+    alternatives: list[str] = []
+    depth, start, i = 0, 0, 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c in "([":
+            depth += 1
+        elif c in ")]":
+            depth -= 1
+        elif c == "|" and depth == 0:
+            alternatives.append(pattern[start:i])
+            start = i + 1
+        i += 1
+    alternatives.append(pattern[start:])
+    out = []
+    for alt in alternatives:
+        best = _longest_run(alt)
+        if len(best) < 3:
+            return None
+        out.append(best)
+    return out
+
+
+def _longest_run(alt: str) -> str:
+    runs: list[str] = []
+    run = ""
+    depth = 0
+    i = 0
+    while i < len(alt):
+        c = alt[i]
+        if depth:
+            if c == "\\":
+                i += 1
+            elif c in "([":
+                depth += 1
+            elif c in ")]":
+                depth -= 1
+            i += 1
+            continue
+        if c == "\\" and i + 1 < len(alt):
+            nxt = alt[i + 1]
+            if nxt.isalnum():  # \b, \d, \S …: not a literal
+                runs.append(run)
+                run = ""
+            else:
+                run += nxt
+            i += 2
+            continue
+        if c in "?*{":
+            run = run[:-1]  # the previous character is optional
+            runs.append(run)
+            run = ""
+            if c == "{":
+                i = alt.find("}", i) if "}" in alt[i:] else len(alt)
+        elif c in "([":
+            runs.append(run)
+            run = ""
+            depth = 1
+        elif c in _SPECIAL:
+            runs.append(run)
+            run = ""
+        else:
+            run += c
+        i += 1
+    runs.append(run)
+    return max(runs, key=len)
+
+
+def _contains_any(text: str, keywords: tuple[str, ...]) -> bool:
+    return any(k in text for k in keywords)
+
+
 @dataclass(frozen=True)
 class Match:
     """A candidate: the rule that let the event through and its fingerprint."""
@@ -151,6 +233,7 @@ class Prefilter:
     max_keys: int = 20_000
     _compiled: list[_Compiled] = field(init=False)
     _any_pattern: re.Pattern[str] | None = field(init=False)
+    _keywords: tuple[str, ...] | None = field(init=False)
     _unpatterned: list[_Compiled] = field(init=False)
     _by_name: dict[str, Rule] = field(init=False)
     # key → last time a candidate passed (debounce), and burst counters.
@@ -172,6 +255,17 @@ class Prefilter:
             if r.pattern
         ]
         self._any_pattern = re.compile("|".join(parts)) if parts else None
+        # Literal substrings (lowercased) one of which any pattern match must contain;
+        # None when some pattern has none, and the combined regex must always run.
+        keywords: list[str] = []
+        for r in self.rules:
+            if r.pattern:
+                lits = required_literals(r.pattern)
+                if lits is None:
+                    keywords = []
+                    break
+                keywords += [lit.lower() for lit in lits]
+        self._keywords = tuple(dict.fromkeys(keywords)) if keywords else None
         self._unpatterned = [c for c in self._compiled if c.pattern is None]
         self._by_name = {r.name: r for r in self.rules}
         self._last_pass = OrderedDict()
@@ -182,7 +276,10 @@ class Prefilter:
 
     def check(self, event: Event) -> Match | None:
         """The match that makes this event a candidate, or None to drop it."""
-        if self._any_pattern is not None and self._any_pattern.search(event.message):
+        msg = event.message
+        if self._any_pattern is not None and (
+            self._keywords is None or _contains_any(msg.lower(), self._keywords)
+        ) and self._any_pattern.search(msg):
             candidates = self._compiled
         elif self._unpatterned:
             candidates = self._unpatterned

@@ -103,3 +103,18 @@ def test_rules_file_is_data_with_errors_in_one_line(tmp_path: Path) -> None:
 def test_fingerprint_includes_unit() -> None:
     assert fingerprint(e("Failed with result 'exit-code'.", unit="a.service")).startswith(
         "a.service: ")
+
+
+def test_fast_reject_keywords_never_hide_a_match(tmp_path: Path) -> None:
+    from layers.prefilter import required_literals
+
+    assert required_literals(r"segfault at|\(core dumped\)") == ["segfault at", "(core dumped)"]
+    assert required_literals(r"foo.*barbaz|qux?z") is None  # "qu" is too short to require
+    assert required_literals(r"\d+ errors? in (a|b) blocks") == [" blocks"]
+    f = tmp_path / "rules.toml"
+    f.write_text('[[rule]]\nname = "short"\npattern = "^E\\\\d+"\nignore_case = false\n'
+                 '[[rule]]\nname = "word"\npattern = "Disk GONE"\nignore_case = false\n')
+    pf = Prefilter(load_rules(f))
+    assert pf.check(e("E42 in controller")).rule.name == "short"  # type: ignore[union-attr]
+    assert pf.check(e("the Disk GONE")).rule.name == "word"  # type: ignore[union-attr]
+    assert pf.check(e("the disk gone")) is None  # case-sensitive rule
