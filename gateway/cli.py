@@ -101,8 +101,7 @@ async def _serve_stack(
         if with_gateway:
             from gateway.server import make_server
 
-            server = make_server(settings)
-            server.config.app.state.gw.supervisor = supervisor  # layer control from the API
+            server = make_server(settings, supervisor)  # the API may control these layers
         if supervisor is not None:
             print(f"{PROG}: starting layers (models load in a few seconds)", file=sys.stderr)
             await supervisor.start(wait=True)

@@ -10,18 +10,23 @@ import uvicorn
 from gateway.app import create_app
 from gateway.auth import check_bind
 from layers.config import Settings
+from layers.supervisor import Supervisor
 
 
 class BindRefused(Exception):
     """The gateway must not listen where it was asked to."""
 
 
-def make_server(settings: Settings) -> uvicorn.Server:
+def make_server(settings: Settings, supervisor: Supervisor | None = None) -> uvicorn.Server:
+    """The gateway's server; ``supervisor`` is the in-process layer supervisor (``run``),
+    which gives the API control of the layers."""
     reason = check_bind(settings)
     if reason:
         raise BindRefused(reason)
+    app = create_app(settings)
+    app.state.gw.supervisor = supervisor
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=settings.gateway.host,
         port=settings.gateway.port,
         log_level=settings.gateway.log_level if settings.gateway.log_level != "debug" else "info",
