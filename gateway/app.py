@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from gateway.errors import install_error_handlers
-from gateway.routes import actions, events, health, incidents, openai
+from gateway.routes import actions, events, health, incidents, openai, schema
 from gateway.state import GatewayState
 from layers.config import Settings
 
@@ -24,10 +24,13 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             await state.close()
 
-    app = FastAPI(title="ai-sysadmin", version="0.1.0", lifespan=lifespan)
+    # No anonymous /docs, /redoc or /openapi.json: the schema is served to keys only.
+    app = FastAPI(title="ai-sysadmin", version="0.1.0", lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None)
     app.state.gw = state
     install_error_handlers(app)
     app.include_router(health.router)
+    app.include_router(schema.router)
     app.include_router(openai.router)
     app.include_router(actions.router)
     events.install(app)  # the pipeline: store, trigger stage, /v1/events

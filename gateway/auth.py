@@ -86,6 +86,9 @@ def authenticate(request: Request, *, admin: bool = False) -> None:
         if presented is None:
             raise OpenAIError(401, "this route needs the admin key", code="missing_api_key")
         if not ring.is_admin(presented):
+            if not ring.is_key(presented):
+                # Not a key at all: unauthenticated (401), as on every other route.
+                raise OpenAIError(401, "invalid API key", code="invalid_api_key")
             raise OpenAIError(403, "this route needs the admin key", code="admin_key_required")
         return
     if ring.open_to_loopback:
