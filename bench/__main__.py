@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import signal
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from bench import report
 from bench.procs import REPO
-from bench.suites import PROXIES, Options, SuiteResult, say
+from bench.suites import OPTIONAL, PROXIES, Options, SuiteResult, say
 
 SUITES = ("stub", "open_streams", "real", "pipeline")
 
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--suites", default=",".join(SUITES),
                         help=f"comma-separated, from: {', '.join(SUITES)}")
     parser.add_argument("--paths", default=",".join(PROXIES),
-                        help="proxies to compare with direct: passthrough,gateway,litellm")
+                        help="proxies to compare with direct: passthrough,lean,gateway,litellm")
     parser.add_argument("--reps", type=int, default=None, help="rounds per figure (3; quick 2)")
     parser.add_argument("--duration", type=float, default=None,
                         help="seconds per load run (3; quick 1.5)")
@@ -96,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     parser.add_argument("--plots", type=Path, default=REPO / "docs" / "bench")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--profile", action="store_true",
+                        help="also sample the gateway with py-spy and add its hot spots")
     parser.add_argument("--json", type=Path, default=None, help="also write all figures as JSON")
     args = parser.parse_args(argv)
     suites = [s.strip() for s in args.suites.split(",") if s.strip()]
@@ -103,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown suite(s): {', '.join(sorted(unknown))}")
     paths = tuple(p.strip() for p in args.paths.split(",") if p.strip())
-    if set(paths) - set(PROXIES):
-        parser.error(f"unknown path(s): {', '.join(sorted(set(paths) - set(PROXIES)))}")
+    if set(paths) - set(PROXIES + OPTIONAL):
+        parser.error(f"unknown path(s): {', '.join(sorted(set(paths) - set(PROXIES + OPTIONAL)))}")
     _raise_fd_limit()
     # SIGTERM unwinds like Ctrl-C, so every server started so far is stopped.
     signal.signal(signal.SIGTERM, _terminate)
@@ -116,14 +119,15 @@ def main(argv: list[str] | None = None) -> int:
             work=Path(tmp), quick=args.quick,
             reps=args.reps or (2 if args.quick else 3),
             duration=args.duration or (1.5 if args.quick else 3.0),
-            paths=paths, open_streams=args.open_streams,
+            paths=paths, open_streams=args.open_streams, profile=args.profile,
         )
         if "litellm" in paths:
             from bench.venvs import ensure_venv, package_version
 
             versions["litellm"] = package_version(ensure_venv("litellm"), "litellm")
         for name in suites:
-            say(f"suite {name}")
+            load0 = os.getloadavg()[0]
+            say(f"suite {name} (load average {load0:.1f})")
             t0 = time.monotonic()
             if name == "stub":
                 from bench.suites import suite_stub
@@ -142,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
                 from bench.pipeline import suite_pipeline
 
                 results[name] = suite_pipeline(opts)
-            say(f"suite {name} done in {time.monotonic() - t0:.0f} s")
+            load1 = os.getloadavg()[0]
+            results[name].load = (load0, load1)
+            say(f"suite {name} done in {time.monotonic() - t0:.0f} s (load average {load1:.1f})")
     plots = [] if args.no_plots else _plots(results, args.plots)
     elapsed = time.monotonic() - started
     command = "python -m bench" + (" --quick" if args.quick else "")

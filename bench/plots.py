@@ -17,7 +17,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-COLORS = {"direct": "#555555", "passthrough": "#1f77b4", "gateway": "#2ca02c", "litellm": "#d62728"}
+COLORS = {"direct": "#555555", "passthrough": "#1f77b4", "gateway": "#2ca02c", "litellm": "#d62728",
+          "lean": "#9467bd"}
 
 
 def cdf(ax, series: dict[str, list[float]], title: str, xlabel: str) -> None:  # type: ignore[no-untyped-def]

@@ -36,8 +36,11 @@ def summarize(collapsed: Path, top: int) -> str:
             incl[f] += n
     lines = [f"{total} samples", "", "own time:"]
     lines += [f"  {100 * n / total:5.1f}%  {f}" for f, n in own.most_common(top)]
-    lines += ["", "inclusive time:"]
-    lines += [f"  {100 * n / total:5.1f}%  {f}" for f, n in incl.most_common(top)]
+    lines += ["", "inclusive time (below the event loop):"]
+    # Frames every sample shares (runpy, cli, asyncio's loop) say nothing; skip them.
+    shared = {f for f, n in incl.items() if n >= 0.7 * total}
+    lines += [f"  {100 * n / total:5.1f}%  {f}" for f, n in incl.most_common(top + len(shared))
+              if f not in shared][:top]
     return "\n".join(lines)
 
 

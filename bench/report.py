@@ -173,7 +173,7 @@ def _stub_tables(res: SuiteResult) -> list[str]:
         "| CPU ms/request | errors |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    paths = [p for p in ("direct", "passthrough", "gateway", "litellm") if (p, 1, False) in g]
+    paths = [p for p in ("direct", "passthrough", "lean", "gateway", "litellm") if (p, 1, False) in g]
     for conc in (1, 16, 64):
         for p in paths:
             runs = g.get((p, conc, False), [])
@@ -244,7 +244,7 @@ def _open_streams_table(res: SuiteResult) -> list[str]:
 
 def _real_tables(res: SuiteResult) -> list[str]:
     g = group(res.runs)
-    paths = [p for p in ("direct", "passthrough", "gateway", "litellm") if (p, 1, True) in g]
+    paths = [p for p in ("direct", "passthrough", "lean", "gateway", "litellm") if (p, 1, True) in g]
     lines = [
         "### Real model (llama-server, gemma3-270m Q4_K_M, 4 slots)",
         "",
@@ -303,7 +303,9 @@ def render(results: dict[str, SuiteResult], versions: dict[str, str], plots: lis
         "How much the gateway costs on top of the model, next to the anchors, measured in "
         "one run on one machine: the upstream called **direct**, a **minimal passthrough** "
         "(FastAPI + httpx in a dozen lines, `bench/minimal_passthrough.py`: the floor for a "
-        "Python gateway), this **gateway** with its production features on (API-key auth, "
+        "Python gateway), a **lean** reference proxy (`bench/lean_proxy.py`: bare ASGI on "
+        "uvicorn and a raw asyncio keep-alive client, no FastAPI, no httpx — what a Python "
+        "hot path can cost), this **gateway** with its production features on (API-key auth, "
         "Prometheus metrics, per-layer limits, breakers) and **LiteLLM**'s proxy "
         "(`litellm[proxy]` from PyPI in its own virtual environment, master key set, "
         "`openai/…` provider with `api_base`). Two upstreams: a zero-latency stub "
@@ -321,6 +323,10 @@ def render(results: dict[str, SuiteResult], versions: dict[str, str], plots: lis
         "test runs: absolute figures are pessimistic; the ratios compare paths measured in "
         "interleaved rounds of the same run.",
         "",
+        "- 1-minute load average (start → end) of each suite, on 2 cores: "
+        + ", ".join(f"{k} {r.load[0]:.1f} → {r.load[1]:.1f}" for k, r in results.items())
+        + ".",
+        "",
         "Every figure is **median (min–max)** over repeated runs. *Added latency* is a path's "
         "percentile minus direct's in the same round.",
         "",
@@ -335,6 +341,10 @@ def render(results: dict[str, SuiteResult], versions: dict[str, str], plots: lis
     ]
     if "stub" in results:
         out += _stub_tables(results["stub"]) + [""]
+        prof = results["stub"].extra.get("profile")
+        if prof:
+            out += ["### Where the gateway's CPU goes (py-spy, stub, concurrency 16)", "",
+                    "```", str(prof), "```", ""]
     if "open_streams" in results:
         out += _open_streams_table(results["open_streams"]) + [""]
     if "real" in results:

@@ -102,6 +102,18 @@ def passthrough_server(work: Path, upstream: Server) -> Server:
     )
 
 
+def lean_server(work: Path, upstream: Server) -> Server:
+    port = free_port()
+    return Server(
+        "lean",
+        [sys.executable, "-m", "uvicorn", "bench.lean_proxy:app", "--host", "127.0.0.1",
+         "--port", str(port), "--log-level", "warning", "--no-access-log",
+         "--timeout-keep-alive", "30"],
+        port, "/health", work / "lean.log",
+        env={"BENCH_UPSTREAM": upstream.base}, ready_timeout=60,
+    )
+
+
 def gateway_server(work: Path, upstream: Server, *, slots: int, replicas: int = 1,
                    max_queue: int = 64, tag: str = "gateway",
                    pipeline: dict[str, Any] | None = None) -> Server:
@@ -160,6 +172,7 @@ def paths_for(upstream: Server, servers: dict[str, Server]) -> dict[str, Path_]:
     headers = {
         "direct": {},
         "passthrough": {},
+        "lean": {},
         "gateway": {"authorization": f"Bearer {GATEWAY_KEY}"},
         "litellm": {"authorization": f"Bearer {LITELLM_KEY}"},
     }

@@ -15,7 +15,9 @@ from bench import stack
 from bench.measure import Run, chat_body, measure
 from bench.procs import Server
 
-PROXIES = ("passthrough", "gateway", "litellm")
+# lean (bench/lean_proxy.py) is a reference point: bare ASGI + a raw asyncio upstream client.
+PROXIES = ("passthrough", "lean", "gateway", "litellm")
+OPTIONAL: tuple[str, ...] = ()
 
 
 @dataclass
@@ -26,6 +28,7 @@ class Options:
     duration: float = 3.0
     paths: tuple[str, ...] = PROXIES
     open_streams: int = 1000
+    profile: bool = False
 
 
 @dataclass
@@ -34,6 +37,7 @@ class SuiteResult:
     idle_rss_mb: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    load: tuple[float, float] = (0.0, 0.0)  # 1-minute load average at start and end
 
 
 def say(msg: str) -> None:
@@ -55,14 +59,16 @@ def running(servers: list[Server]) -> Iterator[None]:
             s.stop()
 
 
-def _proxies(opts: Options, upstream: Server, *, slots: int, tag: str = "") -> dict[str, Server]:
+def _proxies(opts: Options, upstream: Server, *, slots: int, tag: str = "",
+             skip: tuple[str, ...] = ()) -> dict[str, Server]:
     make = {
         "passthrough": lambda: stack.passthrough_server(opts.work, upstream),
+        "lean": lambda: stack.lean_server(opts.work, upstream),
         "gateway": lambda: stack.gateway_server(opts.work, upstream, slots=slots,
                                                 max_queue=256, tag=f"gateway{tag}"),
         "litellm": lambda: stack.litellm_server(opts.work, upstream, tag=f"litellm{tag}"),
     }
-    return {name: make[name]() for name in opts.paths}
+    return {name: make[name]() for name in opts.paths if name not in skip}
 
 
 def _warm(paths: dict[str, stack.Path_], body: dict[str, Any]) -> None:
@@ -103,7 +109,32 @@ def suite_stub(opts: Options) -> SuiteResult:
                 out.runs.append(r)
         for name, p in paths.items():
             out.extra[f"rss_after_mb.{name}"] = p.server.rss() / 2**20
+        if opts.profile and "gateway" in paths:
+            say("profiling the gateway with py-spy at concurrency 16")
+            out.extra["profile"] = profile_run(paths["gateway"], opts.work / "gateway.stacks")
     return out
+
+
+def profile_run(path: stack.Path_, stacks: Path, seconds: int = 6) -> str:
+    """py-spy samples of a server under a c=16 non-stream load, summarised."""
+    import subprocess
+    import threading
+
+    from bench.profile import summarize
+    from bench.venvs import ensure_venv
+
+    spy_bin = ensure_venv("tools").parent / "py-spy"
+    assert path.server.popen is not None
+    spy = subprocess.Popen(
+        [str(spy_bin), "record", "-p", str(path.server.popen.pid), "-d", str(seconds), "-r",
+         "200", "-f", "raw", "-o", str(stacks), "--nonblocking"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t = threading.Thread(target=lambda: measure(path, concurrency=16, body=chat_body(False),
+                                                duration=seconds, warmup=0.2))
+    t.start()
+    t.join()
+    spy.wait(seconds + 60)
+    return summarize(stacks, 15) if stacks.is_file() else "py-spy produced no samples"
 
 
 def suite_open_streams(opts: Options) -> SuiteResult:
@@ -151,7 +182,8 @@ def suite_real(opts: Options) -> SuiteResult:
     out = SuiteResult()
     slots = 4
     upstream = stack.llama_server(opts.work, parallel=slots)
-    proxies = _proxies(opts, upstream, slots=slots, tag="-real")
+    # lean is a stub-only reference: it has no retry for connections llama-server closes.
+    proxies = _proxies(opts, upstream, slots=slots, tag="-real", skip=("lean",))
     with running([upstream, *proxies.values()]):
         paths = stack.paths_for(upstream, proxies)
         # Streams with a short answer: TTFT dominates; the same prompt each time (the
