@@ -234,11 +234,11 @@ def suite_pipeline(opts: Options) -> SuiteResult:
         out.extra.setdefault("replay_lines_per_s", []).append(fig["replay_lps"])
     slots = 4
     server = stack.llama_server(opts.work, parallel=slots)
-    naive_n, batched_n = (4, 16) if opts.quick else (8, 32)
+    naive_n, batched_n = (4, 16) if opts.quick else (6, 24)
     reps = 1 if opts.quick else 2
     gateway = stack.gateway_server(opts.work, server, slots=slots, max_queue=256,
                                    tag="gateway-pipeline", pipeline={"debounce": 0.0})
-    single, burst = (3, 16) if opts.quick else (5, 32)
+    single, burst = (2, 8) if opts.quick else (3, 16)
     with running([server, gateway]):
         for rep in range(reps):
             say(f"trigger round {rep + 1}/{reps}: {naive_n} events naive, {batched_n} batched")

@@ -312,8 +312,19 @@ def render(results: dict[str, SuiteResult], versions: dict[str, str], plots: lis
         "(`bench/stub_upstream.py`, a fake that says so in `/v1/models`; it isolates each "
         "proxy's own cost) and a real `llama-server` with the default model.",
         "",
-        f"Regenerate with `{command}` (`make bench`, `BENCH_ARGS=--quick` for a short run). "
-        f"This run took {elapsed / 60:.1f} min.",
+        f"This page was written by `{command}` in {elapsed / 60:.1f} min. Regenerate it with "
+        "`make bench` (options through `BENCH_ARGS=...`):",
+        "",
+        "- `--quick`: shorter runs and fewer rounds (about a third of the time);",
+        "- `--suites stub,open_streams,real,pipeline`: choose suites;",
+        "- `--paths passthrough,lean,gateway,litellm`: choose the proxies compared with direct;",
+        "- `--profile`: sample the gateway with py-spy under load and add its hot spots;",
+        "- `--reps N`, `--duration S`, `--open-streams N`, `--out`, `--plots`, `--json`.",
+        "",
+        "LiteLLM is installed once into `~/.cache/ai-sysadmin/bench-venvs/litellm`, matplotlib, "
+        "py-spy and pyinstrument into `…/bench-venvs/tools`; never into the project's venv. "
+        "`python -m bench.profile --target gateway [--stream]` profiles one proxy on its own. "
+        "Every server listens on a free loopback port; every load is bounded in count and time.",
         "",
         "## Machine",
         "",
