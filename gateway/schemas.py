@@ -53,8 +53,9 @@ class ChatCompletionRequest(Loose):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_BOUND)
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_BOUND)
+    # strict: the raw body is what reaches the layer, so "12" or true must not pass as 12.
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_BOUND, strict=True)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_BOUND, strict=True)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
     n: int | None = Field(None, ge=1, le=1, description="only one choice per request")
@@ -69,7 +70,7 @@ class CompletionRequest(Loose):
     model: str = Field(min_length=1, max_length=256)
     prompt: str | list[str] | list[int]
     stream: bool = False
-    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_BOUND)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_BOUND, strict=True)
     temperature: float | None = Field(None, ge=0, le=2)
 
 

@@ -9,6 +9,7 @@ sequence number), resumable with ``Last-Event-ID``, filtered by severity and hos
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
@@ -24,6 +25,9 @@ from layers.events import Event
 from layers.pipeline.service import IncidentContext, PipelineService
 
 router = APIRouter(tags=["events"], dependencies=[Depends(require_key)])
+
+MAX_SEQ = 2**63 - 1  # BIGINT: the largest sequence number a store can hold
+SEQ_RE = re.compile(r"[0-9]{1,19}")
 
 
 class EventBatch(BaseModel):
@@ -78,17 +82,20 @@ async def stream(
     min_severity: Literal["info", "warning", "critical"] | None = Query(None),
     host: str | None = Query(None, max_length=255),
     anomalies_only: bool = Query(False),
-    last_event_id: int | None = Query(None, ge=0, description="alternative to the header"),
+    last_event_id: int | None = Query(None, ge=0, le=MAX_SEQ,
+                                      description="alternative to the header"),
 ) -> EventSourceResponse:
     service = pipeline(request)
-    header = request.headers.get("last-event-id")
+    header = (request.headers.get("last-event-id") or "").strip()
     after = last_event_id or 0
     if header:
-        try:
-            after = int(header)
-        except ValueError:
+        # ASCII digits within SQL's BIGINT only: int() alone would take "１２", "+1" or
+        # "1_000", and a 40-digit number would overflow the query mid-stream (after the
+        # 200 went out), breaking the stream instead of refusing the request.
+        if not SEQ_RE.fullmatch(header) or int(header) > MAX_SEQ:
             raise OpenAIError(400, "Last-Event-ID must be a verdict sequence number",
-                              param="Last-Event-ID", code="invalid_last_event_id") from None
+                              param="Last-Event-ID", code="invalid_last_event_id")
+        after = int(header)
     cfg = service.settings.pipeline
 
     async def verdicts() -> AsyncIterator[dict[str, Any]]:
