@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from gateway.errors import install_error_handlers
-from gateway.routes import actions, events, health, incidents, openai, schema
+from gateway.routes import actions, dashboard, events, health, incidents, layers, openai, schema
 from gateway.state import GatewayState
 from layers.config import Settings
 
@@ -35,4 +35,6 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(actions.router)
     events.install(app)  # the pipeline: store, trigger stage, /v1/events
     app.include_router(incidents.router)
+    app.include_router(layers.router)
+    app.include_router(dashboard.router)
     return app

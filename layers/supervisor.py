@@ -107,6 +107,9 @@ class LayerProcess:
     started_at: float | None = None
     proc: asyncio.subprocess.Process | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    # The task that restarts this layer when it crashes; None while an admin holds it stopped.
+    watcher: asyncio.Task[None] | None = None
+    control: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def health_path(self) -> str:
@@ -176,7 +179,8 @@ class Supervisor:
             self.prepare()
         for layer in self.layers.values():
             await self._spawn(layer)
-            self._watchers.append(asyncio.create_task(self._watch(layer)))
+            layer.watcher = asyncio.create_task(self._watch(layer))
+            self._watchers.append(layer.watcher)
         self._write_status()
         if wait:
             await self.wait_ready()
@@ -283,6 +287,76 @@ class Supervisor:
         if self.layers:
             self._write_status()
         await self._client.aclose()
+
+    # -- control of one layer (dashboard and API: start / stop / restart) --
+
+    def layer(self, name: str) -> LayerProcess:
+        try:
+            return self.layers[name]
+        except KeyError:
+            raise SupervisorError(f"layer {name}: not run by this supervisor") from None
+
+    async def stop_layer(self, name: str, grace: float = 10.0) -> None:
+        """Stop one layer and keep it stopped (no crash restart) until :meth:`start_layer`."""
+        lp = self.layer(name)
+        async with lp.control:
+            await self._halt(lp, grace)
+            lp.state = "stopped"
+            lp.ready.clear()
+            self._write_status()
+            log.info("layer %s: stopped on request", name)
+
+    async def start_layer(self, name: str, *, wait: bool = True) -> None:
+        """Start a layer that was stopped with :meth:`stop_layer`."""
+        lp = self.layer(name)
+        async with lp.control:
+            if self._stopping:
+                raise SupervisorError(f"layer {name}: the supervisor is shutting down")
+            if lp.watcher is not None and not lp.watcher.done():
+                raise SupervisorError(f"layer {name}: already running (pid {lp.pid})")
+            if not port_is_free(lp.config.host, lp.config.port):
+                raise SupervisorError(
+                    f"layer {name}: port {lp.config.port} on {lp.config.host} is already in use"
+                )
+            await self._spawn(lp)
+            lp.watcher = asyncio.create_task(self._watch(lp))
+            self._watchers.append(lp.watcher)
+            self._write_status()
+        if wait:
+            await self._wait_one(lp)
+
+    async def restart_layer(self, name: str, *, wait: bool = True) -> None:
+        await self.stop_layer(name)
+        await self.start_layer(name, wait=wait)
+
+    async def _wait_one(self, lp: LayerProcess) -> None:
+        timeout = self.settings.engine.health_timeout
+        try:
+            await asyncio.wait_for(lp.ready.wait(), timeout)
+        except TimeoutError:
+            raise SupervisorError(
+                f"layer {lp.name}: not healthy after {timeout:.0f}s (see {lp.log_path})"
+            ) from None
+
+    async def _halt(self, lp: LayerProcess, grace: float) -> None:
+        """Cancel the layer's watcher first (so the exit is not taken for a crash), then
+        end its whole process group."""
+        if lp.watcher is not None:
+            lp.watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await lp.watcher
+            lp.watcher = None
+        proc = lp.proc
+        if proc is None or proc.returncode is not None:
+            return
+        _kill_group(proc.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), grace)
+        except TimeoutError:
+            log.warning("layer %s: did not stop in %.0fs; killing", lp.name, grace)
+            _kill_group(proc.pid, signal.SIGKILL)
+            await proc.wait()
+        _kill_group(proc.pid, signal.SIGKILL)
 
     def _write_status(self) -> None:
         data = {
