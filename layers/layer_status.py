@@ -34,7 +34,8 @@ class EndpointStatus(BaseModel):
     slots_total: int | None = None
     slots_busy: int | None = None
     tokens_per_second: float | None = Field(
-        None, description="average generation throughput (llamacpp:predicted_tokens_seconds)"
+        None, description="mean generation speed since the server started "
+        "(llamacpp:tokens_predicted_total / llamacpp:tokens_predicted_seconds_total)",
     )
     prompt_tokens_per_second: float | None = None
     tokens_predicted_total: float | None = None
@@ -120,11 +121,22 @@ async def endpoint_status(client: httpx.AsyncClient, ep: Endpoint, timeout: floa
     if metrics:
         m = parse_llama_metrics(metrics)
         st.tokens_predicted_total = m.get("llamacpp:tokens_predicted_total")
-        if st.tokens_predicted_total:  # before the first answer the averages are 0, not data
-            st.tokens_per_second = m.get("llamacpp:predicted_tokens_seconds")
-            st.prompt_tokens_per_second = m.get("llamacpp:prompt_tokens_seconds")
+        # Averages since the server started, from its counters: llama-server's own
+        # *_tokens_seconds gauges cover only the time since the previous scrape (it resets
+        # them on every /metrics read), so they read 0 whenever the layer is idle.
+        st.tokens_per_second = _rate(m, "llamacpp:tokens_predicted_total",
+                                     "llamacpp:tokens_predicted_seconds_total")
+        st.prompt_tokens_per_second = _rate(m, "llamacpp:prompt_tokens_total",
+                                            "llamacpp:prompt_seconds_total")
         st.requests_processing = m.get("llamacpp:requests_processing")
     return st
+
+
+def _rate(m: dict[str, float], tokens: str, seconds: str) -> float | None:
+    n, t = m.get(tokens), m.get(seconds)
+    if not n or not t:
+        return None  # nothing generated yet: no figure rather than 0
+    return n / t
 
 
 def _sum(values: list[int | None]) -> int | None:

@@ -284,7 +284,7 @@ def test_chat_streams_a_reply_token_by_token(tab: Page) -> None:
     tab.shot("chat")
 
 
-def test_benchmark_fills_table_and_chart(tab: Page) -> None:
+def test_benchmark_fills_table_and_chart(tab: Page, dash: DashStack) -> None:
     p = tab.open("bench")
     p.fill("#bench-tokens", "16")
     p.click("#bench-run")
@@ -299,6 +299,9 @@ def test_benchmark_fills_table_and_chart(tab: Page) -> None:
         assert float(ttft) > 0 and float(tps) > 0
     assert p.locator("#bench-svg svg rect").count() == 6
     tab.shot("benchmark")
+    # Every layer has generated now: the layers view reports its measured speed.
+    layers = httpx.get(f"{dash.url}/v1/layers", headers=USER, timeout=30).json()["data"]
+    assert all(x["tokens_per_second"] and x["tokens_per_second"] > 0 for x in layers), layers
 
 
 def test_restart_a_layer_from_the_dashboard(tab: Page, dash: DashStack) -> None:

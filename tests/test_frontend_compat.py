@@ -139,3 +139,25 @@ def test_librechat_title_with_system_only_message(stack: Stack) -> None:
     assert r.status_code == 200, r.text
     assert r.headers["x-ai-sysadmin-layer"] == "trigger"
     assert isinstance(r.json()["choices"][0]["message"]["content"], str)
+
+
+def test_recommended_task_model_trigger_for_titles(stack: Stack) -> None:
+    """docs/openwebui.md and docs/librechat.md recommend the model `trigger` for titles
+    (Open WebUI `TASK_MODEL_EXTERNAL=trigger`, LibreChat `titleModel: "trigger"`): both
+    frontends' title requests sent to it directly must be answered by the trigger layer."""
+    openwebui = {"model": "trigger", "stream": False, "max_tokens": 24, "messages": [
+        {"role": "user", "content": "### Task:\nGenerate a concise, 3-5 word title with an "
+         "emoji summarizing the chat history.\n### Chat History:\n<chat_history>\nUSER: disk "
+         "full on /var\n</chat_history>"}]}  # fmt: skip
+    librechat = {"model": "trigger", "stream": False, "max_tokens": 16, "temperature": 0.2,
+                 "messages": [{"role": "system", "content": (
+                     "Please generate a concise, 5-word-or-less title for the conversation, "
+                     "using its same language, with no punctuation.\n\nConversation:\n"
+                     "User: disk full on /var\nAI: Clean the journal.")}]}  # fmt: skip
+    for body in (openwebui, librechat):
+        r = httpx.post(f"{stack.base_url}/v1/chat/completions", json=body, headers=KEY, timeout=300)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-ai-sysadmin-layer"] == "trigger"
+        data = r.json()
+        assert data["model"] == "trigger" and data["object"] == "chat.completion"
+        assert isinstance(data["choices"][0]["message"]["content"], str)
