@@ -154,7 +154,8 @@ def test_replica_down_falls_back_and_breaker_opens(
     assert primary["breaker"] == "open" and primary["health"] == "down"
     assert fallback["breaker"] == "closed" and fallback["health"] == "ready"
     metrics = httpx.get(f"{url}/metrics", headers=KEY).text
-    assert f'ai_sysadmin_layer_breaker_state{{endpoint="http://127.0.0.1:{dead}/v1",layer="meta"}} 2.0' in metrics
+    gauge = f'ai_sysadmin_layer_breaker_state{{endpoint="http://127.0.0.1:{dead}/v1",layer="meta"}}'
+    assert f"{gauge} 2.0" in metrics
 
 
 def test_full_queue_gives_429_with_retry_after(
