@@ -170,6 +170,8 @@ def test_garbage_last_event_id_is_a_400(guarded: tuple[Gateway, FakeUpstream]) -
     assert "Exception in ASGI application" not in gw.log() and "unhandled" not in gw.log()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_schemathesis_finds_no_500_and_no_schema_violation(
     stack: Stack, gateways: GatewayFactory
 ) -> None:
@@ -183,7 +185,7 @@ def test_schemathesis_finds_no_500_and_no_schema_violation(
     for result in schema.get_all_operations():
         op = result.ok()
 
-        @settings(max_examples=25, deadline=None, database=None,
+        @settings(max_examples=15, deadline=None, database=None,
                   suppress_health_check=list(HealthCheck))
         @given(case=op.as_strategy())
         def run(case: schemathesis.Case) -> None:
@@ -201,7 +203,7 @@ def test_schemathesis_finds_no_500_and_no_schema_violation(
                 failures.append(f"{case.method} {case.path}: {str(exc)[:300]}")
 
         run()
-    assert ran >= 100
+    assert ran >= 60
     assert not failures, "\n".join(failures[:10])
     assert "unhandled error" not in gw.log()
     print(f"\nFIGURE schemathesis: operations={len(raw['paths'])} cases={ran} failures=0")
