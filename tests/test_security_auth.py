@@ -97,7 +97,8 @@ def test_every_route_refuses_missing_and_wrong_keys(tmp_path: Path, public_model
     assert checked >= 60
     # The admin routes the issue names exist and are recognised as such.
     admin_paths = {p for _, p in found if ADMIN.search(p)}
-    assert {"/v1/actions/{action_id}/approve", "/v1/actions/{action_id}/reject"} <= admin_paths
+    assert {"/v1/actions/{action_id}/approve", "/v1/actions/{action_id}/reject",
+            "/v1/layers/{name}/{operation}"} <= admin_paths
 
 
 def test_openapi_schema_and_docs_need_a_key(tmp_path: Path) -> None:
