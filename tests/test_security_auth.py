@@ -34,7 +34,7 @@ WRONG_KEY = "sk-wrong-Pp55ticketSECRET"
 PUBLIC = {"/health", "/", "/static/{name}", "/dashboard/session"}
 MODEL_LIST = {"/v1/models", "/models", "/v1/models/{model_id}"}
 # Routes that change what the sysadmin does: approvals, resolving, layer control.
-ADMIN = re.compile(r"/(approve|reject|resolve)$|^/v1/layers/.+/(start|stop|restart)")
+ADMIN = re.compile(r"/(approve|reject|resolve)$|^/v1/layers/[^/]+/[^/]+$")
 
 
 def settings(tmp: Path, **gateway: object) -> Settings:
