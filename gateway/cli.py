@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 
+from gateway.auth import check_bind
 from gateway.server import BindRefused
 from layers.config import CollectorsConfig, ConfigError, Settings, load_settings
 from layers.provision.engine import EngineError
@@ -94,6 +95,9 @@ async def _serve_stack(
     daemon_task: asyncio.Task[None] | None = None
     try:
         g = settings.gateway
+        refused = check_bind(settings) if with_gateway else None
+        if refused:
+            raise CliError(refused)
         if with_gateway and not port_is_free(g.host, g.port):
             raise CliError(f"gateway: port {g.port} on {g.host} is already in use")
         if supervisor is not None:
@@ -128,7 +132,7 @@ async def _serve_stack(
                 )
                 for task in done:
                     task.result()  # a crashed daemon or server ends `run` with its error
-            await serve_task
+            await asyncio.shield(serve_task)  # a signal must not cancel uvicorn mid-flight
         else:
             print(f"{PROG}: layers running; Ctrl-C stops them", flush=True)
             await asyncio.Event().wait()
