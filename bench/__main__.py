@@ -100,7 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true",
                         help="also sample the gateway with py-spy and add its hot spots")
     parser.add_argument("--json", type=Path, default=None, help="also write all figures as JSON")
+    parser.add_argument("--render", type=Path, default=None, metavar="JSON",
+                        help="only rewrite the page from figures saved with --json")
     args = parser.parse_args(argv)
+    if args.render is not None:
+        return _render_saved(args.render, args.out, args.plots)
     suites = [s.strip() for s in args.suites.split(",") if s.strip()]
     unknown = set(suites) - set(SUITES)
     if unknown:
@@ -156,10 +160,32 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(page)
     if args.json:
-        args.json.write_text(json.dumps(report.summary(results), indent=1, default=str))
+        saved = report.summary(results)
+        saved["_meta"] = {"versions": versions, "plots": plots, "command": command,
+                          "elapsed": elapsed}
+        args.json.write_text(json.dumps(saved, indent=1, default=str))
     say(f"wrote {args.out} ({elapsed / 60:.1f} min)")
     for t in report.targets(results):
         print(t.row())
+    return 0
+
+
+def _render_saved(path: Path, out: Path, plots_dir: Path) -> int:
+    from bench.measure import Run
+
+    data = json.loads(path.read_text())
+    meta = data.pop("_meta", {})
+    results = {
+        name: SuiteResult(
+            runs=[Run.model_validate(r) for r in d["runs"]], idle_rss_mb=d["idle_rss_mb"],
+            extra=d["extra"], notes=d["notes"], load=tuple(d.get("load", (0.0, 0.0))),
+        )
+        for name, d in data.items()
+    }
+    plots = meta.get("plots") or [str(p) for p in sorted(plots_dir.glob("*.png"))]
+    out.write_text(report.render(results, meta.get("versions", {}), plots,
+                                 meta.get("command", "python -m bench"), meta.get("elapsed", 0.0)))
+    say(f"wrote {out}")
     return 0
 
 
