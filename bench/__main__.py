@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             load1 = os.getloadavg()[0]
             results[name].load = (load0, load1)
             say(f"suite {name} done in {time.monotonic() - t0:.0f} s (load average {load1:.1f})")
+            if args.json:  # after every suite, so an interrupted run keeps what it measured
+                _save(args.json, results, versions, [], "python -m bench", 0.0)
     plots = [] if args.no_plots else _plots(results, args.plots)
     elapsed = time.monotonic() - started
     command = "python -m bench" + (" --quick" if args.quick else "")
@@ -160,14 +162,19 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(page)
     if args.json:
-        saved = report.summary(results)
-        saved["_meta"] = {"versions": versions, "plots": plots, "command": command,
-                          "elapsed": elapsed}
-        args.json.write_text(json.dumps(saved, indent=1, default=str))
+        _save(args.json, results, versions, plots, command, elapsed)
     say(f"wrote {args.out} ({elapsed / 60:.1f} min)")
     for t in report.targets(results):
         print(t.row())
     return 0
+
+
+def _save(path: Path, results: dict[str, SuiteResult], versions: dict[str, str],
+          plots: list[str], command: str, elapsed: float) -> None:
+    saved = report.summary(results)
+    saved["_meta"] = {"versions": versions, "plots": plots, "command": command,
+                      "elapsed": elapsed}
+    path.write_text(json.dumps(saved, indent=1, default=str))
 
 
 def _render_saved(path: Path, out: Path, plots_dir: Path) -> int:

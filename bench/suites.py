@@ -207,7 +207,7 @@ def suite_real(opts: Options) -> SuiteResult:
                 say(f"real model round {rep + 1}/{reps}, concurrency {conc}, non-stream")
                 for p in paths.values():
                     r = measure(p, concurrency=conc, body=nbody, duration=120, warmup=0,
-                                max_requests=2 * conc if opts.quick else 3 * conc, timeout=120)
+                                max_requests=2 * conc, timeout=180)
                     _log_run(r)
                     out.runs.append(r)
     return out
