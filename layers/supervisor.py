@@ -262,25 +262,13 @@ class Supervisor:
             self._write_status()
 
     async def stop(self, grace: float = 10.0) -> None:
+        """Stop every layer (in parallel) and leave no process of their groups behind."""
         self._stopping = True
-        for task in self._watchers:
+        await asyncio.gather(*(self._halt(lp, grace) for lp in self.layers.values()))
+        for task in self._watchers:  # watchers of layers replaced by start_layer
             task.cancel()
-        for task in self._watchers:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        procs = [lp for lp in self.layers.values() if lp.proc and lp.proc.returncode is None]
-        for lp in procs:
-            assert lp.proc is not None
-            _kill_group(lp.proc.pid, signal.SIGTERM)
-        for lp in procs:
-            assert lp.proc is not None
-            try:
-                await asyncio.wait_for(lp.proc.wait(), grace)
-            except TimeoutError:
-                log.warning("layer %s: did not stop in %.0fs; killing", lp.name, grace)
-                _kill_group(lp.proc.pid, signal.SIGKILL)
-                await lp.proc.wait()
-            _kill_group(lp.proc.pid, signal.SIGKILL)  # any child that ignored SIGTERM
         for lp in self.layers.values():
             lp.state = "stopped"
             lp.ready.clear()

@@ -37,7 +37,7 @@ fi
   say "Python >= 3.11 is required ($PYTHON is $("$PYTHON" --version 2>&1))"; exit 1; }
 [ -x "$VENV/bin/python" ] || { say "creating $VENV"; "$PYTHON" -m venv "$VENV"; }
 extras="model,postgres,memory"
-[ "$purpose" = test ] && extras="$extras,test"
+[ "$purpose" = test ] && extras="$extras,test,llama-cpp-python"
 stamp="$VENV/.installed-$(cat pyproject.toml | sha256sum | cut -c1-12)-${extras//,/-}"
 if [ ! -f "$stamp" ]; then
   say "installing ai-sysadmin[$extras] into $VENV"
