@@ -100,7 +100,9 @@ def prefilter_figures(n: int, reps: int) -> list[dict[str, float]]:
 
 
 async def _trigger(port: int, slots: int, naive_n: int, batched_n: int,
-                   res: SuiteResult) -> None:
+                   res: SuiteResult, budget: float) -> None:
+    """Each of the three phases stops at its share of ``budget`` seconds (bounded even
+    when constrained decoding is slow); a rate is verdicts done over time spent."""
     from layers.client import LayerClients, LayerError
     from layers.collectors.journald import parse_lines
     from layers.config import Settings
@@ -135,11 +137,13 @@ async def _trigger(port: int, slots: int, naive_n: int, batched_n: int,
         return len(prompts.trigger_verdicts(result))
 
     try:
-        await classify([0], "naive")  # warm the prompt cache's system prefix
+        phase = budget / 3
         t = time.perf_counter()
         got = 0
         for i in range(naive_n):
             got += await classify([i], "naive")
+            if time.perf_counter() - t > phase:
+                break
         res.extra.setdefault("trigger_naive_vps", []).append(got / (time.perf_counter() - t))
         bs = cfg.batch_size
         batches = [list(range(s, min(s + bs, batched_n))) for s in range(0, batched_n, bs)]
@@ -147,12 +151,23 @@ async def _trigger(port: int, slots: int, naive_n: int, batched_n: int,
         got = 0
         for b in batches:
             got += await classify(b, "batched")
+            if time.perf_counter() - t > phase:
+                break
         res.extra.setdefault("trigger_sequential_batches_vps", []).append(
             got / (time.perf_counter() - t))
         # Parallel slots: every batch submitted at once; the layer pool's limiter keeps
         # `slots` in flight. Each event's latency is measured from the burst's start.
         t = time.perf_counter()
-        got = sum(await asyncio.gather(*(classify(b, "parallel") for b in batches)))
+        done: list[int] = []
+
+        async def counted(b: list[int]) -> None:
+            done.append(await classify(b, "parallel"))
+
+        tasks = [asyncio.create_task(counted(b)) for b in batches]
+        _, late = await asyncio.wait(tasks, timeout=phase)
+        for task in late:
+            task.cancel()
+        got = sum(done)
         res.extra.setdefault("trigger_batched_vps", []).append(got / (time.perf_counter() - t))
         for k, v in failures.items():
             res.extra.setdefault(f"trigger_failed_events.{k}", []).append(float(v))
@@ -203,7 +218,7 @@ async def _e2e(base: str, key: str, single: int, burst: int, res: SuiteResult) -
                 r = await client.post(base + "/v1/events", headers=headers,
                                       json={"events": [event(i, "single")]})
                 r.raise_for_status()
-                await wait_for([f"bench-single-{i}"], t + 120)
+                await wait_for([f"bench-single-{i}"], t + 90)
                 lat.append((arrived[f"bench-single-{i}"] - t) * 1000)
             res.extra.setdefault("e2e_single_p50_ms", []).append(percentile(lat, 50))
             tag = f"burst{len(res.extra.get('e2e_burst_vps', []))}"
@@ -212,7 +227,7 @@ async def _e2e(base: str, key: str, single: int, burst: int, res: SuiteResult) -
             r = await client.post(base + "/v1/events", headers=headers, json={"events": evs})
             r.raise_for_status()
             ids = [e["id"] for e in evs]
-            await wait_for(ids, t + 300)
+            await wait_for(ids, t + 120)
             lat = [(arrived[i] - t) * 1000 for i in ids]
             res.extra.setdefault("e2e_p50_ms", []).append(percentile(lat, 50))
             res.extra.setdefault("e2e_p99_ms", []).append(percentile(lat, 99))
@@ -238,17 +253,23 @@ def suite_pipeline(opts: Options) -> SuiteResult:
     reps = 1 if opts.quick else 2
     gateway = stack.gateway_server(opts.work, server, slots=slots, max_queue=256,
                                    tag="gateway-pipeline", pipeline={"debounce": 0.0})
-    single, burst = (2, 8) if opts.quick else (3, 16)
+    single, burst = (1, 8) if opts.quick else (3, 16)
     with running([server, gateway]):
         for rep in range(reps):
             say(f"trigger round {rep + 1}/{reps}: {naive_n} events naive, {batched_n} batched")
-            asyncio.run(_trigger(server.port, slots, naive_n, batched_n, out))
+            asyncio.run(_trigger(server.port, slots, naive_n, batched_n, out,
+                                 budget=180 if opts.quick else 480))
             ex = out.extra
             say(f"  naive {ex['trigger_naive_vps'][-1]:.2f}/s, batches one at a time "
                 f"{ex['trigger_sequential_batches_vps'][-1]:.2f}/s, batches on {slots} slots "
                 f"{ex['trigger_batched_vps'][-1]:.2f}/s")
             say(f"event → verdict through the gateway: {single} single events, a burst of {burst}")
-            asyncio.run(_e2e(gateway.base, stack.GATEWAY_KEY, single, burst, out))
+            try:
+                asyncio.run(_e2e(gateway.base, stack.GATEWAY_KEY, single, burst, out))
+            except TimeoutError as exc:
+                say(f"  event → verdict not measured: {exc}")
+                out.notes.append(f"Event → verdict round {rep + 1}: {exc} within the deadline.")
+                continue
             say(f"  single event p50 {ex['e2e_single_p50_ms'][-1]:.0f} ms; burst p50 "
                 f"{ex['e2e_p50_ms'][-1]:.0f} ms, p99 {ex['e2e_p99_ms'][-1]:.0f} ms, "
                 f"{ex['e2e_burst_vps'][-1]:.2f} verdicts/s")
