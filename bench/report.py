@@ -116,7 +116,10 @@ def targets(results: dict[str, SuiteResult]) -> list[Target]:
     pipe = results.get("pipeline")
     if pipe:
         naive, batched = pipe.extra.get("trigger_naive_vps"), pipe.extra.get("trigger_batched_vps")
-        if naive and batched:
+        if naive and batched and med(batched) == 0:
+            out.append(Target("trigger verdicts/s: batched / naive",
+                              "no batch finished within its time budget", "≥ 5×", None))
+        elif naive and batched:
             out.append(_ratio_target("trigger verdicts/s: batched / naive", med(batched),
                                      med(naive), 5, le=False, unit="/s"))
         else:
