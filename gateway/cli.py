@@ -80,7 +80,19 @@ def _run_async(main: Callable[[], Awaitable[int]]) -> int:
         except asyncio.CancelledError:
             return 0
 
-    return asyncio.run(runner())
+    with asyncio.Runner(loop_factory=_loop_factory()) as loop_runner:
+        return loop_runner.run(runner())
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when installed (uvicorn[standard] brings it): the proxy's hot path is
+    event-loop bound, and uvicorn only picks uvloop itself when it owns the loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 # -- run / gateway / layers serve -------------------------------------------------

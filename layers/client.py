@@ -325,8 +325,9 @@ class LayerPool:
             )
             started = time.perf_counter()
             try:
-                response = await self.client.send(request, stream=True)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
+                response = await self._send(request)
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError,
+                    httpx.ReadError) as exc:
                 endpoint.breaker.failure()
                 endpoint.health = "down"
                 last = LayerError(
@@ -357,6 +358,15 @@ class LayerPool:
             raise error  # a 4xx: the request itself is wrong; retrying cannot help
         assert last is not None
         raise last
+
+    async def _send(self, request: httpx.Request) -> httpx.Response:
+        """Send, once more on a fresh connection if a pooled keep-alive connection turns
+        out to have been closed by the layer while idle (llama-server closes idle ones):
+        that is no failure of the layer and must not reach the client."""
+        try:
+            return await self.client.send(request, stream=True)
+        except (httpx.RemoteProtocolError, httpx.ReadError):
+            return await self.client.send(request, stream=True)
 
     async def _error_from(self, response: httpx.Response) -> LayerError:
         try:
