@@ -11,6 +11,7 @@ from typing import Any
 
 from bench.procs import Server, free_port
 from bench.venvs import ensure_venv
+from layers.config_toml import write_toml
 
 GATEWAY_KEY = "sk-bench-gateway-6b1f0c9e2d7a4e53b8c1"
 GATEWAY_ADMIN_KEY = "sk-bench-admin-0e4d2b7f9a1c3e5d7f90"
@@ -29,37 +30,6 @@ class Path_:
     @property
     def url(self) -> str:
         return self.server.base + "/v1/chat/completions"
-
-
-def _toml(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {_toml(x)}" for k, x in v.items()) + " }"
-    s = str(v).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{s}"'
-
-
-def write_toml(path: Path, data: dict[str, Any]) -> Path:
-    lines: list[str] = []
-
-    def emit(prefix: str, table: dict[str, Any]) -> None:
-        scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
-        tables = {k: v for k, v in table.items() if isinstance(v, dict)}
-        if prefix and scalars:
-            lines.append(f"[{prefix}]")
-        for k, v in scalars.items():
-            lines.append(f"{k} = {_toml(v)}")
-        for k, v in tables.items():
-            emit(f"{prefix}.{k}" if prefix else k, v)
-
-    emit("", data)
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def stub_server(work: Path, *, chunks: int = 8, chunk_delay: float = 0.0, tag: str = "stub") -> Server:

@@ -24,6 +24,7 @@ import httpx
 
 from gateway.auth import check_bind
 from gateway.server import BindRefused
+from layers import config_toml
 from layers.config import CollectorsConfig, ConfigError, Settings, load_settings
 from layers.provision.engine import EngineError
 from layers.provision.model import ModelError
@@ -331,7 +332,11 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
-    print(_settings(args).model_dump_json(indent=2))
+    settings = _settings(args)
+    if args.toml:
+        print(config_toml.dumps(settings.model_dump(mode="json")), end="")
+    else:
+        print(settings.model_dump_json(indent=2))
     return 0
 
 
@@ -371,7 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     csub.required = True
     ck = add("check", cmd_config_check, "validate; print each error with its field", csub)
     ck.add_argument("-v", "--verbose", action="store_true", help="also print the result")
-    add("show", cmd_config_show, "print the effective configuration as JSON", csub)
+    sh = add("show", cmd_config_show, "print the effective configuration as JSON", csub)
+    sh.add_argument("--toml", action="store_true", help="print TOML that loads back as is")
 
     __import__("gateway.cli_actions").cli_actions.register(sub, add)
     __import__("gateway.cli_pipeline").cli_pipeline.register(sub, add)

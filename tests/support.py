@@ -14,6 +14,8 @@ from typing import Any
 
 import httpx
 
+from layers.config_toml import toml_value, write_toml  # noqa: F401  (re-exported for tests)
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -28,38 +30,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
-
-
-def toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
-    s = str(v).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{s}"'
-
-
-def write_toml(path: Path, data: dict[str, Any]) -> Path:
-    """Write nested dicts as TOML tables (enough for our config files)."""
-    lines: list[str] = []
-
-    def emit(prefix: str, table: dict[str, Any]) -> None:
-        scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
-        tables = {k: v for k, v in table.items() if isinstance(v, dict)}
-        if prefix and scalars:
-            lines.append(f"[{prefix}]")
-        for k, v in scalars.items():
-            lines.append(f"{k} = {toml_value(v)}")
-        for k, v in tables.items():
-            emit(f"{prefix}.{k}" if prefix else k, v)
-
-    emit("", data)
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def layer_config(port: int, **extra: Any) -> dict[str, Any]:

@@ -270,3 +270,16 @@ def test_run_serves_the_stack_and_sigterm_leaves_nothing(tmp_path: Path) -> None
         assert not pid_alive(pid)
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", gport)) != 0
+
+
+def test_config_show_toml_loads_back_as_the_same_configuration(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[layers.meta]\nmodel = "/models/x.gguf"\nextra_flags = ["--flash-attn", "on"]\n'
+                   '[[layers.meta.endpoints]]\nurl = "http://10.0.0.7:8082/v1"\nrole = "fallback"\n')
+    shown = run_cli("--config", str(cfg), "config", "show", "--toml")
+    assert shown.returncode == 0, shown.stderr
+    again = tmp_path / "again.toml"
+    again.write_text(shown.stdout)
+    first = json.loads(run_cli("--config", str(cfg), "config", "show").stdout)
+    second = json.loads(run_cli("--config", str(again), "config", "show").stdout)
+    assert first == second and second["layers"]["meta"]["endpoints"][0]["role"] == "fallback"
