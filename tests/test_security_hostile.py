@@ -184,6 +184,10 @@ def test_schemathesis_finds_no_500_and_no_schema_violation(
     ran = 0
     for result in schema.get_all_operations():
         op = result.ok()
+        if op.path.endswith("/stream"):
+            # An endless SSE stream: the fuzzer would read it forever. Its hostile inputs
+            # (Last-Event-ID, filters) are covered by the hand-written tests above.
+            continue
 
         @settings(max_examples=15, deadline=None, database=None,
                   suppress_health_check=list(HealthCheck))

@@ -24,6 +24,7 @@ from layers.config import Settings
 from layers.events import SEVERITY_RANK, Incident, Proposal, Review
 from layers.memory import Memory
 from layers.pipeline import prompts
+from layers.pipeline.loop import work_loop
 from layers.pipeline.trigger import is_permanent
 from layers.store import Store
 
@@ -77,26 +78,7 @@ class IncidentWorker:
         self.wakeup.set()
 
     async def run(self) -> None:
-        wait = self.cfg.retry_wait
-        while True:
-            try:
-                did = await self.step()
-                wait = self.cfg.retry_wait
-                if did:
-                    continue
-            except LayerError as exc:
-                log.warning("layer unavailable (%s); incident work waits %.0fs", exc.message,
-                            wait)
-                await asyncio.sleep(wait)
-                wait = min(wait * 2, self.cfg.retry_wait_max)
-                continue
-            except Exception:
-                log.exception("incident work failed")
-                await asyncio.sleep(wait)
-                continue
-            self.wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wakeup.wait(), self.cfg.poll_interval)
+        await work_loop(self.step, self.wakeup, self.cfg, "incident work")
 
     async def step(self) -> bool:
         """Do the oldest piece of owed work; False when nothing is owed."""

@@ -17,6 +17,7 @@ from layers.client import LayerError, LayerPool, StructuredOutputError
 from layers.config import Settings
 from layers.events import SEVERITY_RANK, StoredEvent, TriggerVerdict, Verdict, max_severity
 from layers.pipeline import prompts
+from layers.pipeline.loop import work_loop
 from layers.prefilter import Prefilter, Rule
 from layers.store import Prefiltered, Store, VerdictInput
 
@@ -89,29 +90,12 @@ class TriggerStage:
     def notify(self) -> None:
         self.wakeup.set()
 
+    def _layer_waiting(self) -> None:
+        # The layer is down or saturated: the candidates stay queued in the store.
+        self.layer_waiting = True
+
     async def run(self) -> None:
-        wait = self.cfg.retry_wait
-        while True:
-            try:
-                did = await self.step()
-                wait = self.cfg.retry_wait
-                if did:
-                    continue
-            except LayerError as exc:
-                # The layer is down or saturated: the candidates stay queued in the store.
-                self.layer_waiting = True
-                log.warning("trigger layer unavailable (%s); retrying in %.0fs", exc.message,
-                            wait)
-                await asyncio.sleep(wait)
-                wait = min(wait * 2, self.cfg.retry_wait_max)
-                continue
-            except Exception:
-                log.exception("trigger stage step failed")
-                await asyncio.sleep(wait)
-                continue
-            self.wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wakeup.wait(), self.cfg.poll_interval)
+        await work_loop(self.step, self.wakeup, self.cfg, "trigger stage", self._layer_waiting)
 
     async def step(self) -> bool:
         """One round of work; False when there was nothing to do."""
