@@ -279,7 +279,7 @@ async def test_trigger_layer_down_work_waits_then_completes(
         r = httpx.post(f"{base}/v1/events", headers=KEY, json={"events": candidates(2, "down")})
         assert r.status_code == 200 and r.json()["accepted"] == 2
         wait_for("the stage to find the layer down",
-                 lambda: "trigger layer unavailable" in gw.log(), procs=(gw,))
+                 lambda: "trigger stage: layer unavailable" in gw.log(), procs=(gw,))
         # The work waits in the store: accepted, not classified, not dropped.
         counts = await store.event_counts()
         assert counts.get("candidate", 0) + counts.get("new", 0) == 2, counts
