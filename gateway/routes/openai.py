@@ -143,10 +143,8 @@ async def route_chat(gw: GatewayState, body: dict[str, Any]) -> tuple[LayerPool,
     """Choose the layer for a chat body and prepare it. Returns the pool and, for the
     sysadmin model, the bytes that rename the layer back to ``ai-sysadmin`` in answers."""
     model = body["model"]
-    if model in LAYER_NAMES:
-        return gw.layers[model], None
     if model != SYSADMIN_MODEL:
-        raise unknown_model(model)
+        return _layer_for(gw, model)  # a layer name passes through; anything else is a 404
     task_layer = gw.settings.gateway.task_layer
     if task_layer is not None and _detector(gw).is_task(body):
         body["model"] = task_layer
@@ -156,11 +154,14 @@ async def route_chat(gw: GatewayState, body: dict[str, Any]) -> tuple[LayerPool,
     return gw.layers["meta"], b"meta"
 
 
-def _renamer(layer_name: bytes | None) -> tuple[bytes, bytes] | None:
+def _renamer(
+    layer_name: bytes | None, shown: str = SYSADMIN_MODEL
+) -> tuple[bytes, bytes] | None:
+    """The byte replacement that shows ``shown`` instead of the layer's name in answers."""
     if layer_name is None:
         return None
     # llama-server writes compact JSON; the model name of every chunk is exactly this.
-    return b'"model":"' + layer_name + b'"', b'"model":"' + SYSADMIN_MODEL.encode() + b'"'
+    return b'"model":"' + layer_name + b'"', b'"model":"' + shown.encode() + b'"'
 
 
 # -- chat completions --------------------------------------------------------------------
@@ -343,8 +344,6 @@ async def embeddings(request: Request) -> Response:
         raise unknown_model(req.model)
     pool = gw.layers[gw.settings.gateway.embeddings_layer]
     body["model"] = pool.name
-    rename = _renamer(pool.name.encode()) if req.model != pool.name else None
-    if rename is not None:
-        rename = (rename[0], b'"model":"' + req.model.encode() + b'"')
+    rename = _renamer(pool.name.encode(), req.model) if req.model != pool.name else None
     return await forward(gw, pool, "/embeddings", body, False, req.model, rename, t0,
                          route="embeddings")
