@@ -17,9 +17,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-import httpx
 from pydantic import BaseModel, ValidationError
 
+from layers import http
 from layers.config import LAYER_NAMES, EndpointConfig, LayerConfig, LayerName, Settings
 
 M = TypeVar("M", bound=BaseModel)
@@ -179,7 +179,7 @@ class Limiter:
 class Upstream:
     """An open upstream response (headers received) and what it needs on close."""
 
-    response: httpx.Response
+    response: http.Response
     endpoint: Endpoint
     pool: LayerPool
     started: float
@@ -228,16 +228,14 @@ class LayerPool:
         name: LayerName,
         layer: LayerConfig,
         settings: Settings,
-        client: httpx.AsyncClient,
+        client: http.HTTPClient,
     ) -> None:
         self.name = name
         self.layer = layer
         self.client = client
         g = settings.gateway
         self.retries = g.breaker.retries
-        self.timeout = httpx.Timeout(
-            connect=g.timeouts.connect, read=g.timeouts.first_byte, write=30.0, pool=g.timeouts.connect
-        )
+        self.timeout = http.Timeouts(connect=g.timeouts.connect, read=g.timeouts.first_byte)
         local_flavor: Flavor = (
             "llama-cpp-python" if settings.engine.kind == "llama-cpp-python" else "llama-server"
         )
@@ -319,15 +317,13 @@ class LayerPool:
             headers = endpoint.headers()
             if extra_headers:
                 headers.update(extra_headers)
-            request = self.client.build_request(
-                "POST", endpoint.url + path, content=json.dumps(payload).encode(),
-                headers=headers, timeout=self.timeout,
-            )
             started = time.perf_counter()
             try:
-                response = await self._send(request)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError,
-                    httpx.ReadError) as exc:
+                response = await self.client.request(
+                    "POST", endpoint.url + path, content=json.dumps(payload).encode(),
+                    headers=headers, timeout=self.timeout,
+                )
+            except (http.ConnectError, http.ProtocolError) as exc:
                 endpoint.breaker.failure()
                 endpoint.health = "down"
                 last = LayerError(
@@ -335,7 +331,7 @@ class LayerPool:
                     code="layer_unavailable", retry_after=self.retry_after(),
                 )
                 continue
-            except httpx.TimeoutException:
+            except http.TimeoutException:
                 endpoint.breaker.failure()
                 last = LayerError(
                     504, f"layer {self.name} did not answer within {self.timeout.read:.0f}s",
@@ -359,18 +355,11 @@ class LayerPool:
         assert last is not None
         raise last
 
-    async def _send(self, request: httpx.Request) -> httpx.Response:
-        """Send, once more on a fresh connection if a pooled keep-alive connection turns
-        out to have been closed by the layer while idle (llama-server closes idle ones):
-        that is no failure of the layer and must not reach the client."""
-        try:
-            return await self.client.send(request, stream=True)
-        except (httpx.RemoteProtocolError, httpx.ReadError):
-            return await self.client.send(request, stream=True)
-
-    async def _error_from(self, response: httpx.Response) -> LayerError:
+    async def _error_from(self, response: http.Response) -> LayerError:
         try:
             raw = await response.aread()
+        except http.HTTPError:
+            raw = b""
         finally:
             await response.aclose()
         upstream: dict[str, Any] | None = None
@@ -407,9 +396,9 @@ class LayerPool:
         upstream = await self.open(path, body)
         try:
             raw = await upstream.response.aread()
-        except httpx.TimeoutException as exc:
+        except http.TimeoutException as exc:
             raise LayerError(504, f"layer {self.name} timed out", code="upstream_timeout") from exc
-        except httpx.HTTPError as exc:
+        except http.HTTPError as exc:
             raise LayerError(502, f"layer {self.name} broke off its answer",
                              code="upstream_error") from exc
         finally:
@@ -507,7 +496,7 @@ class LayerPool:
                 endpoint.health = "loading"
             else:
                 endpoint.health = "down"
-        except httpx.HTTPError:
+        except http.HTTPError:
             endpoint.health = "down"
         endpoint.checked_at = time.monotonic()
         return endpoint.health
@@ -522,13 +511,10 @@ class LayerPool:
 
 
 class LayerClients:
-    """The three layers behind one pooled ``httpx.AsyncClient``."""
+    """The three layers behind one pooled :class:`layers.http.HTTPClient`."""
 
-    def __init__(self, settings: Settings, client: httpx.AsyncClient | None = None) -> None:
-        self.client = client or httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=2048, max_keepalive_connections=256),
-            timeout=httpx.Timeout(30.0),
-        )
+    def __init__(self, settings: Settings, client: http.HTTPClient | None = None) -> None:
+        self.client = client or http.HTTPClient()
         self.pools: dict[str, LayerPool] = {
             name: LayerPool(name, layer, settings, self.client)
             for name, layer in settings.layers.items()

@@ -13,9 +13,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-import httpx
 from pydantic import BaseModel, Field
 
+from layers import http
 from layers.client import Endpoint, LayerPool
 from layers.config import Settings
 from layers.supervisor import LayerProcess
@@ -76,27 +76,27 @@ def parse_llama_metrics(text: str) -> dict[str, float]:
     return out
 
 
-async def _get_json(client: httpx.AsyncClient, url: str, headers: dict[str, str],
+async def _get_json(client: http.HTTPClient, url: str, headers: dict[str, str],
                     timeout: float) -> Any:  # fmt: skip
     try:
         r = await client.get(url, headers=headers, timeout=timeout)
         if r.status_code != 200:
             return None
         return r.json()
-    except (httpx.HTTPError, ValueError):
+    except (http.HTTPError, ValueError):
         return None
 
 
-async def _get_text(client: httpx.AsyncClient, url: str, headers: dict[str, str],
+async def _get_text(client: http.HTTPClient, url: str, headers: dict[str, str],
                     timeout: float) -> str | None:  # fmt: skip
     try:
         r = await client.get(url, headers=headers, timeout=timeout)
         return r.text if r.status_code == 200 else None
-    except httpx.HTTPError:
+    except http.HTTPError:
         return None
 
 
-async def endpoint_status(client: httpx.AsyncClient, ep: Endpoint, timeout: float) -> EndpointStatus:
+async def endpoint_status(client: http.HTTPClient, ep: Endpoint, timeout: float) -> EndpointStatus:
     st = EndpointStatus(url=ep.url, role=ep.role, engine=ep.flavor, health=ep.health,
                         breaker=ep.breaker.state, model=ep.model)  # fmt: skip
     if ep.flavor != "llama-server":

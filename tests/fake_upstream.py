@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 Fault = Literal["hang", "loading", "error500", "garbage", "truncated_json", "crash_midstream",
-                "slow", "invalid_json", "ok"]
+                "slow", "invalid_json", "ok", "drop_keepalive"]
 
 
 def _chunk(content: str, finish: str | None = None) -> bytes:
@@ -83,9 +83,15 @@ class FakeUpstream:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.open_connections += 1
+        answered = 0
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
+                if self.fault == "drop_keepalive" and answered:
+                    # A keep-alive connection closed just as the next request arrived.
+                    writer.transport.abort()
+                    return
+                answered += 1
                 lines = head.decode().split("\r\n")
                 method, path, _ = lines[0].split(" ", 2)
                 length = 0

@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from tests.fake_upstream import FakeUpstream, Fault
+from tests.fake_upstream import FakeUpstream
 from tests.support import Proc, cli, free_port, gateway_config, llama_server, write_toml
 
 KEY = {"Authorization": "Bearer test-key"}
@@ -56,20 +56,6 @@ def gateway(tmp_path: Path) -> Iterator[GatewayFactory]:
     yield start
     for p in procs:
         p.stop()
-
-
-@pytest.fixture
-def fake(request: pytest.FixtureRequest) -> Iterator[Callable[[Fault], FakeUpstream]]:
-    started: list[FakeUpstream] = []
-
-    def make(fault: Fault) -> FakeUpstream:
-        f = FakeUpstream(fault, free_port()).start()
-        started.append(f)
-        return f
-
-    yield make
-    for f in started:
-        f.stop()
 
 
 def sdk(url: str, **kw: Any) -> openai.OpenAI:
@@ -191,9 +177,9 @@ def test_full_queue_gives_429_with_retry_after(
 
 
 def test_upstream_timeout_is_504_fake_upstream_hang(
-    gateway: GatewayFactory, fake: Callable[[Fault], FakeUpstream]
+    gateway: GatewayFactory, fakes: Callable[..., FakeUpstream]
 ) -> None:
-    hang = fake("hang")
+    hang = fakes("hang")
     _, url = gateway(hang.port, timeouts={"first_byte": 1.0}, breaker={"retries": 0})
     started = time.monotonic()
     with pytest.raises(openai.APIStatusError) as exc:
@@ -204,9 +190,9 @@ def test_upstream_timeout_is_504_fake_upstream_hang(
 
 
 def test_loading_layer_is_503_with_retry_after_fake_upstream_loading(
-    gateway: GatewayFactory, fake: Callable[[Fault], FakeUpstream]
+    gateway: GatewayFactory, fakes: Callable[..., FakeUpstream]
 ) -> None:
-    loading = fake("loading")
+    loading = fakes("loading")
     _, url = gateway(loading.port)
     r = httpx.post(f"{url}/v1/chat/completions", headers=KEY,
                    json={"model": "review", "messages": LONG, "max_tokens": 3})
@@ -218,9 +204,9 @@ def test_loading_layer_is_503_with_retry_after_fake_upstream_loading(
 
 
 def test_crash_mid_stream_ends_with_error_and_done_fake_upstream_crash(
-    gateway: GatewayFactory, fake: Callable[[Fault], FakeUpstream]
+    gateway: GatewayFactory, fakes: Callable[..., FakeUpstream]
 ) -> None:
-    crash = fake("crash_midstream")
+    crash = fakes("crash_midstream")
     _, url = gateway(crash.port)
     with httpx.stream("POST", f"{url}/v1/chat/completions", headers=KEY, timeout=30,
                       json={"model": "meta", "messages": LONG, "stream": True}) as r:
@@ -230,9 +216,9 @@ def test_crash_mid_stream_ends_with_error_and_done_fake_upstream_crash(
 
 
 def test_errors_open_the_breaker_then_fail_fast_fake_upstream_500(
-    gateway: GatewayFactory, fake: Callable[[Fault], FakeUpstream]
+    gateway: GatewayFactory, fakes: Callable[..., FakeUpstream]
 ) -> None:
-    broken = fake("error500")
+    broken = fakes("error500")
     _, url = gateway(broken.port, breaker={"failures": 2, "reset_after": 60, "retries": 0})
     codes = []
     for _ in range(4):

@@ -15,7 +15,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 
@@ -24,6 +23,7 @@ from gateway.body import read_model
 from gateway.errors import OpenAIError
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from gateway.state import GatewayState
+from layers import http
 from layers.client import LayerError, LayerPool, Upstream
 from layers.config import LAYER_NAMES
 from layers.context import gather_context, system_message
@@ -215,10 +215,10 @@ async def forward(
     try:
         async with asyncio.timeout(max(0.001, total - (time.perf_counter() - t0))):
             raw = await upstream.response.aread()
-    except (httpx.TimeoutException, TimeoutError):
+    except (http.TimeoutException, TimeoutError):
         m.requests.labels(route, model, "504").inc()
         raise OpenAIError(504, f"layer {pool.name} timed out", code="upstream_timeout") from None
-    except httpx.HTTPError:
+    except http.HTTPError:
         m.requests.labels(route, model, "502").inc()
         raise OpenAIError(502, f"layer {pool.name} broke off its answer",
                           code="upstream_error") from None
@@ -270,7 +270,7 @@ async def relay(
     try:
         async for chunk in upstream.response.aiter_raw():
             if time.perf_counter() > deadline:
-                raise httpx.ReadTimeout("total timeout exceeded")
+                raise http.ReadTimeout("total timeout exceeded")
             pending += chunk
             cut = pending.rfind(b"\n\n")
             if cut < 0:
@@ -291,12 +291,12 @@ async def relay(
             m.stream_errors.labels(model).inc()
             yield _sse_error(f"layer {upstream.pool.name} ended the stream early", "upstream_error")
             yield b"data: [DONE]\n\n"
-    except httpx.TimeoutException:
+    except http.TimeoutException:
         status = "504"
         m.stream_errors.labels(model).inc()
         yield _sse_error(f"layer {upstream.pool.name} stopped sending (timeout)", "upstream_timeout")
         yield b"data: [DONE]\n\n"
-    except httpx.HTTPError as exc:
+    except http.HTTPError as exc:
         status = "502"
         m.stream_errors.labels(model).inc()
         yield _sse_error(
