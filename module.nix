@@ -40,7 +40,7 @@ let
   layerDefaults = {
     trigger = {
       port = 8080;
-      contextSize = 4096;
+      contextSize = 8192;
       parallel = 4;
       embeddings = false;
     };

@@ -281,11 +281,15 @@ def _pipeline_table(res: SuiteResult) -> list[str]:
     labels = {
         "prefilter_lines_per_s": ("prefilter alone, journal lines/s (one core)", 0),
         "replay_lines_per_s": ("journal replay: JSON parse + Event + prefilter, lines/s", 0),
-        "trigger_naive_vps": ("trigger verdicts/s, naive (one event per request, sequential)", 2),
+        "trigger_naive_vps": ("trigger verdicts/s, naive (keyed object, one event per request, "
+                              "sequential)", 2),
+        "trigger_single_vps": ("trigger verdicts/s, compact encoding, one event per request", 2),
         "trigger_sequential_batches_vps": ("trigger verdicts/s, batched, one batch at a time",
                                            2),
-        "trigger_batched_vps": ("trigger verdicts/s, batched + parallel slots", 2),
+        "trigger_batched_vps": ("trigger verdicts/s, batched + parallel slots (the trigger stage)",
+                                2),
         "trigger_failed_events.naive": ("events without a valid verdict, naive", 0),
+        "trigger_failed_events.single": ("events without a valid verdict, compact single", 0),
         "trigger_failed_events.batched": ("events without a valid verdict, batched", 0),
         "trigger_failed_events.parallel": ("events without a valid verdict, parallel", 0),
         "e2e_single_p50_ms": ("event → verdict through the gateway, one event at a time, "

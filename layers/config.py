@@ -125,7 +125,7 @@ class LayerConfig(Section):
 
 def _default_layers() -> dict[str, LayerConfig]:
     return {
-        "trigger": LayerConfig(port=8080, context_size=4096, parallel=4),
+        "trigger": LayerConfig(port=8080, context_size=8192, parallel=4),
         "review": LayerConfig(port=8081, context_size=4096, parallel=2),
         "meta": LayerConfig(port=8082, context_size=8192, parallel=2, embeddings=True),
     }
@@ -403,8 +403,13 @@ class PipelineConfig(Section):
         300.0, ge=0, description="Seconds a rule/fingerprint pair stays quiet after it passed."
     )
     batch_size: int = Field(
-        4, ge=1, le=64, description="Candidate events per trigger-layer request (prompt and "
-        "answer must fit one slot's context: `context_size / parallel` of the trigger layer).",
+        8, ge=1, le=64, description="Candidate events per trigger-layer request (prompt and "
+        "answer should fit one slot's context, `context_size / parallel` of the trigger layer; "
+        "a batch the layer refuses as too long is halved).",
+    )
+    trigger_concurrency: int = Field(
+        2, ge=1, le=64, description="Trigger batches in flight at once; each takes one slot of "
+        "the trigger layer (keep some slots for chat background tasks routed there).",
     )
     poll_interval: float = Field(
         1.0, gt=0, description="Seconds between store polls for work written by other processes."
@@ -414,7 +419,8 @@ class PipelineConfig(Section):
     )
     retry_wait_max: float = Field(30.0, gt=0, description="Longest wait between retries.")
     trigger_max_tokens: int = Field(
-        64, ge=16, description="Output tokens per event in a trigger request."
+        32, ge=16, description="Output tokens per event in a trigger request (a compact "
+        "verdict takes about 20)."
     )
     review_max_tokens: int = Field(320, ge=64, description="Output tokens of a review.")
     meta_max_tokens: int = Field(400, ge=64, description="Output tokens of a meta decision.")

@@ -124,8 +124,7 @@ async def test_review_truncated_json_fake_upstream_marks_incident_unreviewed(
     settings = settings_for(tmp_path, fake.port)
     clients = LayerClients(settings)
     try:
-        fake.content = json.dumps({"verdicts": [{"anomaly": False, "severity": "info",
-                                                 "category": "memory", "summary": "fine"}]})
+        fake.content = json.dumps({"v": [["ok", "memory", "fine"]]})
         await classify(settings, store, clients, [OOM])
         (v,) = await store.verdicts_after(0)
         # A model saying "fine" cannot dismiss the critical rule.
@@ -146,8 +145,7 @@ async def test_meta_garbage_fake_upstream_marks_incident_unreviewed(
     settings = settings_for(tmp_path, fake.port)
     clients = LayerClients(settings)
     try:
-        fake.content = json.dumps({"verdicts": [{"anomaly": True, "severity": "critical",
-                                                 "category": "memory", "summary": "oom"}]})
+        fake.content = json.dumps({"v": [["critical", "memory", "oom"]]})
         await classify(settings, store, clients, [OOM])
         fake.content = json.dumps({"status": "degraded", "summary": "java was killed",
                                    "findings": ["oom"], "escalate": True, "reason": "r"})
@@ -170,8 +168,7 @@ async def test_incident_context_lists_open_incidents_and_verdicts(
     settings = settings_for(tmp_path, fake.port)
     clients = LayerClients(settings)
     try:
-        fake.content = json.dumps({"verdicts": [{"anomaly": True, "severity": "critical",
-                                                 "category": "memory", "summary": "java OOM"}]})
+        fake.content = json.dumps({"v": [["critical", "memory", "java OOM"]]})
         await classify(settings, store, clients, [OOM])
     finally:
         await clients.aclose()

@@ -31,16 +31,23 @@ def test_log_line_imitating_the_fence_cannot_escape_it() -> None:
     assert prompts.new_nonce() != nonce
 
 
-def test_trigger_schema_demands_one_verdict_per_event() -> None:
+def test_trigger_schema_demands_one_compact_verdict_per_event() -> None:
     schema = prompts.trigger_schema(2)
-    one = {"anomaly": True, "severity": "critical", "category": "memory", "summary": "oom"}
-    assert len(prompts.trigger_verdicts(schema.model_validate({"verdicts": [one, one]}))) == 2
-    with pytest.raises(ValidationError):
-        schema.model_validate({"verdicts": [one]})
-    with pytest.raises(ValidationError):
-        schema.model_validate({"verdicts": [one, {**one, "severity": "fine"}]})
+    result = schema.model_validate({"v": [["ok", "service", "session opened"],
+                                          ["critical", "memory", "java killed by OOM"]]})
+    quiet, oom = prompts.trigger_verdicts(result)
+    assert (quiet.i, quiet.anomaly, quiet.severity) == (0, False, "info")
+    assert (oom.i, oom.anomaly, oom.severity, oom.category) == (1, True, "critical", "memory")
+    for wrong in ([["ok", "service", "x"]],  # one verdict for two events
+                  [["ok", "service", "x"], ["fine", "service", "x"]],  # unknown level
+                  [["ok", "service", "x"], ["ok", "service"]],  # summary missing
+                  [["ok", "service", "x"], ["ok", "service", "x" * 49]]):  # summary too long
+        with pytest.raises(ValidationError):
+            schema.model_validate({"v": wrong})
     js = schema.model_json_schema()
-    assert js["properties"]["verdicts"]["minItems"] == 2
+    assert js["properties"]["v"]["minItems"] == js["properties"]["v"]["maxItems"] == 2
+    # The example in the prompt is itself a valid answer for two events.
+    schema.model_validate_json(prompts.EXAMPLE)
 
 
 def test_decision_schema_limits_actions_to_the_catalog() -> None:

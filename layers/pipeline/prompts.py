@@ -20,7 +20,6 @@ from layers.events import (
     Event,
     Incident,
     Review,
-    Severity,
     TriggerVerdict,
     Verdict,
 )
@@ -73,13 +72,15 @@ def event_item(e: Event) -> dict[str, Any]:
 # -- trigger ---------------------------------------------------------------------------
 
 
-class _TriggerItem(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    anomaly: bool
-    severity: Severity
-    category: Literal[CATEGORIES]  # type: ignore[valid-type]
-    summary: str = Field(max_length=120)
+Level = Literal["ok", "info", "warning", "critical"]
+Category = Literal[CATEGORIES]  # type: ignore[valid-type]
+SUMMARY_CHARS = 48
+# One event's verdict as the layer writes it: [level, category, summary]. Positional and
+# short on purpose: generated tokens are the trigger's cost (about 20 per event here,
+# against about 70 for a keyed object per event), and a level of "ok" says "no anomaly"
+# without a separate flag. ``trigger_verdicts`` expands it to the stored verdict schema.
+CompactVerdict = tuple[Level, Category, Annotated[str, Field(max_length=SUMMARY_CHARS)]]
+EXAMPLE = '{"v":[["warning","disk","root filesystem 95% full"],["ok","service","session opened"]]}'
 
 
 def trigger_schema(n: int) -> type[BaseModel]:
@@ -87,16 +88,16 @@ def trigger_schema(n: int) -> type[BaseModel]:
     return create_model(
         "TriggerBatch",
         __config__=ConfigDict(extra="forbid"),
-        verdicts=(list[_TriggerItem], Field(min_length=n, max_length=n)),
+        v=(list[CompactVerdict], Field(min_length=n, max_length=n)),
     )
 
 
 def trigger_verdicts(result: BaseModel) -> list[TriggerVerdict]:
-    items = getattr(result, "verdicts", [])
+    items: list[tuple[str, str, str]] = getattr(result, "v", [])
     return [
-        TriggerVerdict(i=i, anomaly=v.anomaly, severity=v.severity, category=v.category,
-                       summary=v.summary)
-        for i, v in enumerate(items)
+        TriggerVerdict(i=i, anomaly=level != "ok", severity="info" if level == "ok" else level,
+                       category=category, summary=summary)
+        for i, (level, category, summary) in enumerate(items)
     ]
 
 
@@ -105,13 +106,14 @@ def trigger_messages(events: Sequence[Event], rules: Sequence[str | None],
     items = [{**event_item(e), "rule": r} for e, r in zip(events, rules, strict=True)]
     system = (
         "You classify system log events of a Linux (NixOS) server for a system "
-        "administrator. For each event decide: anomaly (true when it needs attention), "
-        "severity (info, warning, critical), category, and a one-sentence summary. "
+        "administrator. For each event answer one array: level (ok when it needs no "
+        "attention, else info, warning or critical), category, and a summary of at most "
+        f"six words. Example answer for two events: {EXAMPLE}. "
         "`rule` names the deterministic filter that flagged the event. "
         + _untrusted_note(nonce)
     )
     user = (
-        f"Classify these {len(items)} events; answer with exactly {len(items)} verdicts "
+        f"Classify these {len(items)} events; answer with exactly {len(items)} arrays "
         f"in the same order.\n" + fence("EVENTS", items, nonce)
     )
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]

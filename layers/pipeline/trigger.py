@@ -71,7 +71,8 @@ def combine(rule: Rule | None, verdict: TriggerVerdict | None, event: StoredEven
         )
     anomaly = verdict.anomaly or forced
     severity = max_severity(verdict.severity, floor) if anomaly else verdict.severity
-    return VerdictInput(event, anomaly, severity, verdict.category, verdict.summary)
+    summary = verdict.summary.strip() or (rule.name if rule else verdict.category)
+    return VerdictInput(event, anomaly, severity, verdict.category, summary)
 
 
 class TriggerStage:
@@ -118,29 +119,46 @@ class TriggerStage:
         return True
 
     async def classify_batch(self) -> bool:
-        cands = await self.store.events_in_state("candidate", self.cfg.batch_size)
+        """Classify up to ``trigger_concurrency`` batches at once (the layer's slots decode
+        them together) and store every verdict that came back."""
+        size = self.cfg.batch_size
+        cands = await self.store.events_in_state("candidate", size * self.cfg.trigger_concurrency)
         if not cands:
             return False
-        rules = [self.prefilter.rule(e.rule) for e in cands]
+        batches = [cands[i : i + size] for i in range(0, len(cands), size)]
+        results = await asyncio.gather(*(self._classify(b) for b in batches), return_exceptions=True)
+        done: list[VerdictInput] = []
+        failure: BaseException | None = None
+        for batch, result in zip(batches, results, strict=True):
+            if isinstance(result, BaseException):
+                failure = failure or result  # down or busy: these candidates wait in the store
+                continue
+            done += [combine(self.prefilter.rule(e.rule), v, e)
+                     for e, v in zip(batch, result, strict=True)]
+        if done:
+            self.layer_waiting = False
+            await self.bus.publish(await self.store.record_verdicts(done))
+        if failure is not None:
+            raise failure
+        return True
+
+    async def _classify(self, cands: Sequence[StoredEvent]) -> list[TriggerVerdict | None]:
         nonce = prompts.new_nonce()
         messages = prompts.trigger_messages(cands, [e.rule for e in cands], nonce)
-        verdicts: list[TriggerVerdict | None]
         try:
             result = await self.pool.chat_json(
                 messages, prompts.trigger_schema(len(cands)),
                 max_tokens=self.cfg.trigger_max_tokens * len(cands) + 32,
                 retries=self.cfg.layer_retries,
             )
-            got = prompts.trigger_verdicts(result)
-            verdicts = [got[i] if i < len(got) else None for i in range(len(cands))]
         except LayerError as exc:
+            if exc.status == 400 and len(cands) > 1 and not isinstance(exc, StructuredOutputError):
+                # Most likely more than one slot's context (long log lines): halve the batch.
+                half = len(cands) // 2
+                return await self._classify(cands[:half]) + await self._classify(cands[half:])
             if not is_permanent(exc):
-                raise  # down or busy: the candidates wait in the store
+                raise
             log.warning("trigger layer output unusable: %s", exc.message)
-            verdicts = [None] * len(cands)
-        self.layer_waiting = False
-        stored = await self.store.record_verdicts(
-            [combine(r, v, e) for e, r, v in zip(cands, rules, verdicts, strict=True)]
-        )
-        await self.bus.publish(stored)
-        return True
+            return [None] * len(cands)
+        got = prompts.trigger_verdicts(result)
+        return [got[i] if i < len(got) else None for i in range(len(cands))]
