@@ -16,12 +16,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from gateway.auth import require_key, require_key_for_models
 from gateway.body import read_model
 from gateway.errors import OpenAIError
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from gateway.sse import EventStreamResponse
 from gateway.state import GatewayState
 from layers import http
 from layers.client import LayerError, LayerPool, Upstream
@@ -202,9 +203,8 @@ async def forward(
         raise layer_error(exc) from None
     m.overhead.labels(route).observe(upstream.started - t0)
     if stream:
-        return StreamingResponse(
+        return EventStreamResponse(
             relay(gw, upstream, model, rename, t0, route),
-            media_type="text/event-stream",
             headers={
                 "Cache-Control": "no-cache",
                 "X-Accel-Buffering": "no",
