@@ -193,7 +193,7 @@ def suite_real(opts: Options) -> SuiteResult:
         _warm(paths, nbody)
         # Counted requests, not a duration: one answer takes ~0.2-2 s on two shared cores.
         rounds = 2 if opts.quick else 4
-        per = 4 if opts.quick else 6
+        per = 6 if opts.quick else 12
         for rep in range(rounds):
             say(f"real model round {rep + 1}/{rounds}: {per} streams each, concurrency 1")
             for p in paths.values():
