@@ -4,7 +4,7 @@ Tests that kill or reconfigure things start their own."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,10 +13,20 @@ import pytest
 from layers.config import EngineConfig
 from layers.provision.engine import ensure_llama_server
 from layers.provision.model import default_model
+from layers.store import Store, make_store
 
 # Fixtures of the reliability/security suite: own gateways, fake upstreams.
 from tests.reliability_support import fakes, gateways  # noqa: F401
 from tests.support import Proc, cli, free_port, layer_config, write_toml
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    """An open SQLite store of the test's own (test_store.py runs both backends)."""
+    s = make_store("", tmp_path)
+    await s.open()
+    yield s
+    await s.close()
 
 
 @pytest.fixture(scope="session")

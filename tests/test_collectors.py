@@ -15,21 +15,13 @@ from layers.collectors.journald import JournaldCollector, parse_lines
 from layers.collectors.metrics import sample
 from layers.collectors.sink import StoreSink
 from layers.collectors.units import FailedUnitsCollector, parse_failed_units
-from layers.store import Store, make_store
+from layers.store import Store
 
 
 def entry(i: int, msg: object, **kw: str) -> str:
     d = {"__CURSOR": f"s=abc;i={i:x};b=1", "__REALTIME_TIMESTAMP": str(1_700_000_000_000_000 + i),
          "PRIORITY": "6", "_HOSTNAME": "web1", "MESSAGE": msg, **kw}
     return json.dumps(d)
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> Store:
-    s = make_store("", tmp_path)
-    await s.open()
-    yield s  # type: ignore[misc]
-    await s.close()
 
 
 def test_parse_journal_entries() -> None:

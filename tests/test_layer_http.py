@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import psutil
 import pytest
+import pytest_asyncio
 
 from layers import http
 from tests.conftest import Stack
@@ -32,78 +33,76 @@ async def _chat(client: http.HTTPClient, url: str, **extra: object) -> http.Resp
                                 timeout=http.Timeouts(connect=5, read=60))
 
 
-async def test_sequential_requests_reuse_one_keepalive_connection(stack: Stack) -> None:
-    client = http.HTTPClient()
-    url, port = stack.layer_url("trigger"), stack.ports["trigger"]
-    try:
-        for _ in range(5):
-            response = await _chat(client, url)
-            body = await response.aread()
-            await response.aclose()
-            assert response.status_code == 200
-            assert json.loads(body)["choices"][0]["message"]["role"] == "assistant"
-        assert _established_to(port) == 1
-    finally:
-        await client.aclose()
+@pytest_asyncio.fixture(loop_scope="function")  # the test's own loop: connections live on it
+async def client() -> AsyncIterator[http.HTTPClient]:
+    c = http.HTTPClient()
+    yield c
+    await c.aclose()
 
 
-async def test_stream_arrives_as_sse_events_and_closing_early_drops_the_connection(stack: Stack) -> None:
-    client = http.HTTPClient()
-    url, port = stack.layer_url("trigger"), stack.ports["trigger"]
+async def _answered(client: http.HTTPClient, url: str) -> tuple[int, bytes]:
+    response = await _chat(client, url)
     try:
-        response = await _chat(client, url, stream=True, max_tokens=64)
-        assert response.status_code == 200
-        assert response.headers["content-type"].startswith("text/event-stream")
-        async for piece in response.aiter_raw():
-            assert piece.startswith(b"data: ")
-            json.loads(piece.split(b"\n", 1)[0][len(b"data: "):])
-            break
-        await response.aclose()
-        deadline = time.monotonic() + 5
-        while _established_to(port) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert _established_to(port) == 0  # not pooled: the layer sees the client leave
-        response = await _chat(client, url)  # and the next request opens a new one
-        await response.aread()
-        await response.aclose()
-        assert response.status_code == 200
+        return response.status_code, await response.aread()
     finally:
-        await client.aclose()
+        await response.aclose()
+
+
+async def test_sequential_requests_reuse_one_keepalive_connection(
+    stack: Stack, client: http.HTTPClient
+) -> None:
+    url, port = stack.layer_url("trigger"), stack.ports["trigger"]
+    for _ in range(5):
+        status, body = await _answered(client, url)
+        assert status == 200
+        assert json.loads(body)["choices"][0]["message"]["role"] == "assistant"
+    assert _established_to(port) == 1
+
+
+async def test_stream_arrives_as_sse_events_and_closing_early_drops_the_connection(
+    stack: Stack, client: http.HTTPClient
+) -> None:
+    url, port = stack.layer_url("trigger"), stack.ports["trigger"]
+    response = await _chat(client, url, stream=True, max_tokens=64)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    async for piece in response.aiter_raw():
+        assert piece.startswith(b"data: ")
+        json.loads(piece.split(b"\n", 1)[0][len(b"data: "):])
+        break
+    await response.aclose()
+    deadline = time.monotonic() + 5
+    while _established_to(port) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _established_to(port) == 0  # not pooled: the layer sees the client leave
+    assert (await _answered(client, url))[0] == 200  # the next request opens a new one
 
 
 async def test_request_resent_once_on_new_connection_fake_upstream_drop_keepalive(
-    fakes: Callable[..., FakeUpstream],
+    fakes: Callable[..., FakeUpstream], client: http.HTTPClient
 ) -> None:
     upstream = fakes("drop_keepalive")
-    client = http.HTTPClient()
-    try:
-        for _ in range(3):
-            response = await _chat(client, f"http://127.0.0.1:{upstream.port}")
-            await response.aread()
-            await response.aclose()
-            assert response.status_code == 200
-        assert upstream.requests == 3
-    finally:
-        await client.aclose()
+    for _ in range(3):
+        assert (await _answered(client, f"http://127.0.0.1:{upstream.port}"))[0] == 200
+    assert upstream.requests == 3
 
 
-async def test_silent_upstream_is_read_timeout_fake_upstream_hang(fakes: Callable[..., FakeUpstream]) -> None:
+async def test_silent_upstream_is_read_timeout_fake_upstream_hang(
+    fakes: Callable[..., FakeUpstream], client: http.HTTPClient
+) -> None:
     upstream = fakes("hang")
-    client = http.HTTPClient()
     started = time.monotonic()
     with pytest.raises(http.ReadTimeout):
         await client.request("POST", f"http://127.0.0.1:{upstream.port}/v1/chat/completions",
                              content=json.dumps(CHAT).encode(), headers=HEADERS,
                              timeout=http.Timeouts(connect=2, read=0.5))
     assert time.monotonic() - started < 5
-    await client.aclose()
 
 
 async def test_stream_cut_by_the_upstream_is_protocol_error_fake_upstream_crash_midstream(
-    fakes: Callable[..., FakeUpstream],
+    fakes: Callable[..., FakeUpstream], client: http.HTTPClient
 ) -> None:
     upstream = fakes("crash_midstream")
-    client = http.HTTPClient()
     response = await _chat(client, f"http://127.0.0.1:{upstream.port}", stream=True)
     got: list[bytes] = []
     with pytest.raises(http.ProtocolError):
@@ -111,17 +110,16 @@ async def test_stream_cut_by_the_upstream_is_protocol_error_fake_upstream_crash_
             got.append(piece)
     assert len(got) == 2  # what arrived before the crash was delivered
     await response.aclose()
-    await client.aclose()
 
 
-async def test_nothing_listening_is_connect_error() -> None:
-    client = http.HTTPClient()
+async def test_nothing_listening_is_connect_error(client: http.HTTPClient) -> None:
     with pytest.raises(http.ConnectError, match="cannot connect"):
         await _chat(client, f"http://127.0.0.1:{free_port()}")
 
 
-async def test_header_value_with_a_line_break_is_refused_before_sending(stack: Stack) -> None:
-    client = http.HTTPClient()
+async def test_header_value_with_a_line_break_is_refused_before_sending(
+    stack: Stack, client: http.HTTPClient
+) -> None:
     with pytest.raises(ValueError, match="invalid character"):
         await client.request("POST", f"{stack.layer_url('trigger')}/v1/chat/completions",
                              content=b"{}", headers={"authorization": "Bearer x\r\nX-Evil: 1"})

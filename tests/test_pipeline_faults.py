@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from layers.pipeline.service import IncidentContext
 from layers.pipeline.stages import IncidentWorker
 from layers.pipeline.trigger import TriggerStage, VerdictBus
 from layers.prefilter import Prefilter, load_rules
-from layers.store import Store, make_store
+from layers.store import Store
 from tests.support import free_port
 
 
@@ -78,14 +78,6 @@ def settings_for(tmp: Path, port: int) -> Settings:
         "pipeline": {"layer_retries": 1, "escalate_severity": "warning"},
         "memory": {"enabled": False},
     })
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = make_store("", tmp_path)
-    await s.open()
-    yield s
-    await s.close()
 
 
 async def classify(settings: Settings, store: Store, clients: LayerClients,

@@ -4,7 +4,7 @@ are halved rather than given up as unreviewed."""
 from __future__ import annotations
 
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +15,7 @@ from layers.events import Event
 from layers.pipeline import prompts
 from layers.pipeline.trigger import TriggerStage, VerdictBus
 from layers.prefilter import Prefilter, load_rules
-from layers.store import Store, make_store
+from layers.store import Store
 from tests.support import free_port, llama_server
 
 pytestmark = pytest.mark.slow
@@ -30,14 +30,6 @@ def small_layer(tmp_path: Path, llama_server_bin: Path, model_path: Path) -> Ite
     proc.wait_http(f"http://127.0.0.1:{port}/health")
     yield port
     proc.stop(signal.SIGKILL)
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = make_store("", tmp_path)
-    await s.open()
-    yield s
-    await s.close()
 
 
 def long_oom_lines(n: int) -> list[Event]:
