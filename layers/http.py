@@ -121,7 +121,9 @@ class Response:
             raise ProtocolError("the response is closed")
         reader = conn.reader
         try:
-            if self.headers.get("transfer-encoding", "").lower() == "chunked":
+            if self.status_code in (204, 304):
+                pass  # no body, whatever the headers say
+            elif self.headers.get("transfer-encoding", "").lower() == "chunked":
                 async for piece in self._chunks(reader):
                     yield piece
             elif "content-length" in self.headers:
