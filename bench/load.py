@@ -11,6 +11,11 @@ Modes:
   whichever ends first; latency of every request, TTFT and inter-chunk delays of streams.
 - ``hold``: open ``concurrency`` streams at once, one per connection, and count how many
   are open at the same time and how many end with ``[DONE]``.
+- ``interleave``: one request at a time, taking ``url`` and each of ``others`` in turn
+  (rotating which goes first, 0.1 s apart), ``max_requests`` rounds; figures per target
+  in ``per_target``. Drift of a shared
+  machine (another process, a thermal step) then falls on every target alike — for
+  small differences such as the time to first token through a proxy.
 
 Prints one JSON object (:class:`LoadResult`) on stdout. Loopback only: any other host is
 refused.
@@ -30,10 +35,18 @@ from pydantic import BaseModel, Field
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
+class Target(BaseModel):
+    name: str
+    url: str
+    headers: dict[str, str] = Field(default_factory=dict)
+
+
 class LoadSpec(BaseModel):
     url: str
     body: dict[str, Any]
     headers: dict[str, str] = Field(default_factory=dict)
+    name: str = "target"
+    others: list[Target] = Field(default_factory=list)  # mode interleave
     concurrency: int = Field(1, ge=1, le=4000)
     mode: str = "closed"
     duration: float = Field(3.0, gt=0, le=600)
@@ -53,6 +66,7 @@ class LoadResult(BaseModel):
     inter_chunk_ms: list[float] = Field(default_factory=list)
     peak_open: int = 0
     warmup_done: int = 0  # requests answered during the warmup (for CPU per request)
+    per_target: dict[str, LoadResult] = Field(default_factory=dict)  # mode interleave
 
 
 class HttpError(Exception):
@@ -154,21 +168,21 @@ async def one_request(
     return latency, ttft, gaps
 
 
-def build_request(spec: LoadSpec) -> tuple[str, int, bytes]:
-    u = urlsplit(spec.url)
+def build_request(url: str, headers: dict[str, str], body_json: dict[str, Any]) -> tuple[str, int, bytes]:
+    u = urlsplit(url)
     host = u.hostname or "127.0.0.1"
     if host not in LOOPBACK:
         raise SystemExit(f"bench.load: refusing non-loopback target {host}")
     port = u.port or 80
-    body = json.dumps(spec.body, separators=(",", ":")).encode()
+    body = json.dumps(body_json, separators=(",", ":")).encode()
     head = [f"POST {u.path} HTTP/1.1", f"host: {host}:{port}", "content-type: application/json",
             f"content-length: {len(body)}", "accept: */*"]
-    head += [f"{k}: {v}" for k, v in spec.headers.items()]
+    head += [f"{k}: {v}" for k, v in headers.items()]
     return host, port, ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
 async def run_closed(spec: LoadSpec) -> LoadResult:
-    host, port, raw = build_request(spec)
+    host, port, raw = build_request(spec.url, spec.headers, spec.body)
     stream = bool(spec.body.get("stream"))
     res = LoadResult()
     start = time.perf_counter()
@@ -224,7 +238,7 @@ async def run_closed(spec: LoadSpec) -> LoadResult:
 
 async def run_hold(spec: LoadSpec) -> LoadResult:
     """Open all streams at once and hold them until the upstream ends them."""
-    host, port, raw = build_request(spec)
+    host, port, raw = build_request(spec.url, spec.headers, spec.body)
     res = LoadResult()
     open_now = 0
     start = time.perf_counter()
@@ -267,6 +281,44 @@ async def run_hold(spec: LoadSpec) -> LoadResult:
     return res
 
 
+async def run_interleaved(spec: LoadSpec) -> LoadResult:
+    """Concurrency 1, the targets in turn: ``max_requests`` requests to each."""
+    targets = [Target(name=spec.name, url=spec.url, headers=spec.headers), *spec.others]
+    stream = bool(spec.body.get("stream"))
+    plan = []
+    for t in targets:
+        host, port, raw = build_request(t.url, t.headers, spec.body)
+        plan.append((t.name, Connection(host, port), raw, LoadResult()))
+    start = time.perf_counter()
+    for k in range(spec.max_requests):
+        # Each round starts one target later, so every target follows every other equally
+        # often; and a pause lets a target's work after its answer (a proxy's logging)
+        # settle before the next one is timed.
+        for _name, conn, raw, res in plan[k % len(plan):] + plan[: k % len(plan)]:
+            await asyncio.sleep(0.1)
+            try:
+                latency, ttft, gaps = await asyncio.wait_for(one_request(conn, raw, stream),
+                                                             spec.timeout)
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                    HttpError, ValueError, TimeoutError) as exc:
+                conn.close()
+                res.errors += 1
+                if len(res.error_samples) < 5:
+                    res.error_samples.append(f"{type(exc).__name__}: {exc}"[:300])
+                continue
+            res.ok += 1
+            res.elapsed += latency
+            res.latencies_ms.append(latency * 1000)
+            if ttft is not None:
+                res.ttft_ms.append(ttft * 1000)
+            res.inter_chunk_ms.extend(g * 1000 for g in gaps)
+    for _name, conn, _raw, _res in plan:
+        conn.close()
+    out = LoadResult(elapsed=time.perf_counter() - start)
+    out.per_target = {name: res for name, _conn, _raw, res in plan}
+    return out
+
+
 def main() -> None:
     spec = LoadSpec.model_validate_json(sys.argv[1] if len(sys.argv) > 1 else sys.stdin.read())
     try:
@@ -275,7 +327,7 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
-    runner = run_hold if spec.mode == "hold" else run_closed
+    runner = {"hold": run_hold, "interleave": run_interleaved}.get(spec.mode, run_closed)
     result = asyncio.run(runner(spec))
     if spec.out:
         with open(spec.out, "w", encoding="utf-8") as fh:

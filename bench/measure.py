@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from bench.load import LoadResult, LoadSpec
+from bench.load import LoadResult, LoadSpec, Target
 from bench.procs import RssSampler, Server
 from bench.stack import MODEL, Path_
 
@@ -85,18 +85,35 @@ def measure(path: Path_, *, concurrency: int, body: dict[str, Any], duration: fl
     with RssSampler(server) as rss:
         res = run_load(spec)
     cpu = server.cpu_seconds() - cpu0
-    stream = bool(body.get("stream"))
     served = res.ok + res.errors + res.warmup_done
+    return to_run(path.name, concurrency, bool(body.get("stream")), res,
+                  cpu_ms_per_req=cpu * 1000 / served if served else float("nan"),
+                  rss_peak_mb=rss.peak / 2**20)
+
+
+def to_run(name: str, concurrency: int, stream: bool, res: LoadResult, *,
+           cpu_ms_per_req: float = float("nan"), rss_peak_mb: float = float("nan")) -> Run:
     return Run(
-        path=path.name, concurrency=concurrency, stream=stream, ok=res.ok, errors=res.errors,
-        error_samples=res.error_samples, rps=res.ok / res.elapsed,
+        path=name, concurrency=concurrency, stream=stream, ok=res.ok, errors=res.errors,
+        error_samples=res.error_samples, rps=res.ok / res.elapsed if res.elapsed else 0.0,
         p50_ms=percentile(res.latencies_ms, 50), p99_ms=percentile(res.latencies_ms, 99),
         ttft_p50_ms=percentile(res.ttft_ms, 50), ttft_p99_ms=percentile(res.ttft_ms, 99),
         inter_chunk_p50_ms=percentile(res.inter_chunk_ms, 50),
-        cpu_ms_per_req=cpu * 1000 / served if served else float("nan"),
-        rss_peak_mb=rss.peak / 2**20, peak_open=res.peak_open,
+        cpu_ms_per_req=cpu_ms_per_req, rss_peak_mb=rss_peak_mb, peak_open=res.peak_open,
         latencies_ms=res.latencies_ms, ttft_ms=res.ttft_ms,
     )
+
+
+def measure_interleaved(paths: list[Path_], *, body: dict[str, Any], rounds: int,
+                        timeout: float = 120.0) -> list[Run]:
+    """Concurrency 1, one request to each path in turn, ``rounds`` times: a Run per path."""
+    first, *others = paths
+    spec = LoadSpec(url=first.url, headers=first.headers, name=first.name, body=body,
+                    others=[Target(name=p.name, url=p.url, headers=p.headers) for p in others],
+                    mode="interleave", max_requests=rounds, warmup=0, timeout=timeout,
+                    duration=min(600.0, rounds * len(paths) * timeout))
+    res = run_load(spec)
+    return [to_run(p.name, 1, bool(body.get("stream")), res.per_target[p.name]) for p in paths]
 
 
 def spread(values: list[float]) -> tuple[float, float, float]:

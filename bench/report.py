@@ -254,6 +254,10 @@ def _real_tables(res: SuiteResult) -> list[str]:
     lines = [
         "### Real model (llama-server, gemma3-270m Q4_K_M, 4 slots)",
         "",
+        "Streams (8 tokens, the same short prompt) at concurrency 1 with the paths taken in turn "
+        "request by request, so a shared machine's drift falls on every path alike; TTFT is "
+        "until the first chunk with content.",
+        "",
         "| path | TTFT p50 ms | TTFT / direct | inter-chunk p50 ms | latency p50 c=1 ms "
         "| added p50 c=1 ms | req/s c=4 | errors |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import stack
-from bench.measure import Run, chat_body, measure
+from bench.measure import Run, chat_body, measure, measure_interleaved
 from bench.procs import Server
 
 # lean (bench/lean_proxy.py) is a reference point: bare ASGI + a raw asyncio upstream client.
@@ -193,12 +193,11 @@ def suite_real(opts: Options) -> SuiteResult:
         _warm(paths, nbody)
         # Counted requests, not a duration: one answer takes ~0.2-2 s on two shared cores.
         rounds = 2 if opts.quick else 4
-        per = 6 if opts.quick else 12
+        per = 10 if opts.quick else 25
         for rep in range(rounds):
-            say(f"real model round {rep + 1}/{rounds}: {per} streams each, concurrency 1")
-            for p in paths.values():
-                r = measure(p, concurrency=1, body=sbody, duration=120, warmup=0,
-                            max_requests=per, timeout=120)
+            say(f"real model round {rep + 1}/{rounds}: {per} streams each, concurrency 1, "
+                "the paths in turn request by request")
+            for r in measure_interleaved(list(paths.values()), body=sbody, rounds=per):
                 _log_run(r)
                 out.runs.append(r)
         reps = 2 if opts.quick else 3
