@@ -250,13 +250,15 @@ def _open_streams_table(res: SuiteResult) -> list[str]:
 
 def _real_tables(res: SuiteResult) -> list[str]:
     g = group(res.runs)
-    paths = [p for p in ("direct", "passthrough", "lean", "gateway", "litellm") if (p, 1, True) in g]
+    paths = [p for p in ("direct", "relay", "passthrough", "lean", "gateway", "litellm")
+             if (p, 1, True) in g]
     lines = [
         "### Real model (llama-server, gemma3-270m Q4_K_M, 4 slots)",
         "",
         "Streams (8 tokens, the same short prompt) at concurrency 1 with the paths taken in turn "
         "request by request, so a shared machine's drift falls on every path alike; TTFT is "
-        "until the first chunk with content.",
+        "until the first chunk with content. `relay` (`bench/tcp_relay.py`) copies bytes with "
+        "no HTTP parsing: the cost of a proxy's extra hop alone.",
         "",
         "| path | TTFT p50 ms | TTFT / direct | inter-chunk p50 ms | latency p50 c=1 ms "
         "| added p50 c=1 ms | req/s c=4 | errors |",

@@ -72,6 +72,12 @@ def passthrough_server(work: Path, upstream: Server) -> Server:
     )
 
 
+def relay_server(work: Path, upstream: Server) -> Server:
+    port = free_port()
+    return Server("relay", [sys.executable, "-m", "bench.tcp_relay", str(port), str(upstream.port)],
+                  port, "/health", work / "relay.log", ready_timeout=60)
+
+
 def lean_server(work: Path, upstream: Server) -> Server:
     port = free_port()
     return Server(
@@ -141,6 +147,7 @@ def paths_for(upstream: Server, servers: dict[str, Server]) -> dict[str, Path_]:
     """Each started proxy as a path, plus the upstream itself as ``direct``."""
     headers = {
         "direct": {},
+        "relay": {},
         "passthrough": {},
         "lean": {},
         "gateway": {"authorization": f"Bearer {GATEWAY_KEY}"},

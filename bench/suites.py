@@ -184,6 +184,8 @@ def suite_real(opts: Options) -> SuiteResult:
     upstream = stack.llama_server(opts.work, parallel=slots)
     # lean is a stub-only reference: it has no retry for connections llama-server closes.
     proxies = _proxies(opts, upstream, slots=slots, tag="-real", skip=("lean",))
+    # The byte relay: what a proxy's extra hop alone costs in TTFT on these cores.
+    proxies = {"relay": stack.relay_server(opts.work, upstream), **proxies}
     with running([upstream, *proxies.values()]):
         paths = stack.paths_for(upstream, proxies)
         # Streams with a short answer: TTFT dominates; the same prompt each time (the
