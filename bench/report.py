@@ -346,9 +346,9 @@ def render(results: dict[str, SuiteResult], versions: dict[str, str], plots: lis
         "",
         *machine(versions),
         "- The load generator (`bench/load.py`, raw asyncio + uvloop, closed loop) runs on the "
-        "same two cores as the servers, and the machine was shared with other engineers' "
-        "test runs: absolute figures are pessimistic; the ratios compare paths measured in "
-        "interleaved rounds of the same run.",
+        "same two cores as the servers, and the machine may be shared with other work (the "
+        "load averages below say how busy it was): absolute figures are pessimistic; the "
+        "ratios compare paths measured in interleaved rounds of the same run.",
         "",
         "- 1-minute load average (start → end) of each suite, on 2 cores: "
         + ", ".join(f"{k} {r.load[0]:.1f} → {r.load[1]:.1f}" for k, r in results.items())
