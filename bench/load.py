@@ -68,9 +68,27 @@ class LoadResult(BaseModel):
     warmup_done: int = 0  # requests answered during the warmup (for CPU per request)
     per_target: dict[str, LoadResult] = Field(default_factory=dict)  # mode interleave
 
+    def record(self, latency: float, ttft: float | None, gaps: list[float]) -> None:
+        """One answered request (seconds in, milliseconds kept)."""
+        self.ok += 1
+        self.latencies_ms.append(latency * 1000)
+        if ttft is not None:
+            self.ttft_ms.append(ttft * 1000)
+        self.inter_chunk_ms.extend(g * 1000 for g in gaps)
+
+    def record_error(self, exc: BaseException) -> None:
+        self.errors += 1
+        if len(self.error_samples) < 5:
+            self.error_samples.append(f"{type(exc).__name__}: {exc}"[:300])
+
 
 class HttpError(Exception):
     pass
+
+
+# What a failed request raises: counted as an error, never a crash of the generator.
+REQUEST_ERRORS = (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, HttpError,
+                  ValueError, TimeoutError)
 
 
 class Connection:
@@ -192,11 +210,6 @@ async def run_closed(spec: LoadSpec) -> LoadResult:
     counted = 0
     last_end = measure_from
 
-    def record_error(exc: BaseException) -> None:
-        res.errors += 1
-        if len(res.error_samples) < 5:
-            res.error_samples.append(f"{type(exc).__name__}: {exc}"[:300])
-
     async def worker() -> None:
         nonlocal counted, last_end
         conn = Connection(host, port)
@@ -206,11 +219,10 @@ async def run_closed(spec: LoadSpec) -> LoadResult:
                 latency, ttft, gaps = await asyncio.wait_for(
                     one_request(conn, raw, stream), hard_stop - began
                 )
-            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                    HttpError, ValueError, TimeoutError) as exc:
+            except REQUEST_ERRORS as exc:
                 conn.close()
                 if began >= measure_from:
-                    record_error(exc)
+                    res.record_error(exc)
                     counted += 1
                 await asyncio.sleep(0.01)
                 continue
@@ -219,11 +231,7 @@ async def run_closed(spec: LoadSpec) -> LoadResult:
                 continue
             last_end = max(last_end, began + latency)
             counted += 1
-            res.ok += 1
-            res.latencies_ms.append(latency * 1000)
-            if ttft is not None:
-                res.ttft_ms.append(ttft * 1000)
-            res.inter_chunk_ms.extend(g * 1000 for g in gaps)
+            res.record(latency, ttft, gaps)
         conn.close()
 
     await asyncio.gather(*(worker() for _ in range(spec.concurrency)))
@@ -258,19 +266,11 @@ async def run_hold(spec: LoadSpec) -> LoadResult:
             opened()
 
         try:
-            latency, ttft, gaps = await asyncio.wait_for(
+            res.record(*await asyncio.wait_for(
                 one_request(conn, raw, True, on_open=mark), spec.timeout
-            )
-            res.ok += 1
-            res.latencies_ms.append(latency * 1000)
-            if ttft is not None:
-                res.ttft_ms.append(ttft * 1000)
-            res.inter_chunk_ms.extend(g * 1000 for g in gaps)
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                HttpError, ValueError, TimeoutError) as exc:
-            res.errors += 1
-            if len(res.error_samples) < 5:
-                res.error_samples.append(f"{type(exc).__name__}: {exc}"[:300])
+            ))
+        except REQUEST_ERRORS as exc:
+            res.record_error(exc)
         finally:
             if was_open[0]:
                 open_now -= 1
@@ -299,19 +299,12 @@ async def run_interleaved(spec: LoadSpec) -> LoadResult:
             try:
                 latency, ttft, gaps = await asyncio.wait_for(one_request(conn, raw, stream),
                                                              spec.timeout)
-            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                    HttpError, ValueError, TimeoutError) as exc:
+            except REQUEST_ERRORS as exc:
                 conn.close()
-                res.errors += 1
-                if len(res.error_samples) < 5:
-                    res.error_samples.append(f"{type(exc).__name__}: {exc}"[:300])
+                res.record_error(exc)
                 continue
-            res.ok += 1
             res.elapsed += latency
-            res.latencies_ms.append(latency * 1000)
-            if ttft is not None:
-                res.ttft_ms.append(ttft * 1000)
-            res.inter_chunk_ms.extend(g * 1000 for g in gaps)
+            res.record(latency, ttft, gaps)
     for _name, conn, _raw, _res in plan:
         conn.close()
     out = LoadResult(elapsed=time.perf_counter() - start)
