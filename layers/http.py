@@ -284,9 +284,7 @@ class HTTPClient:
     async def _exchange(self, conn: _Connection, head: bytes, content: bytes, t: Timeouts) -> Response:
         try:
             writer = conn.writer
-            writer.write(head + content if len(content) < 65536 else head)
-            if len(content) >= 65536:
-                writer.write(content)
+            writer.writelines((head, content))  # one send (writev) for head and body
             try:
                 async with asyncio.timeout(t.write):
                     await writer.drain()
