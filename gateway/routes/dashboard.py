@@ -16,6 +16,7 @@ from fastapi.responses import FileResponse, Response
 from gateway.auth import is_loopback, require_key
 from gateway.errors import OpenAIError
 from gateway.state import GatewayState
+from layers.store import MAX_SEQ
 
 router = APIRouter(tags=["dashboard"])
 
@@ -98,7 +99,8 @@ async def overview(request: Request) -> dict[str, Any]:
 async def audit(
     request: Request,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    after: Annotated[int | None, Query(ge=0, description="entries after this seq")] = None,
+    after: Annotated[int | None,
+                     Query(ge=0, le=MAX_SEQ, description="entries after this seq")] = None,
 ) -> dict[str, Any]:
     """The append-only audit log: the newest ``limit`` entries (oldest first), or the
     entries after ``after`` when given (for paging forward, as `ai-sysadmin audit`)."""

@@ -23,10 +23,10 @@ from gateway.errors import OpenAIError
 from gateway.state import GatewayState
 from layers.events import Event
 from layers.pipeline.service import IncidentContext, PipelineService
+from layers.store import MAX_SEQ
 
 router = APIRouter(tags=["events"], dependencies=[Depends(require_key)])
 
-MAX_SEQ = 2**63 - 1  # BIGINT: the largest sequence number a store can hold
 SEQ_RE = re.compile(r"[0-9]{1,19}")
 
 

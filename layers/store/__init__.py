@@ -10,6 +10,7 @@ from pathlib import Path
 
 from layers.config import Settings
 from layers.store.base import (
+    MAX_SEQ,
     AddResult,
     Prefiltered,
     Store,
@@ -19,6 +20,7 @@ from layers.store.base import (
 )
 
 __all__ = [
+    "MAX_SEQ",
     "AddResult",
     "Prefiltered",
     "Store",

@@ -43,6 +43,9 @@ from layers.events import (
 Row = dict[str, Any]
 
 
+
+MAX_SEQ = 2**63 - 1  # BIGINT: the largest sequence number a store can hold
+
 class StoreError(Exception):
     """The store cannot be opened or used; the message is one readable line."""
 
