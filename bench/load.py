@@ -12,8 +12,8 @@ Modes:
 - ``hold``: open ``concurrency`` streams at once, one per connection, and count how many
   are open at the same time and how many end with ``[DONE]``.
 - ``interleave``: one request at a time, taking ``url`` and each of ``others`` in turn
-  (rotating which goes first, 0.1 s apart), ``max_requests`` rounds; figures per target
-  in ``per_target``. Drift of a shared
+  (in orders where every target follows every other equally often, 0.1 s apart),
+  ``max_requests`` rounds; figures per target in ``per_target``. Drift of a shared
   machine (another process, a thermal step) then falls on every target alike — for
   small differences such as the time to first token through a proxy.
 
@@ -281,6 +281,21 @@ async def run_hold(spec: LoadSpec) -> LoadResult:
     return res
 
 
+def balanced_orders(n: int) -> list[list[int]]:
+    """A Williams design: orders of ``range(n)`` in which each target directly follows
+    each other target equally often (n orders for even n, 2n for odd n). A rotation keeps
+    the cyclic order, so every target would follow the same one each time."""
+    first, lo, hi = [0], 1, n - 1
+    while len(first) < n:
+        first.append(lo)
+        lo += 1
+        if len(first) < n:
+            first.append(hi)
+            hi -= 1
+    rows = [[(x + i) % n for x in first] for i in range(n)]
+    return rows if n % 2 == 0 else rows + [row[::-1] for row in rows]
+
+
 async def run_interleaved(spec: LoadSpec) -> LoadResult:
     """Concurrency 1, the targets in turn: ``max_requests`` requests to each."""
     targets = [Target(name=spec.name, url=spec.url, headers=spec.headers), *spec.others]
@@ -289,12 +304,14 @@ async def run_interleaved(spec: LoadSpec) -> LoadResult:
     for t in targets:
         host, port, raw = build_request(t.url, t.headers, spec.body)
         plan.append((t.name, Connection(host, port), raw, LoadResult()))
+    orders = balanced_orders(len(plan))
     start = time.perf_counter()
     for k in range(spec.max_requests):
-        # Each round starts one target later, so every target follows every other equally
-        # often; and a pause lets a target's work after its answer (a proxy's logging)
-        # settle before the next one is timed.
-        for _name, conn, raw, res in plan[k % len(plan):] + plan[: k % len(plan)]:
+        # Every target follows every other equally often (a proxy's work after its answer,
+        # such as LiteLLM's logging, would otherwise always land on the same next target),
+        # and a pause lets that work settle before the next one is timed.
+        for i in orders[k % len(orders)]:
+            _name, conn, raw, res = plan[i]
             await asyncio.sleep(0.1)
             try:
                 latency, ttft, gaps = await asyncio.wait_for(one_request(conn, raw, stream),

@@ -107,11 +107,23 @@ def validation_error(errors: Sequence[Mapping[str, Any]]) -> OpenAIError:
     return OpenAIError(400, text, param=param, code="invalid_value")
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(OpenAIError)
-    async def _openai(_: Request, exc: OpenAIError) -> Response:
+def response_for(exc: Exception) -> Response:
+    """The answer to an error a handler raised (FastAPI's routes and the fast path alike)."""
+    if isinstance(exc, OpenAIError):
         return exc.response()
+    if isinstance(exc, StoreError):
+        # The store is full, restarting or not open (yet / any more): the request was not
+        # stored and may be retried. One line in the log, no traceback per request.
+        log.warning("store unavailable: %s", exc)
+        return error_response(
+            503, f"the store is unavailable, retry later ({exc})", code="store_unavailable",
+            headers={"Retry-After": "2"},
+        )
+    log.error("unhandled error: %s", type(exc).__name__, exc_info=exc)
+    return error_response(500, "internal error in the gateway", code="internal_error")
 
+
+def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> Response:
         return validation_error(exc.errors()).response()
@@ -128,17 +140,8 @@ def install_error_handlers(app: FastAPI) -> None:
             message, code = str(exc.detail), None
         return error_response(exc.status_code, message, code=code, headers=exc.headers)
 
-    @app.exception_handler(StoreError)
-    async def _store(_: Request, exc: StoreError) -> Response:
-        # The store is full, restarting or not open (yet / any more): the request was not
-        # stored and may be retried. One line in the log, no traceback per request.
-        log.warning("store unavailable: %s", exc)
-        return error_response(
-            503, f"the store is unavailable, retry later ({exc})", code="store_unavailable",
-            headers={"Retry-After": "2"},
-        )
+    async def _response_for(_: Request, exc: Exception) -> Response:
+        return response_for(exc)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> Response:
-        log.exception("unhandled error: %s", type(exc).__name__)
-        return error_response(500, "internal error in the gateway", code="internal_error")
+    for kind in (OpenAIError, StoreError, Exception):
+        app.add_exception_handler(kind, _response_for)

@@ -9,6 +9,7 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.auth import check_bind
+from gateway.fastpath import FastPaths
 from layers.config import Settings
 from layers.supervisor import Supervisor
 
@@ -26,7 +27,7 @@ def make_server(settings: Settings, supervisor: Supervisor | None = None) -> uvi
     app = create_app(settings)
     app.state.gw.supervisor = supervisor
     config = uvicorn.Config(
-        app,
+        FastPaths(app),
         host=settings.gateway.host,
         port=settings.gateway.port,
         log_level=settings.gateway.log_level if settings.gateway.log_level != "debug" else "info",

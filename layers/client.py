@@ -514,7 +514,7 @@ class LayerClients:
     """The three layers behind one pooled :class:`layers.http.HTTPClient`."""
 
     def __init__(self, settings: Settings, client: http.HTTPClient | None = None) -> None:
-        self.client = client or http.HTTPClient()
+        self.client = client or http.HTTPClient(spare=settings.gateway.spare_connections)
         self.pools: dict[str, LayerPool] = {
             name: LayerPool(name, layer, settings, self.client)
             for name, layer in settings.layers.items()

@@ -244,6 +244,14 @@ class GatewayConfig(Section):
     embeddings_layer: LayerName = Field(
         "meta", description="Layer whose `/v1/embeddings` serves `POST /v1/embeddings`."
     )
+    spare_connections: int = Field(
+        1, ge=0, le=8,
+        description="Connections to each layer endpoint opened ahead of the next request. "
+        "llama-server closes its connection after every streamed answer, so without a spare "
+        "each stream first waits for a new connection; a spare is opened after an answer and "
+        "used within 4 s, and holds one of llama-server's HTTP threads while it waits. "
+        "0: connect only when a request needs it.",
+    )
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
     breaker: BreakerConfig = Field(default_factory=BreakerConfig)
     log_level: Literal["debug", "info", "warning", "error"] = Field(

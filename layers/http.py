@@ -11,6 +11,11 @@ A response is returned once its head has arrived; its body is then read with
 :meth:`Response.aread` or :meth:`Response.aiter_raw`. Closing a response before its body
 ended closes the connection, which is how llama-server learns that a client went away and
 stops generating.
+
+llama-server closes the connection after every streamed answer, whatever its
+``Keep-Alive`` header says. So that the next stream does not wait for a TCP connect (and
+for one of llama-server's HTTP threads to pick it up), the client can keep ``spare``
+connections per origin opened ahead, after each answer, while the machine is idle.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ IDLE_REUSE_SECONDS = 4.0
 MAX_IDLE_PER_ORIGIN = 256
 MAX_HEAD_BYTES = 64 * 1024
 READ_SIZE = 64 * 1024
+SPARE_CONNECT_TIMEOUT = 5.0
 
 
 class HTTPError(Exception):
@@ -71,7 +77,7 @@ Origin = tuple[str, str, int]  # scheme, host, port
 
 
 class _Connection:
-    __slots__ = ("origin", "reader", "writer", "idle_since", "reused")
+    __slots__ = ("origin", "reader", "writer", "idle_since", "reused", "exchanges")
 
     def __init__(self, origin: Origin, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.origin = origin
@@ -79,6 +85,7 @@ class _Connection:
         self.writer = writer
         self.idle_since = 0.0
         self.reused = False
+        self.exchanges = 0  # requests sent on it; a spare has none
 
     def usable(self, now: float) -> bool:
         return (
@@ -189,16 +196,24 @@ class Response:
             self._client._release(conn)
         else:
             conn.close()
+        self._client._keep_spare(conn.origin)
 
 
 class HTTPClient:
     """Pooled keep-alive connections per origin. No limit on connections: callers bound
-    their own concurrency (the layers' admission limiter)."""
+    their own concurrency (the layers' admission limiter).
 
-    def __init__(self) -> None:
+    ``spare``: connections per origin kept opened ahead of the next request (see the
+    module's docstring); 0 opens connections only when a request needs one.
+    """
+
+    def __init__(self, *, spare: int = 0) -> None:
         self._idle: dict[Origin, list[_Connection]] = {}
         self._tls: ssl.SSLContext | None = None
         self._closed = False
+        self.spare = spare
+        self._warming: set[Origin] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def request(
         self,
@@ -217,12 +232,11 @@ class HTTPClient:
         t = Timeouts.of(timeout)
         origin, target = _split(url)
         head = _request_head(method, target, origin, headers, len(content))
-        conn = self._pooled(origin)
-        if conn is not None:
+        while (conn := self._pooled(origin)) is not None:
             try:
                 return await self._exchange(conn, head, content, t)
             except _StaleConnection:
-                pass
+                continue  # the next pooled one (a spare), else a new connection
         return await self._exchange(await self._connect(origin, t.connect), head, content, t)
 
     async def get(self, url: str, *, headers: Mapping[str, str] | None = None,
@@ -237,6 +251,8 @@ class HTTPClient:
 
     async def aclose(self) -> None:
         self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
         for conns in self._idle.values():
             for conn in conns:
                 conn.close()
@@ -257,11 +273,44 @@ class HTTPClient:
 
     def _release(self, conn: _Connection) -> None:
         idle = self._idle.setdefault(conn.origin, [])
-        if self._closed or len(idle) >= MAX_IDLE_PER_ORIGIN:
+        if self._closed or len(idle) >= MAX_IDLE_PER_ORIGIN or conn.reader.at_eof():
             conn.close()
             return
         conn.idle_since = time.monotonic()
         idle.append(conn)
+
+    def _keep_spare(self, origin: Origin) -> None:
+        """After an answer: open a connection in the background unless ``spare`` unused
+        ones are ready. Only unused ones count: a used one may be closed by the server
+        any moment (llama-server does so after a stream)."""
+        if not self.spare or self._closed or origin in self._warming:
+            return
+        now = time.monotonic()
+        idle = self._idle.setdefault(origin, [])
+        for conn in [c for c in idle if not c.usable(now)]:
+            idle.remove(conn)  # closed by the server, or idle too long to trust
+            conn.close()
+        if sum(1 for c in idle if not c.exchanges) >= self.spare:
+            return
+        self._warming.add(origin)
+        task = asyncio.get_running_loop().create_task(self._open_spare(origin))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _open_spare(self, origin: Origin) -> None:
+        try:
+            conn = await self._connect(origin, SPARE_CONNECT_TIMEOUT)
+        except HTTPError:
+            return  # the next request connects itself and reports what fails
+        finally:
+            self._warming.discard(origin)
+        # Behind the connections in use: LIFO reuse takes a kept-alive one first.
+        conn.idle_since = time.monotonic()
+        if self._closed:
+            conn.close()
+        else:
+            self._idle.setdefault(origin, []).insert(0, conn)
+        self._keep_spare(origin)  # more than one wanted
 
     async def _connect(self, origin: Origin, timeout: float) -> _Connection:
         scheme, host, port = origin
@@ -283,6 +332,7 @@ class HTTPClient:
 
     async def _exchange(self, conn: _Connection, head: bytes, content: bytes, t: Timeouts) -> Response:
         try:
+            conn.exchanges += 1
             writer = conn.writer
             writer.writelines((head, content))  # one send (writev) for head and body
             try:

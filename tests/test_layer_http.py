@@ -4,6 +4,7 @@ made to produce on demand (those tests say which fault in their names)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -57,6 +58,52 @@ async def test_sequential_requests_reuse_one_keepalive_connection(
         assert status == 200
         assert json.loads(body)["choices"][0]["message"]["role"] == "assistant"
     assert _established_to(port) == 1
+
+
+def _local_ports(port: int) -> set[int]:
+    return {c.laddr.port for c in psutil.Process().net_connections("tcp")
+            if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED}
+
+
+async def _settled(port: int, count: int) -> int:
+    """Established connections to ``port`` once they reach ``count`` (or after 5 s); the
+    loop keeps running meanwhile, so background connects happen."""
+    deadline = time.monotonic() + 5
+    while _established_to(port) != count and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return _established_to(port)
+
+
+async def _streamed(client: http.HTTPClient, url: str) -> bytes:
+    response = await _chat(client, url, stream=True, max_tokens=4)
+    try:
+        return await response.aread()
+    finally:
+        await response.aclose()
+
+
+async def test_a_spare_connection_carries_the_next_stream(stack: Stack) -> None:
+    """llama-server closes its connection after every streamed answer: without a spare
+    the next stream waits for a new connection; with one, it goes out on a connection
+    opened while the client was idle."""
+    url, port = stack.layer_url("trigger"), stack.ports["trigger"]
+    plain, spared = http.HTTPClient(), http.HTTPClient(spare=1)
+    try:
+        assert (await _streamed(plain, url)).rstrip().endswith(b"data: [DONE]")
+        assert await _settled(port, 0) == 0  # the server closed it; nothing is kept
+        await _streamed(spared, url)
+        assert await _settled(port, 1) == 1  # the spare, opened after the answer
+        spare = _local_ports(port)
+        response = await _chat(spared, url, stream=True, max_tokens=4)
+        assert _local_ports(port) == spare  # sent on the spare: no new connection
+        assert (await response.aread()).rstrip().endswith(b"data: [DONE]")
+        await response.aclose()
+        assert await _settled(port, 1) == 1  # and the next spare is ready
+        assert _local_ports(port) != spare
+    finally:
+        await plain.aclose()
+        await spared.aclose()
+    assert await _settled(port, 0) == 0  # closing the client closes its spare
 
 
 async def test_stream_arrives_as_sse_events_and_closing_early_drops_the_connection(

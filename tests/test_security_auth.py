@@ -20,6 +20,7 @@ from starlette.testclient import TestClient
 
 from gateway import auth
 from gateway.app import create_app
+from gateway.fastpath import ROUTES, FastPaths
 from layers.config import Settings
 from tests.reliability_support import AUTH, GatewayFactory
 from tests.support import REPO, free_port, run_cli, write_toml
@@ -72,8 +73,9 @@ def test_every_route_refuses_missing_and_wrong_keys(tmp_path: Path, public_model
     found = routes(app)
     assert len(found) >= 20, found  # the enumeration sees the whole API
     # No lifespan: a route that reaches its handler without auth fails (or answers) here,
-    # an authenticated one is refused before any store or layer is touched.
-    client = TestClient(app, raise_server_exceptions=False)
+    # an authenticated one is refused before any store or layer is touched. The app as
+    # served: the FastAPI routes behind the fast path.
+    client = TestClient(FastPaths(app), raise_server_exceptions=False)
     open_routes = PUBLIC | (MODEL_LIST if public_models else set())
     checked = 0
     for method, path in found:
@@ -99,6 +101,28 @@ def test_every_route_refuses_missing_and_wrong_keys(tmp_path: Path, public_model
     admin_paths = {p for _, p in found if ADMIN.search(p)}
     assert {"/v1/actions/{action_id}/approve", "/v1/actions/{action_id}/reject",
             "/v1/layers/{name}/{operation}"} <= admin_paths
+
+
+def _find_route(inner: list[Any], method: str, path: str) -> APIRoute | None:
+    for r in inner:
+        sub = getattr(r, "original_router", None)
+        if sub is not None and (found := _find_route(list(sub.routes), method, path)):
+            return found
+        if isinstance(r, APIRoute) and r.path == path and method in r.methods:
+            return r
+    return None
+
+
+def test_fast_path_routes_are_the_fastapi_routes_with_the_same_key_check(tmp_path: Path) -> None:
+    """The routes served past FastAPI run the handler and the dependency FastAPI's own
+    route declares, so the fast path can never be a way around a key."""
+    app = create_app(settings(tmp_path))
+    assert ROUTES
+    for (method, path), (guard, handler) in ROUTES.items():
+        route = _find_route(list(app.routes), method, path)
+        assert route is not None, (method, path)
+        assert route.endpoint is handler
+        assert [d.call for d in route.dependant.dependencies] == [guard]
 
 
 def test_openapi_schema_and_docs_need_a_key(tmp_path: Path) -> None:
@@ -138,6 +162,10 @@ def test_no_key_serves_loopback_only(tmp_path: Path) -> None:
     assert r.status_code == 403 and r.json()["error"]["code"] == "loopback_only"
     r = TestClient(app, client=("127.0.0.1", 5555), raise_server_exceptions=False).get("/v1/models")
     assert r.status_code == 200
+    chat = {"model": "trigger", "messages": [{"role": "user", "content": "hi"}]}
+    r = TestClient(FastPaths(app), raise_server_exceptions=False).post("/v1/chat/completions",
+                                                                       json=chat)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "loopback_only"
 
 
 def test_no_key_refuses_to_bind_beyond_loopback(tmp_path: Path) -> None:
