@@ -256,9 +256,11 @@ def _real_tables(res: SuiteResult) -> list[str]:
         "### Real model (llama-server, gemma3-270m Q4_K_M, 4 slots)",
         "",
         "Streams (8 tokens, the same short prompt) at concurrency 1 with the paths taken in turn "
-        "request by request, so a shared machine's drift falls on every path alike; TTFT is "
-        "until the first chunk with content. `relay` (`bench/tcp_relay.py`) copies bytes with "
-        "no HTTP parsing: the cost of a proxy's extra hop alone.",
+        "request by request, 0.1 s apart, in orders where each path follows each other equally "
+        "often (4 rounds of 50 streams per path; each figure the median over rounds), so a "
+        "shared machine's drift and one proxy's work after its answer fall on every path "
+        "alike; TTFT is until the first chunk with content. `relay` (`bench/tcp_relay.py`) "
+        "copies bytes with no HTTP parsing: the cost of a proxy's extra hop alone.",
         "",
         "| path | TTFT p50 ms | TTFT / direct | inter-chunk p50 ms | latency p50 c=1 ms "
         "| added p50 c=1 ms | req/s c=4 | errors |",

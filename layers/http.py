@@ -285,12 +285,17 @@ class HTTPClient:
         any moment (llama-server does so after a stream)."""
         if not self.spare or self._closed or origin in self._warming:
             return
-        now = time.monotonic()
+        # Unused spares sit at the front of the idle list (used connections are appended,
+        # and taken, at its end): only that prefix is looked at, whatever the pool's size.
         idle = self._idle.setdefault(origin, [])
-        for conn in [c for c in idle if not c.usable(now)]:
-            idle.remove(conn)  # closed by the server, or idle too long to trust
-            conn.close()
-        if sum(1 for c in idle if not c.exchanges) >= self.spare:
+        now = time.monotonic()
+        ready = 0
+        while ready < len(idle) and not idle[ready].exchanges:
+            if idle[ready].usable(now):
+                ready += 1
+            else:
+                idle.pop(ready).close()  # closed by the server, or idle too long to trust
+        if ready >= self.spare:
             return
         self._warming.add(origin)
         task = asyncio.get_running_loop().create_task(self._open_spare(origin))
