@@ -253,6 +253,7 @@ class HTTPClient:
         self._closed = True
         for task in list(self._tasks):
             task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)  # spares being opened
         for conns in self._idle.values():
             for conn in conns:
                 conn.close()
