@@ -151,15 +151,57 @@ class Response:
         await self.aclose()
 
     async def _chunks(self, reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
+        """Chunked transfer decoding of whatever has arrived: one read and one piece per
+        arrival, however many chunks (a role and a first token, say) it holds, and a
+        chunk's data as it comes rather than once it is whole."""
+        buf = bytearray()
+        data_left = 0  # of the current chunk
+        crlf_due = False  # after a chunk's data
         while True:
-            line = await self._read(reader.readuntil(b"\r\n"))
-            size = int(line.split(b";", 1)[0], 16)
-            if size == 0:
-                while await self._read(reader.readuntil(b"\r\n")) != b"\r\n":
-                    pass  # trailers: ignored
-                return
-            data = await self._read(reader.readexactly(size + 2))
-            yield data[:-2]
+            out = bytearray()
+            while True:
+                if data_left:
+                    take = min(data_left, len(buf))
+                    out += buf[:take]
+                    del buf[:take]
+                    data_left -= take
+                    if data_left:
+                        break
+                    crlf_due = True
+                if crlf_due:
+                    if len(buf) < 2:
+                        break
+                    if buf[:2] != b"\r\n":
+                        raise ProtocolError("a chunk's data is not followed by CRLF")
+                    del buf[:2]
+                    crlf_due = False
+                eol = buf.find(b"\r\n")
+                if eol < 0:
+                    if len(buf) > MAX_HEAD_BYTES:
+                        raise ProtocolError("a chunk size line is too long")
+                    break
+                size = int(bytes(buf[:eol]).split(b";", 1)[0], 16)
+                if size < 0:
+                    raise ProtocolError("a negative chunk size")
+                if size == 0:  # the last chunk, then trailers (ignored) up to an empty line
+                    end = buf.find(b"\r\n\r\n", eol)
+                    if end < 0:
+                        if len(buf) > MAX_HEAD_BYTES:
+                            raise ProtocolError(f"the trailers are over {MAX_HEAD_BYTES} bytes")
+                        break
+                    if len(buf) > end + 4:
+                        self._keep_alive = False  # bytes after the answer: don't trust the rest
+                    if out:
+                        yield bytes(out)
+                    return
+                del buf[: eol + 2]
+                data_left = size
+            if out:
+                yield bytes(out)
+            data = await self._read(reader.read(READ_SIZE))
+            if not data:
+                raise ProtocolError("the connection closed inside the chunked body")
+            buf += data
 
     async def _read(self, op: Any) -> Any:
         try:

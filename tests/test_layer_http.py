@@ -83,25 +83,22 @@ async def _streamed(client: http.HTTPClient, url: str) -> bytes:
 
 
 async def test_a_spare_connection_carries_the_next_stream(stack: Stack) -> None:
-    """llama-server closes its connection after every streamed answer: without a spare
-    the next stream waits for a new connection; with one, it goes out on a connection
-    opened while the client was idle."""
+    """llama-server (mostly) closes its connection after a streamed answer: without a
+    spare the next stream would wait for a new connection; with one, the next stream goes
+    out on a connection that was open before it was sent."""
     url, port = stack.layer_url("trigger"), stack.ports["trigger"]
-    plain, spared = http.HTTPClient(), http.HTTPClient(spare=1)
+    spared = http.HTTPClient(spare=1)
     try:
-        assert (await _streamed(plain, url)).rstrip().endswith(b"data: [DONE]")
-        assert await _settled(port, 0) == 0  # the server closed it; nothing is kept
-        await _streamed(spared, url)
-        assert await _settled(port, 1) == 1  # the spare, opened after the answer
-        spare = _local_ports(port)
-        response = await _chat(spared, url, stream=True, max_tokens=4)
-        assert _local_ports(port) == spare  # sent on the spare: no new connection
-        assert (await response.aread()).rstrip().endswith(b"data: [DONE]")
-        await response.aclose()
-        assert await _settled(port, 1) == 1  # and the next spare is ready
-        assert _local_ports(port) != spare
+        for _ in range(3):
+            assert (await _streamed(spared, url)).rstrip().endswith(b"data: [DONE]")
+            await asyncio.sleep(0.3)  # idle: the spare is opened now
+            before = _local_ports(port)
+            assert before
+            response = await _chat(spared, url, stream=True, max_tokens=4)
+            assert _local_ports(port) <= before  # no connection opened for this request
+            await response.aread()
+            await response.aclose()
     finally:
-        await plain.aclose()
         await spared.aclose()
     assert await _settled(port, 0) == 0  # closing the client closes its spare
 
@@ -171,3 +168,59 @@ async def test_header_value_with_a_line_break_is_refused_before_sending(
         await client.request("POST", f"{stack.layer_url('trigger')}/v1/chat/completions",
                              content=b"{}", headers={"authorization": "Bearer x\r\nX-Evil: 1"})
     assert _established_to(stack.ports["trigger"]) == 0
+
+
+def _chunked(*pieces: bytes, trailer: bytes = b"") -> bytes:
+    body = b"".join(b"%x;ext=1\r\n%s\r\n" % (len(p), p) if i == 1 else b"%x\r\n%s\r\n" % (len(p), p)
+                    for i, p in enumerate(pieces))
+    return body + b"0\r\n" + trailer + b"\r\n"
+
+
+async def _serve_raw(answer: bytes, step: int) -> tuple[asyncio.Server, int]:
+    """An upstream that sends ``answer`` (head and chunked body) in ``step``-byte
+    segments, a pause between them: the framing must not depend on where TCP cuts."""
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        for i in range(0, len(answer), step):
+            writer.write(answer[i:i + step])
+            await writer.drain()
+            await asyncio.sleep(0.001)
+        writer.close()
+
+    port = free_port()
+    return await asyncio.start_server(handle, "127.0.0.1", port), port
+
+
+HEAD = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-type: text/event-stream\r\n\r\n"
+
+
+@pytest.mark.parametrize("step", [1, 2, 5, 13, 4096, 1 << 20])
+async def test_chunked_body_split_anywhere_fake_upstream_segments(
+    client: http.HTTPClient, step: int
+) -> None:
+    # A chunk larger than one read, when segments are large enough to send it quickly.
+    big = b"x" * (70_000 if step >= 4096 else 100)
+    pieces = [b"data: {\"a\":1}\n\n", b"data: [DONE]\n\n", big, b"\r\n"]
+    server, port = await _serve_raw(HEAD + _chunked(*pieces, trailer=b"x-t: 1\r\n"), step)
+    async with server:
+        response = await client.request("GET", f"http://127.0.0.1:{port}/", timeout=5)
+        received = [piece async for piece in response.aiter_raw()]
+    assert b"".join(received) == b"".join(pieces)
+    assert all(received)  # no empty pieces handed on
+
+
+@pytest.mark.parametrize("body", [
+    b"zz\r\ndata\r\n0\r\n\r\n",  # not a hex size
+    b"-4\r\ndata\r\n0\r\n\r\n",  # a negative size
+    b"4\r\ndataXY0\r\n\r\n",  # data not followed by CRLF
+    b"40\r\nonly part of the chunk",  # the connection closes inside a chunk
+    b"4\r\ndata\r\n",  # ... or before the last chunk
+])
+async def test_broken_chunked_framing_is_protocol_error_fake_upstream_garbage(
+    client: http.HTTPClient, body: bytes
+) -> None:
+    server, port = await _serve_raw(HEAD + body, 1 << 20)
+    async with server:
+        response = await client.request("GET", f"http://127.0.0.1:{port}/", timeout=5)
+        with pytest.raises(http.ProtocolError):
+            await response.aread()
