@@ -45,6 +45,8 @@ class FakeUpstream:
     # "slow": one streamed token per this many seconds (a layer thrashing on swap).
     token_interval: float = 5.0
     slow_tokens: int = 100
+    # "slow", streamed: the head at once, the first token this much later (a long prompt).
+    first_token_delay: float = 0.0
     _loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
     _server: asyncio.Server | None = field(default=None, repr=False)
@@ -141,6 +143,8 @@ class FakeUpstream:
             else:
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                              b"Transfer-Encoding: chunked\r\n\r\n")
+                await writer.drain()
+                await asyncio.sleep(self.first_token_delay)
                 for i in range(self.slow_tokens):
                     part = _chunk(f" t{i}")
                     writer.write(f"{len(part):x}\r\n".encode() + part + b"\r\n")

@@ -29,8 +29,9 @@ pytestmark = pytest.mark.timeout(180)
 MSG = [{"role": "user", "content": "Say something."}]
 FakeFactory = Callable[..., FakeUpstream]
 # All three layers point at one fake; the gateway's health probes of the three may each
-# keep one idle keep-alive connection to it. Anything above that is a leak.
-PROBE_CONNECTIONS = 3
+# keep one idle keep-alive connection to it, and one spare connection is kept opened
+# ahead (gateway.spare_connections). Anything above that is a leak.
+PROBE_CONNECTIONS = 3 + 1
 
 
 def chat(url: str, *, stream: bool = False, timeout: float = 60.0, **kw: object) -> httpx.Response:
@@ -71,6 +72,31 @@ def test_slow_layer_stream_is_cut_at_the_total_timeout_fake_upstream_slow(
     assert wait_until(lambda: connections_to(gw.pid, slow.port) <= PROBE_CONNECTIONS, 10)
     assert wait_until(lambda: baseline(gw.url)[0] <= tasks0 + 1, 10), baseline(gw.url)
     assert open_fds(gw.pid) <= fds0 + 2
+
+
+def test_client_leaving_before_the_first_token_ends_the_relay_fake_upstream_slow(
+    gateways: GatewayFactory, fakes: FakeFactory
+) -> None:
+    """The gateway sends its head with the first event; a client that leaves before it
+    (a long prompt being read) must still end the relay and free the layer's connection
+    at once, not when the first token finally comes."""
+    slow = fakes("slow", token_interval=0.5, first_token_delay=60.0)
+    gw = gateways(slow.port, gateway={"breaker": {"retries": 0}})
+    tasks0, _ = baseline(gw.url)
+
+    def ended() -> float:  # streams whose relay finished, however they ended
+        return metric(gw.metrics(), "ai_sysadmin_requests_total", route="chat", model="meta",
+                      status="200") or 0
+
+    ended0 = ended()
+    with pytest.raises(httpx.ReadTimeout):  # no head yet: the client gives up and leaves
+        with httpx.stream("POST", f"{gw.url}/v1/chat/completions", headers=AUTH,
+                          timeout=httpx.Timeout(30, read=1.5),
+                          json={"model": "meta", "messages": MSG, "stream": True}):
+            pass
+    assert wait_until(lambda: ended() == ended0 + 1, 10)  # the relay ran its cleanup
+    assert wait_until(lambda: baseline(gw.url)[0] <= tasks0 + 1, 10), baseline(gw.url)
+    assert wait_until(lambda: connections_to(gw.pid, slow.port) <= PROBE_CONNECTIONS, 10)
 
 
 def test_slow_layer_non_streamed_is_504_fake_upstream_slow(
