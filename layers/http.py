@@ -314,13 +314,19 @@ class HTTPClient:
             conn.close()
         return None
 
-    def _release(self, conn: _Connection) -> None:
+    def _release(self, conn: _Connection, *, spare: bool = False) -> bool:
+        """Pool ``conn`` for reuse (False: closed instead): at the end of the idle list,
+        where reuse takes from, or a ``spare`` at its front, behind the kept-alive ones."""
         idle = self._idle.setdefault(conn.origin, [])
         if self._closed or len(idle) >= MAX_IDLE_PER_ORIGIN or conn.reader.at_eof():
             conn.close()
-            return
+            return False
         conn.idle_since = time.monotonic()
-        idle.append(conn)
+        if spare:
+            idle.insert(0, conn)
+        else:
+            idle.append(conn)
+        return True
 
     def _keep_spare(self, origin: Origin) -> None:
         """After an answer: open a connection in the background unless ``spare`` unused
@@ -352,13 +358,8 @@ class HTTPClient:
             return  # the next request connects itself and reports what fails
         finally:
             self._warming.discard(origin)
-        # Behind the connections in use: LIFO reuse takes a kept-alive one first.
-        conn.idle_since = time.monotonic()
-        if self._closed:
-            conn.close()
-        else:
-            self._idle.setdefault(origin, []).insert(0, conn)
-        self._keep_spare(origin)  # more than one wanted
+        if self._release(conn, spare=True):
+            self._keep_spare(origin)  # more than one wanted
 
     async def _connect(self, origin: Origin, timeout: float) -> _Connection:
         scheme, host, port = origin
