@@ -41,6 +41,8 @@ class EventStreamResponse(StreamingResponse):
         await send({"type": "http.response.start", "status": self.status_code,
                     "headers": self.raw_headers})
         while chunk is not None:
+            if isinstance(chunk, str):  # what StreamingResponse allows its iterator to yield
+                chunk = chunk.encode(self.charset)
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
             chunk = await anext(events, None)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
