@@ -10,6 +10,7 @@ import uvicorn
 from gateway.app import create_app
 from gateway.auth import check_bind
 from gateway.fastpath import FastPaths
+from gateway.protocol import HttpProtocol
 from layers.config import Settings
 from layers.supervisor import Supervisor
 
@@ -33,6 +34,7 @@ def make_server(settings: Settings, supervisor: Supervisor | None = None) -> uvi
         log_level=settings.gateway.log_level if settings.gateway.log_level != "debug" else "info",
         access_log=settings.gateway.log_level == "debug",
         lifespan="on",
+        http=HttpProtocol,
         timeout_graceful_shutdown=5,
         # Many SSE clients hold connections open; keep-alive must not reap them.
         timeout_keep_alive=30,

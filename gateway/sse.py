@@ -14,7 +14,9 @@ import asyncio
 import contextlib
 
 from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
+
+from gateway.protocol import HOLD_WRITES, WriteHold
 
 
 async def _until_disconnect(receive: Receive) -> None:
@@ -35,20 +37,36 @@ class EventStreamResponse(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    async def stream_response(self, send: Send) -> None:
+    async def stream_response(self, send: Send, hold: WriteHold | None = None) -> None:
         events = aiter(self.body_iterator)
         chunk = await anext(events, None)
-        await send({"type": "http.response.start", "status": self.status_code,
-                    "headers": self.raw_headers})
+        start = {"type": "http.response.start", "status": self.status_code,
+                 "headers": self.raw_headers}
+        if chunk is None:
+            await send(start)
+        else:
+            if hold is not None:
+                hold.hold()  # the head and the first event in one write (gateway/protocol.py)
+            try:
+                await send(start)
+                await send(self._event(chunk))
+            finally:
+                if hold is not None:
+                    hold.release()
+            chunk = await anext(events, None)
         while chunk is not None:
-            if isinstance(chunk, str):  # what StreamingResponse allows its iterator to yield
-                chunk = chunk.encode(self.charset)
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send(self._event(chunk))
             chunk = await anext(events, None)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
+    def _event(self, chunk: str | bytes | memoryview) -> Message:
+        if isinstance(chunk, str):  # what StreamingResponse allows its iterator to yield
+            chunk = chunk.encode(self.charset)
+        return {"type": "http.response.body", "body": chunk, "more_body": True}
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        relay = asyncio.ensure_future(self.stream_response(send))
+        hold = scope.get("extensions", {}).get(HOLD_WRITES)
+        relay = asyncio.ensure_future(self.stream_response(send, hold))
         watcher = asyncio.ensure_future(_until_disconnect(receive))
         try:
             await asyncio.wait((relay, watcher), return_when=asyncio.FIRST_COMPLETED)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 from collections.abc import Iterator
 from typing import Literal
 
@@ -103,6 +104,31 @@ def test_stream_raw_framing_is_relayed_and_ends_with_done(stack: Stack) -> None:
     assert "timings" in json.loads(events[-2][6:])
     # Without include_usage there is no usage chunk.
     assert not any('"usage"' in e for e in events[:-2])
+
+
+def test_stream_head_arrives_with_the_first_event(stack: Stack) -> None:
+    """The head and the first event leave in one write: a client waiting in recv() is
+    woken once, and finds both (two writes would wake it with the head alone)."""
+    body = json.dumps({"model": "trigger", "stream": True, "max_tokens": 4,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    request = (f"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+               f"authorization: Bearer test-key\r\ncontent-type: application/json\r\n"
+               f"content-length: {len(body)}\r\n\r\n").encode() + body
+    firsts = []
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", stack.gateway_port), timeout=60) as sock:
+            sock.sendall(request)
+            first = sock.recv(65536)
+            rest = b""
+            while b"0\r\n\r\n" not in rest[-16:] and (data := sock.recv(65536)):
+                rest += data
+        assert first.startswith(b"HTTP/1.1 200 "), first[:80]
+        assert b"data: [DONE]" in first + rest
+        firsts.append(first)
+    for first in firsts:
+        head, _, body_part = first.partition(b"\r\n\r\n")
+        assert b"transfer-encoding: chunked" in head.lower()
+        assert b"data: {" in body_part, f"first read held the head alone: {first!r}"
 
 
 def test_max_completion_tokens_is_honoured(client: openai.OpenAI) -> None:

@@ -201,10 +201,12 @@ async def forward(
     except LayerError as exc:
         m.requests.labels(route, model, str(exc.status)).inc()
         raise layer_error(exc) from None
-    m.overhead.labels(route).observe(upstream.started - t0)
+    # Metrics are recorded once the answer is out: on an idle gateway their code is cold,
+    # and before the first token it would cost the client time.
+    overhead = upstream.started - t0
     if stream:
         return EventStreamResponse(
-            relay(gw, upstream, model, rename, t0, route),
+            relay(gw, upstream, model, rename, t0, route, overhead),
             headers={
                 "Cache-Control": "no-cache",
                 "X-Accel-Buffering": "no",
@@ -224,6 +226,7 @@ async def forward(
                           code="upstream_error") from None
     finally:
         await upstream.aclose()
+        m.overhead.labels(route).observe(overhead)
     if not _is_json_object(raw):
         # A layer that answers 200 with a body no client can parse is broken: say so
         # (502) rather than hand the client a 200 it cannot read; it counts as a failure.
@@ -257,13 +260,14 @@ async def relay(
     rename: tuple[bytes, bytes] | None,
     t0: float,
     route: str,
+    overhead: float,
 ) -> AsyncIterator[bytes]:
     """Relay SSE events as they arrive, whole events at a time. If the layer breaks off,
     the client gets an error event and ``[DONE]``; if the client leaves, closing the
     upstream response makes llama-server cancel the generation."""
     m = gw.metrics
     pending = b""
-    first = True
+    ttft: float | None = None
     done = False
     status = "200"
     deadline = t0 + gw.settings.gateway.timeouts.total
@@ -278,9 +282,8 @@ async def relay(
             out, pending = pending[: cut + 2], pending[cut + 2 :]
             if rename is not None:
                 out = out.replace(rename[0], rename[1])
-            if first:
-                first = False
-                m.ttft.labels(model).observe(time.perf_counter() - t0)
+            if ttft is None:
+                ttft = time.perf_counter() - t0
             if b"data: [DONE]" in out:
                 done = True
             yield out
@@ -307,6 +310,9 @@ async def relay(
         upstream.endpoint.breaker.failure()
     finally:
         await upstream.aclose()
+        m.overhead.labels(route).observe(overhead)
+        if ttft is not None:
+            m.ttft.labels(model).observe(ttft)
         m.requests.labels(route, model, status).inc()
         m.latency.labels(route, model).observe(time.perf_counter() - t0)
 
