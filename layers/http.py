@@ -21,6 +21,7 @@ connections per origin opened ahead, after each answer, while the machine is idl
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import ssl
 import time
@@ -430,6 +431,9 @@ class _StaleConnection(Exception):
     """Nothing came back on a connection: on a reused one the peer had closed it."""
 
 
+# Both are cached: a client talks to a handful of URLs with the same few headers, and on
+# an idle gateway (cold CPU caches) parsing them again cost time before every request.
+@functools.lru_cache(maxsize=256)
 def _split(url: str) -> tuple[Origin, str]:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
@@ -445,18 +449,26 @@ def _split(url: str) -> tuple[Origin, str]:
 def _request_head(
     method: str, target: str, origin: Origin, headers: Mapping[str, str] | None, length: int
 ) -> bytes:
+    fixed = _head_without_length(method, target, origin, tuple((headers or {}).items()))
+    return fixed + b"content-length: %d\r\n\r\n" % length
+
+
+@functools.lru_cache(maxsize=256)
+def _head_without_length(
+    method: str, target: str, origin: Origin, headers: tuple[tuple[str, str], ...]
+) -> bytes:
     scheme, host, port = origin
     default_port = 443 if scheme == "https" else 80
     host_header = host if port == default_port else f"{host}:{port}"
     if ":" in host and not host.startswith("["):
         host_header = f"[{host}]" if port == default_port else f"[{host}]:{port}"
-    lines = [f"{method} {target} HTTP/1.1", f"host: {host_header}", f"content-length: {length}"]
-    for name, value in (headers or {}).items():
+    lines = [f"{method} {target} HTTP/1.1", f"host: {host_header}"]
+    for name, value in headers:
         # A header from configuration must not smuggle a second header or request.
         if any(c in name or c in value for c in "\r\n\0") or ":" in name:
             raise ValueError(f"invalid character in HTTP header {name!r}")
         lines.append(f"{name}: {value}")
-    lines.append("\r\n")
+    lines.append("")
     return "\r\n".join(lines).encode("latin-1")
 
 
