@@ -4,6 +4,7 @@ CPU and peak RSS sampled from here while it runs."""
 from __future__ import annotations
 
 import json
+import random
 import statistics
 import subprocess
 import sys
@@ -114,6 +115,20 @@ def measure_interleaved(paths: list[Path_], *, body: dict[str, Any], rounds: int
                     duration=min(600.0, rounds * len(paths) * timeout))
     res = run_load(spec)
     return [to_run(p.name, 1, bool(body.get("stream")), res.per_target[p.name]) for p in paths]
+
+
+def paired_difference(a: list[float], b: list[float], *, resamples: int = 2000,
+                      seed: int = 0) -> tuple[float, float, float]:
+    """(median, 5th, 95th percentile) of the median of ``a[i] - b[i]``: the difference of
+    two paths measured in the same turns, with a bootstrap interval. Per-turn pairs cancel
+    the drift both paths share, so the interval is what is left of the noise."""
+    if not a or len(a) != len(b):
+        nan = float("nan")
+        return nan, nan, nan
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(diffs, k=len(diffs))) for _ in range(resamples))
+    return statistics.median(diffs), meds[int(0.05 * resamples)], meds[int(0.95 * resamples)]
 
 
 def spread(values: list[float]) -> tuple[float, float, float]:

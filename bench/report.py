@@ -257,7 +257,9 @@ def _real_tables(res: SuiteResult) -> list[str]:
         "",
         "Streams (8 tokens, the same short prompt) at concurrency 1 with the paths taken in turn "
         "request by request, 0.1 s apart, in orders where each path follows each other equally "
-        "often (4 rounds of 50 streams per path; each figure the median over rounds), so a "
+        f"often ({len(g.get(('direct', 1, True), []))} rounds of "
+        f"{sum(r.ok for r in g.get(('direct', 1, True), [])[:1])} streams per path; each "
+        "figure the median over rounds), so a "
         "shared machine's drift and one proxy's work after its answer fall on every path "
         "alike; TTFT is until the first chunk with content. `relay` (`bench/tcp_relay.py`) "
         "copies bytes with no HTTP parsing: the cost of a proxy's extra hop alone.",
@@ -281,6 +283,23 @@ def _real_tables(res: SuiteResult) -> list[str]:
             f"| {fmt(spread([r.rps for r in n4]), 1)} "
             f"| {sum(r.errors for r in st + n1 + n4)} |"
         )
+    added_ttft = [(p, res.extra[f"ttft_added_ms.{p}"]) for p in paths
+                  if f"ttft_added_ms.{p}" in res.extra]
+    if added_ttft:
+        lines += [
+            "",
+            "TTFT a path adds to direct, paired: the median of the differences between a "
+            "path's stream and the direct stream of the same turn, over all rounds, with a "
+            "90 % bootstrap interval. Pairs cancel the drift both share; the interval shows "
+            "how far the ratio above can move from run to run.",
+            "",
+            "| path | added TTFT ms (90 % interval) | as a share of direct's TTFT |",
+            "| --- | ---: | ---: |",
+        ]
+        for p, (m, lo, hi) in added_ttft:
+            lines.append(f"| {p} | {m:+.2f} ({lo:+.2f} to {hi:+.2f}) "
+                         f"| {m / direct_ttft:+.1%} ({lo / direct_ttft:+.1%} to "
+                         f"{hi / direct_ttft:+.1%}) |")
     return lines
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import stack
-from bench.measure import Run, chat_body, measure, measure_interleaved
+from bench.measure import Run, chat_body, measure, measure_interleaved, paired_difference
 from bench.procs import Server
 
 # lean (bench/lean_proxy.py) is a reference point: bare ASGI + a raw asyncio upstream client.
@@ -194,15 +194,22 @@ def suite_real(opts: Options) -> SuiteResult:
         nbody = chat_body(False, max_tokens=16, content="Name one Linux init system.")
         _warm(paths, nbody)
         # Counted requests, not a duration: one answer takes ~0.2-2 s on two shared cores.
-        rounds = 2 if opts.quick else 4
-        # 50 a round: the median of fewer moves by ±3 % between rounds on two shared cores.
-        per = 10 if opts.quick else 50
+        # 6 × 60 streams a path: the TTFT of one stream varies by ±5 ms on two shared cores,
+        # so 200 streams left the median ratio ±2 % from one run to the next.
+        rounds = 2 if opts.quick else 6
+        per = 10 if opts.quick else 60
+        ttfts: dict[str, list[float]] = {name: [] for name in paths}
         for rep in range(rounds):
             say(f"real model round {rep + 1}/{rounds}: {per} streams each, concurrency 1, "
                 "the paths in turn request by request")
             for r in measure_interleaved(list(paths.values()), body=sbody, rounds=per):
                 _log_run(r)
                 out.runs.append(r)
+                # Streams of the same turn pair up, unless a path lost one to an error.
+                ttfts[r.path] += r.ttft_ms if r.errors == 0 else []
+        for name, values in ttfts.items():
+            if name != "direct" and len(values) == len(ttfts["direct"]):
+                out.extra[f"ttft_added_ms.{name}"] = list(paired_difference(values, ttfts["direct"]))
         reps = 2 if opts.quick else 3
         for rep in range(reps):
             for conc in (1, slots):

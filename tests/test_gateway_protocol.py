@@ -7,7 +7,6 @@ import asyncio
 
 from gateway.protocol import WriteHold
 
-
 # The writer stays referenced: a StreamWriter that is collected closes its transport.
 _writers: list[asyncio.StreamWriter] = []
 
