@@ -15,10 +15,11 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 
 from gateway.auth import require_key
 from gateway.errors import response_for
+from gateway.protocol import HOLD_WRITES
 from gateway.routes import openai
 
 Scope = dict[str, Any]
@@ -55,4 +56,14 @@ class FastPaths:
             response = await handler(request)
         except Exception as exc:  # noqa: BLE001 - every error becomes an OpenAI-shaped answer
             response = response_for(exc)
-        await response(scope, receive, send)  # type: ignore[arg-type]
+        # A stream holds its own head; a background task must not keep the answer back.
+        hold = None
+        if not isinstance(response, StreamingResponse) and response.background is None:
+            hold = scope.get("extensions", {}).get(HOLD_WRITES)
+        if hold is not None:
+            hold.hold()  # head and body in one write (gateway/protocol.py)
+        try:
+            await response(scope, receive, send)  # type: ignore[arg-type]
+        finally:
+            if hold is not None:
+                hold.release()

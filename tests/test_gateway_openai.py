@@ -131,6 +131,24 @@ def test_stream_head_arrives_with_the_first_event(stack: Stack) -> None:
         assert b"data: {" in body_part, f"first read held the head alone: {first!r}"
 
 
+@pytest.mark.parametrize("key", ["test-key", "wrong-key"])
+def test_answer_arrives_with_its_head(stack: Stack, key: str) -> None:
+    """A non-streamed answer (or an error) and its head leave in one write too."""
+    body = json.dumps({"model": "trigger", "max_tokens": 4,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    request = (f"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+               f"authorization: Bearer {key}\r\ncontent-type: application/json\r\n"
+               f"content-length: {len(body)}\r\n\r\n").encode() + body
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", stack.gateway_port), timeout=60) as sock:
+            sock.sendall(request)
+            first = sock.recv(65536)
+        head, _, answer = first.partition(b"\r\n\r\n")
+        length = int(re.search(rb"content-length: (\d+)", head.lower()).group(1))  # type: ignore[union-attr]
+        assert length > 0 and len(answer) == length, f"first read: {first!r}"
+        assert json.loads(answer)["choices" if key == "test-key" else "error"]
+
+
 def test_max_completion_tokens_is_honoured(client: openai.OpenAI) -> None:
     r = client.chat.completions.create(
         model="review", messages=[{"role": "user", "content": "Count to fifty."}],
