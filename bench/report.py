@@ -62,7 +62,8 @@ def _ratio_target(name: str, num: float, den: float, limit: float, *, le: bool,
         return Target(name, "–", ("≤ " if le else "≥ ") + f"{limit:g}×", None)
     ratio = num / den
     ok = ratio <= limit if le else ratio >= limit
-    return Target(name, f"{num:.2f}{unit} / {den:.2f}{unit} = {ratio:.2f}×",
+    shown = f"{ratio:.3f}×" if ratio < 2 else f"{ratio:.2f}×"  # a limit near 1 needs the third digit
+    return Target(name, f"{num:.2f}{unit} / {den:.2f}{unit} = {shown}",
                   ("≤ " if le else "≥ ") + f"{limit:g}×", ok)
 
 
@@ -290,8 +291,10 @@ def _real_tables(res: SuiteResult) -> list[str]:
             "",
             "TTFT a path adds to direct, paired: the median of the differences between a "
             "path's stream and the direct stream of the same turn, over all rounds, with a "
-            "90 % bootstrap interval. Pairs cancel the drift both share; the interval shows "
-            "how far the ratio above can move from run to run.",
+            "90 % bootstrap interval. Pairs cancel the drift both share, and the interval "
+            "shows how precisely the added time is known. It is the typical added time of one "
+            "stream, not the same statistic as the ratio of the two paths' median TTFTs in "
+            "the table above (which the target uses), and it can be the larger of the two.",
             "",
             "| path | added TTFT ms (90 % interval) | as a share of direct's TTFT |",
             "| --- | ---: | ---: |",
