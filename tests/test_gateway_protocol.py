@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from gateway.protocol import WriteHold
 
 # The writer stays referenced: a StreamWriter that is collected closes its transport.
@@ -49,17 +51,12 @@ async def test_held_writes_leave_as_one_on_release() -> None:
         assert await peer.read() == b""
 
 
-async def test_close_sends_what_was_held_and_abort_drops_it() -> None:
+@pytest.mark.parametrize(("end", "received"), [("close", b"last words"), ("abort", b"")])
+async def test_close_sends_what_was_held_and_abort_drops_it(end: str, received: bytes) -> None:
     hold, peer, server = await _pair()
     async with server:
         hold.hold()
         hold.write(b"last words")
-        hold.close()
-        assert await peer.read() == b"last words"
-    hold, peer, server = await _pair()
-    async with server:
-        hold.hold()
-        hold.write(b"never sent")
-        hold.abort()
-        assert await peer.read() == b""
+        getattr(hold, end)()
+        assert await peer.read() == received
         hold.release()  # nothing left, and the transport is closed: no error
