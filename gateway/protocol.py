@@ -17,8 +17,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
 HOLD_WRITES = "ai_sysadmin.hold_writes"
 
 
@@ -59,6 +57,10 @@ class WriteHold:
         self.release()  # what was written before the close is sent, as without a hold
         self._transport.close()
 
+    def write_eof(self) -> None:
+        self.release()
+        self._transport.write_eof()
+
     def abort(self) -> None:
         self._held = None
         self._transport.abort()
@@ -67,12 +69,19 @@ class WriteHold:
         return getattr(self._transport, name)
 
 
-class HttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, offering :data:`HOLD_WRITES` to the app."""
+try:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:  # uvicorn without httptools: its default protocol, writes as usual
+    HttpProtocol: type[asyncio.Protocol] | None = None
+else:
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(WriteHold(transport))  # type: ignore[arg-type]
+    class HttpProtocol(HttpToolsProtocol):  # type: ignore[no-redef]
+        """uvicorn's httptools protocol, offering :data:`HOLD_WRITES` to the app."""
 
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self.scope["extensions"] = {HOLD_WRITES: self.transport}  # type: ignore[dict-item]
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(WriteHold(transport))  # type: ignore[arg-type]
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            extensions = self.scope.setdefault("extensions", {})  # type: ignore[typeddict-item]
+            extensions[HOLD_WRITES] = self.transport  # type: ignore[assignment]

@@ -34,7 +34,7 @@ def make_server(settings: Settings, supervisor: Supervisor | None = None) -> uvi
         log_level=settings.gateway.log_level if settings.gateway.log_level != "debug" else "info",
         access_log=settings.gateway.log_level == "debug",
         lifespan="on",
-        http=HttpProtocol,
+        http=HttpProtocol or "auto",
         timeout_graceful_shutdown=5,
         # Many SSE clients hold connections open; keep-alive must not reap them.
         timeout_keep_alive=30,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 
 from starlette.responses import StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
@@ -39,6 +40,17 @@ class EventStreamResponse(StreamingResponse):
 
     async def stream_response(self, send: Send, hold: WriteHold | None = None) -> None:
         events = aiter(self.body_iterator)
+        try:
+            await self._relay(events, send, hold)
+        finally:
+            # Cancelled while sending (the client left): the events' own cleanup (closing
+            # the layer's connection, the stream's metrics) runs now, not when collected.
+            aclose = getattr(events, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    async def _relay(self, events: AsyncIterator[str | bytes | memoryview], send: Send,
+                     hold: WriteHold | None) -> None:
         chunk = await anext(events, None)
         start = {"type": "http.response.start", "status": self.status_code,
                  "headers": self.raw_headers}

@@ -201,8 +201,9 @@ async def forward(
     except LayerError as exc:
         m.requests.labels(route, model, str(exc.status)).inc()
         raise layer_error(exc) from None
-    # Metrics are recorded once the answer is out: on an idle gateway their code is cold,
-    # and before the first token it would cost the client time.
+    # Metrics are recorded once the layer's answer is in (a stream's after its last event):
+    # on an idle gateway their code is cold, and before the first token it would cost the
+    # client time.
     overhead = upstream.started - t0
     if stream:
         return EventStreamResponse(
