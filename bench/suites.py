@@ -198,18 +198,24 @@ def suite_real(opts: Options) -> SuiteResult:
         # so 200 streams left the median ratio ±2 % from one run to the next.
         rounds = 2 if opts.quick else 6
         per = 10 if opts.quick else 60
-        ttfts: dict[str, list[float]] = {name: [] for name in paths}
+        pairs: dict[str, tuple[list[float], list[float]]] = {
+            name: ([], []) for name in paths if name != "direct"}
         for rep in range(rounds):
             say(f"real model round {rep + 1}/{rounds}: {per} streams each, concurrency 1, "
                 "the paths in turn request by request")
-            for r in measure_interleaved(list(paths.values()), body=sbody, rounds=per):
+            runs = measure_interleaved(list(paths.values()), body=sbody, rounds=per)
+            for r in runs:
                 _log_run(r)
                 out.runs.append(r)
-                # Streams of the same turn pair up, unless a path lost one to an error.
-                ttfts[r.path] += r.ttft_ms if r.errors == 0 else []
-        for name, values in ttfts.items():
-            if name != "direct" and len(values) == len(ttfts["direct"]):
-                out.extra[f"ttft_added_ms.{name}"] = list(paired_difference(values, ttfts["direct"]))
+            # Streams of the same turn pair up: only in a round where neither path lost one.
+            direct = next(r for r in runs if r.path == "direct")
+            for r in runs:
+                if r.path in pairs and len(r.ttft_ms) == len(direct.ttft_ms) == per:
+                    pairs[r.path][0].extend(r.ttft_ms)
+                    pairs[r.path][1].extend(direct.ttft_ms)
+        for name, (values, directs) in pairs.items():
+            if values:
+                out.extra[f"ttft_added_ms.{name}"] = list(paired_difference(values, directs))
         reps = 2 if opts.quick else 3
         for rep in range(reps):
             for conc in (1, slots):

@@ -19,7 +19,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from gateway.auth import require_key
 from gateway.errors import response_for
-from gateway.protocol import HOLD_WRITES
+from gateway.protocol import write_hold, writes_held
 from gateway.routes import openai
 
 Scope = dict[str, Any]
@@ -56,14 +56,8 @@ class FastPaths:
             response = await handler(request)
         except Exception as exc:  # noqa: BLE001 - every error becomes an OpenAI-shaped answer
             response = response_for(exc)
-        # A stream holds its own head; a background task must not keep the answer back.
-        hold = None
-        if not isinstance(response, StreamingResponse) and response.background is None:
-            hold = scope.get("extensions", {}).get(HOLD_WRITES)
-        if hold is not None:
-            hold.hold()  # head and body in one write (gateway/protocol.py)
-        try:
+        # Head and body in one write; a stream holds its own head, and a background task
+        # must not keep the answer back.
+        whole = not isinstance(response, StreamingResponse) and response.background is None
+        with writes_held(write_hold(scope) if whole else None):
             await response(scope, receive, send)  # type: ignore[arg-type]
-        finally:
-            if hold is not None:
-                hold.release()

@@ -15,6 +15,8 @@ writes as usual.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 HOLD_WRITES = "ai_sysadmin.hold_writes"
@@ -67,6 +69,26 @@ class WriteHold:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
+
+
+def write_hold(scope: Mapping[str, Any]) -> WriteHold | None:
+    """The connection's :class:`WriteHold`, if the server offers one."""
+    hold: WriteHold | None = scope.get("extensions", {}).get(HOLD_WRITES)
+    return hold
+
+
+@contextlib.contextmanager
+def writes_held(hold: WriteHold | None) -> Iterator[None]:
+    """Hold the connection's writes for the block and send them as one at its end (also
+    when it fails); without a hold, writes go out as they are made."""
+    if hold is None:
+        yield
+        return
+    hold.hold()
+    try:
+        yield
+    finally:
+        hold.release()
 
 
 try:

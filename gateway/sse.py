@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from starlette.responses import StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
-from gateway.protocol import HOLD_WRITES, WriteHold
+from gateway.protocol import WriteHold, write_hold, writes_held
 
 
 async def _until_disconnect(receive: Receive) -> None:
@@ -57,14 +57,9 @@ class EventStreamResponse(StreamingResponse):
         if chunk is None:
             await send(start)
         else:
-            if hold is not None:
-                hold.hold()  # the head and the first event in one write (gateway/protocol.py)
-            try:
+            with writes_held(hold):  # the head and the first event in one write
                 await send(start)
                 await send(self._event(chunk))
-            finally:
-                if hold is not None:
-                    hold.release()
             chunk = await anext(events, None)
         while chunk is not None:
             await send(self._event(chunk))
@@ -77,8 +72,7 @@ class EventStreamResponse(StreamingResponse):
         return {"type": "http.response.body", "body": chunk, "more_body": True}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        hold = scope.get("extensions", {}).get(HOLD_WRITES)
-        relay = asyncio.ensure_future(self.stream_response(send, hold))
+        relay = asyncio.ensure_future(self.stream_response(send, write_hold(scope)))
         watcher = asyncio.ensure_future(_until_disconnect(receive))
         try:
             await asyncio.wait((relay, watcher), return_when=asyncio.FIRST_COMPLETED)
