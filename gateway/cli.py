@@ -146,9 +146,11 @@ async def _serve_stack(
                 for task in done:
                     task.result()  # a crashed daemon or server ends `run` with its error
             await asyncio.shield(serve_task)  # a signal must not cancel uvicorn mid-flight
-        else:
+        elif supervisor is not None:
             print(f"{PROG}: layers running; Ctrl-C stops them", flush=True)
-            await asyncio.Event().wait()
+            # Nothing else shows a layer given up on here: end with its reason.
+            await supervisor.failed.wait()
+            raise SupervisorError(supervisor.failure or "a layer failed")
     finally:
         if daemon_task is not None:
             daemon_task.cancel()
@@ -298,25 +300,37 @@ def cmd_layers_status(args: argparse.Namespace) -> int:
             if probe["slots_total"] is not None
             else "-"
         )
+        # A failed layer's record outlives the supervisor that gave up on it.
+        recorded = status.get("layers", {}).get(name, {}) if isinstance(status.get("layers"), dict) else {}
+        failed = recorded if recorded.get("state") == "failed" else {}
         rows.append(
             {
                 "layer": name,
                 "port": layer.port,
+                "state": proc.get("state") or failed.get("state") or "-",
                 "pid": proc.get("pid") or "-",
                 "health": probe["health"],
                 "slots": slots,
+                "threads": proc.get("threads") or "-",
                 "restarts": proc.get("restarts", "-"),
                 "model": proc.get("model") or (str(layer.model) if layer.model else "(default)"),
+                "last_exit": proc.get("last_exit") or failed.get("last_exit"),
+                "reason": proc.get("reason") or failed.get("reason"),
             }
         )
     if getattr(args, "json", False):
         print(json.dumps(rows, indent=2))
     else:
-        cols = ["layer", "port", "pid", "health", "slots", "restarts", "model"]
+        cols = ["layer", "port", "state", "pid", "health", "slots", "threads", "restarts", "model"]
         widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
         print("  ".join(c.upper().ljust(widths[c]) for c in cols))
         for r in rows:
             print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+        for r in rows:
+            if r["reason"]:
+                print(r["reason"])
+            elif r["last_exit"]:
+                print(f"layer {r['layer']}: last exit {r['last_exit']}")
     return 0
 
 

@@ -91,7 +91,11 @@ class LayerConfig(Section):
     context_size: int = Field(4096, ge=256, description="`--ctx-size`: total context, all slots.")
     parallel: int = Field(2, ge=1, le=64, description="`--parallel`: slots served at once.")
     threads: int | None = Field(
-        None, ge=1, description="`--threads`; empty: llama-server's default."
+        None, ge=1,
+        description="`--threads`. Empty: the supervisor's split, so that the local layers "
+        "together do not oversubscribe the CPU: the cores this process may use, less the "
+        "threads of layers that set them, shared evenly by the others (at least 1 each; "
+        "on 2 cores, 1 per layer).",
     )
     gpu_layers: int | None = Field(None, ge=0, description="`--n-gpu-layers`; empty: default.")
     embeddings: bool = Field(
@@ -106,6 +110,45 @@ class LayerConfig(Section):
     max_queue: int = Field(
         32, ge=0, description="Requests that may wait for a slot before new ones get 429."
     )
+    max_tokens: int = Field(
+        512, ge=1,
+        description="Output tokens of a client's chat or completion request to this layer "
+        "(or to `ai-sysadmin`, when this layer answers it) that sets no `max_tokens` / "
+        "`max_completion_tokens`. Pipeline calls set their own (`pipeline.*_max_tokens`).",
+    )
+    max_tokens_ceiling: int = Field(
+        2048, ge=1,
+        description="Most output tokens a client may ask of this layer; a larger "
+        "`max_tokens`, `max_completion_tokens` or `n_predict` (or `n_predict: -1`) is "
+        "lowered to this, and the answer then ends with `finish_reason: \"length\"` "
+        "where it is cut. Must be at least `max_tokens`.",
+    )
+    chat_template: str | None = Field(
+        None,
+        description="Chat template: the name of one of llama-server's built-in templates "
+        "(`gemma`, `chatml`, `llama3`, …; started with `--no-jinja --chat-template NAME`, "
+        "`--chat_format NAME` for llama-cpp-python), or `model` for the GGUF's own. Empty: "
+        "`gemma` for the packaged default model (its GGUF has no template, and llama-server's "
+        "ChatML fallback ends turns with `<|im_end|>`, plain text to Gemma), the GGUF's own "
+        "for any other model.",
+    )
+    stop: list[str] | None = Field(
+        None,
+        description="Stop strings added to every chat and completion request sent to this "
+        "layer through the gateway (after the client's own `stop`, if any; not to "
+        "JSON-constrained requests). Empty: the turn markers `<end_of_turn>`, "
+        "`<start_of_turn>`, `<|im_end|>`, `<|im_start|>` for the packaged default model, "
+        "none for any other model. `[]`: none.",
+    )
+
+    @model_validator(mode="after")
+    def _ceiling_above_default(self) -> LayerConfig:
+        if self.max_tokens_ceiling < self.max_tokens:
+            raise ValueError(
+                f"max_tokens_ceiling ({self.max_tokens_ceiling}) is below max_tokens "
+                f"({self.max_tokens})"
+            )
+        return self
 
     def endpoint_list(self) -> list[EndpointConfig]:
         """Endpoints in the order they are tried: the local server first (when it is
@@ -125,7 +168,10 @@ class LayerConfig(Section):
 
 def _default_layers() -> dict[str, LayerConfig]:
     return {
-        "trigger": LayerConfig(port=8080, context_size=8192, parallel=4),
+        # trigger answers frontend background tasks (titles, tags, follow-ups: 10-150
+        # tokens): 256 leaves room; review and meta answer chats (see docs/gateway.md).
+        "trigger": LayerConfig(port=8080, context_size=8192, parallel=4,
+                               max_tokens=256, max_tokens_ceiling=1024),
         "review": LayerConfig(port=8081, context_size=4096, parallel=2),
         "meta": LayerConfig(port=8082, context_size=8192, parallel=2, embeddings=True),
     }
@@ -184,6 +230,16 @@ class EngineConfig(Section):
         1.0, gt=0, description="First delay before restarting a crashed layer (doubles)."
     )
     restart_backoff_max: float = Field(30.0, gt=0, description="Longest restart delay.")
+    crash_loop_limit: int = Field(
+        3, ge=1,
+        description="Deaths in a row soon after start (before the layer answered `/health`, "
+        "or within `crash_window` seconds) after which a layer is not restarted but marked "
+        "`failed` with the reason, and `ai-sysadmin run` exits non-zero. A layer that ran "
+        "longer is restarted with backoff however often it dies.",
+    )
+    crash_window: float = Field(
+        30.0, gt=0, description="Seconds after start within which a death counts as early."
+    )
 
 
 class TimeoutsConfig(Section):
@@ -195,12 +251,41 @@ class TimeoutsConfig(Section):
 
 
 class BreakerConfig(Section):
-    failures: int = Field(3, ge=1, description="Consecutive failures that open a breaker.")
+    failures: int = Field(
+        3, ge=1, description="Consecutive failures that open a breaker: refused or broken "
+        "connections, 5xx, and timeouts of an endpoint whose `/health` does not answer "
+        "either. A timeout while `/health` answers is a slow layer, not a failure.",
+    )
     reset_after: float = Field(
         10.0, gt=0, description="Seconds an open breaker waits before one trial request."
     )
     retries: int = Field(
         1, ge=0, description="Retries on another endpoint for requests not yet streaming."
+    )
+
+
+class RepetitionConfig(Section):
+    """Cutting degenerate repetition out of chat answers (gateway/repetition.py)."""
+
+    enabled: bool = Field(
+        True,
+        description="End a chat answer whose tail repeats one unit of text (see below): the "
+        "gateway closes the layer's request (llama-server frees the slot) and ends the answer "
+        "with `finish_reason: \"stop\"`. Not for JSON-constrained requests, requests with "
+        "`tools`, or layers with endpoints other than llama-server.",
+    )
+    min_repeats: int = Field(
+        3, ge=2, description="Copies of the repeated unit, in a row, that make a repetition."
+    )
+    min_tokens: int = Field(
+        40, ge=2,
+        description="Tokens (words and runs of punctuation) the repetition must cover in all, "
+        "so that short legitimate repeats (`0 0 0`, a table's `| --- |`) are kept.",
+    )
+    max_period: int = Field(
+        100, ge=1, le=1000,
+        description="Longest repeated unit looked for, in tokens (each generated token is "
+        "compared with this many before it).",
     )
 
 
@@ -254,6 +339,24 @@ class GatewayConfig(Section):
     )
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
     breaker: BreakerConfig = Field(default_factory=BreakerConfig)
+    max_concurrent_chats: int | None = Field(
+        None, ge=0,
+        description="Chat and completion generations for clients (not the pipeline's own "
+        "calls) running at once, over all layers; more wait in a queue (`chat_queue`). "
+        "Empty: one per CPU core this process may use, at least 2 — on a 2-core machine 2, "
+        "so chats cannot take every slot and core that detection needs (docs/gateway.md). "
+        "0: no bound.",
+    )
+    chat_queue: int = Field(
+        8, ge=0,
+        description="Chat generations that may wait for one of `max_concurrent_chats`; "
+        "beyond, `429` with `Retry-After` at once.",
+    )
+    chat_queue_timeout: float = Field(
+        60.0, gt=0,
+        description="Seconds a chat waits in that queue before it is answered `429`.",
+    )
+    repetition: RepetitionConfig = Field(default_factory=RepetitionConfig)
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info",
         description="Gateway log level. Prompts and log text are logged only at `debug`.",
@@ -435,6 +538,15 @@ class PipelineConfig(Section):
     layer_retries: int = Field(
         1, ge=0, description="Retries of truncated or invalid layer output before giving up "
         "(the incident is then marked `unreviewed`, never healthy).",
+    )
+    deadline_factor: float = Field(
+        4.0, ge=1.0, description="A pipeline call's deadline is this many times its expected "
+        "time at the layer's measured speed (prompt + `max_tokens` tokens), at least "
+        "`deadline_floor`, at most `gateway.timeouts.total`; before anything is measured, "
+        "`gateway.timeouts.first_byte` (see docs/pipeline.md, \"Deadlines\").",
+    )
+    deadline_floor: float = Field(
+        30.0, gt=0, description="Shortest deadline of a pipeline call, in seconds.",
     )
     incident_window: float = Field(
         3600.0, gt=0, description="Seconds within which anomalies of one unit/host/fingerprint "

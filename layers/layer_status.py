@@ -55,6 +55,11 @@ class LayerStatus(BaseModel):
     health: str
     pid: int | None = None
     restarts: int | None = None
+    threads: int | None = Field(None, description="`--threads` the supervisor gave the layer")
+    last_exit: str | None = Field(
+        None, description="how the layer's last process ended, e.g. 'SIGKILL after 80.2s'"
+    )
+    reason: str | None = Field(None, description="why a `failed` layer is not restarted")
     model: str | None = None
     engine: str
     slots_total: int | None = None
@@ -174,6 +179,9 @@ async def layer_status(
         health=health,
         pid=proc.pid if proc is not None and proc.state != "stopped" else None,
         restarts=proc.restarts if proc is not None else None,
+        threads=proc.threads if proc is not None else None,
+        last_exit=proc.last_exit if proc is not None else None,
+        reason=proc.reason if proc is not None else None,
         model=model,
         engine=engine,
         slots_total=_sum([e.slots_total for e in endpoints]),

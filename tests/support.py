@@ -33,7 +33,8 @@ def free_port() -> int:
 
 
 def layer_config(port: int, **extra: Any) -> dict[str, Any]:
-    cfg: dict[str, Any] = {"port": port, "context_size": 2048, "parallel": 2, "threads": 2}
+    # No threads: the supervisor splits the cores across the layers a test starts.
+    cfg: dict[str, Any] = {"port": port, "context_size": 2048, "parallel": 2}
     cfg.update(extra)
     return cfg
 

@@ -40,8 +40,12 @@ async def ready(request: Request) -> Response:
             # /health answers but every healthy endpoint's breaker is open (it fails real
             # requests): requests get 503 now, so readiness must not claim otherwise.
             state = shown[name] = "circuit-open"
+        proc = gw.supervisor.layers.get(name) if gw.supervisor is not None else None
+        if proc is not None and proc.state == "failed":
+            state = shown[name] = "failed"
         layers[name] = {
             "state": state,
+            **({"reason": proc.reason} if proc is not None and proc.reason else {}),
             "inflight": pool.limiter.inflight,
             "queued": pool.limiter.waiting,
             "endpoints": [

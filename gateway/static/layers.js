@@ -22,7 +22,7 @@ export function show() {
 export function hide() { clearInterval(timer); timer = null; }
 
 function healthKind(layer) {
-  if (layer.state === "stopped") return "down";
+  if (layer.state === "stopped" || layer.state === "failed") return "down";
   return { ready: "ok", loading: "warn", starting: "warn", restarting: "warn" }[layer.health] || "down";
 }
 
@@ -53,8 +53,11 @@ function row(layer, controllable) {
   }, label);
   return h("tr", { dataset: { layer: layer.name, health: layer.health, state: layer.state } },
     h("th", { scope: "row" }, layer.name),
-    h("td", {}, badge(layer.state === "stopped" ? "stopped" : layer.health, healthKind(layer)),
-      layer.restarts ? h("span", { class: "muted" }, ` ${layer.restarts} restarts`) : null),
+    h("td", {}, badge(["stopped", "failed"].includes(layer.state) ? layer.state : layer.health,
+      healthKind(layer)),
+      layer.restarts ? h("span", { class: "muted" }, ` ${layer.restarts} restarts`) : null,
+      layer.reason ? h("div", { class: "reason" }, layer.reason)
+        : layer.last_exit ? h("div", { class: "muted" }, `last exit: ${layer.last_exit}`) : null),
     h("td", { class: "mono" }, layer.model || "–"),
     h("td", {}, layer.engine, layer.endpoints[0] && layer.endpoints[0].build
       ? h("span", { class: "muted" }, ` ${layer.endpoints[0].build}`) : null),

@@ -1,36 +1,40 @@
-"""Engine provisioning: find ``llama-server``, or build it once and cache it.
+"""Engine provisioning: find ``llama-server``, or build it once and cache it — and never
+hand out a binary before it has generated tokens on this machine.
 
-Order: the configured path, then ``llama-server`` on PATH, then a cached build, then a
-build from the llama.cpp sources vendored in the pinned ``llama-cpp-python`` sdist
-(cmake target ``llama-server``). The cache key holds the sdist version, the machine
-architecture and a digest of the CPU flags (the build is ``GGML_NATIVE``), so a
-binary is never reused where it could not run.
+Order: the configured path, then ``llama-server`` on PATH (either is proven and, if it
+faults, refused with one line: rebuilding behind the admin's back would hide a broken
+install), then the build variants of :mod:`layers.provision.cpu`, best first: a cached
+one is proven (once per boot), a missing one is built from the llama.cpp sources
+vendored in the pinned ``llama-cpp-python`` sdist (cmake target ``llama-server``) and
+proven. A variant that faults is remembered and the next one is tried, so a machine that
+lists instructions it cannot execute gets a build it can run, and says which and why.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
-import platform
 import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 from layers.config import EngineConfig
+from layers.provision.cpu import Variant, machine_key, variants
+from layers.provision.model import default_model
+from layers.provision.verify import EngineFault, known_fault, prove_all, remember_fault
 
 # cmake options for a self-contained server binary that needs nothing from the network
-# at build time (no prebuilt web UI download, no HTTPS client).
+# at build time (no prebuilt web UI download, no HTTPS client). The CPU instruction sets
+# come from the variant.
 CMAKE_OPTIONS = (
     "-DCMAKE_BUILD_TYPE=Release",
     "-DBUILD_SHARED_LIBS=OFF",
-    "-DGGML_NATIVE=ON",
     "-DLLAMA_BUILD_TESTS=OFF",
     "-DLLAMA_BUILD_EXAMPLES=OFF",
     "-DLLAMA_BUILD_TOOLS=ON",
@@ -51,45 +55,90 @@ def _log(msg: str) -> None:
     print(f"[engine] {msg}", file=sys.stderr, flush=True)
 
 
-def cache_key(version: str) -> str:
-    flags = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                flags = line
-                break
-    except OSError:
-        pass
-    digest = hashlib.sha256(flags.encode()).hexdigest()[:10]
-    return f"llama-server-{version}-{platform.machine()}-{digest}"
+def variant_dir(config: EngineConfig, variant: Variant) -> Path:
+    """Where one variant's build is cached: by sdist version, variant and machine."""
+    name = f"llama-server-{config.llama_cpp_python_version}-{variant.name}-{machine_key()}"
+    return config.cache_dir / "engines" / name
 
 
-def cached_binary(config: EngineConfig) -> Path:
-    return config.cache_dir / "engines" / cache_key(config.llama_cpp_python_version) / "llama-server"
+def cached_binary(config: EngineConfig, variant: Variant | None = None) -> Path:
+    return variant_dir(config, variant or variants()[0]) / "llama-server"
 
 
-def find_llama_server(config: EngineConfig) -> Path | None:
-    """The llama-server to run without building anything, or None."""
+def _proof_models(config: EngineConfig, models: Sequence[Path] | None) -> list[Path]:
+    return list(models) if models else [default_model(config.cache_dir)]
+
+
+def ensure_llama_server(config: EngineConfig, models: Sequence[Path] | None = None) -> Path:
+    """A llama-server binary proven to generate on ``models`` (default: the packaged
+    model) on this machine, building one on first use."""
+    proof = _proof_models(config, models)
+    given = _given_binary(config)
+    if given is not None:
+        where, path = given
+        try:
+            prove_all(path, proof, load_timeout=config.health_timeout)
+        except EngineFault as fault:
+            instead = ("unset engine.llama_server" if where == "engine.llama_server"
+                       else "remove it from PATH or set engine.llama_server")
+            raise EngineError(
+                f"{where} {path} {fault}; use a build for this machine, or {instead} "
+                "so ai-sysadmin builds one"
+            ) from None
+        return path
+    return _proven_variant(config, proof)
+
+
+def _given_binary(config: EngineConfig) -> tuple[str, Path] | None:
     if config.llama_server is not None:
         path = config.llama_server.expanduser()
         if not (path.is_file() and os.access(path, os.X_OK)):
             raise EngineError(f"engine.llama_server {path}: not an executable file")
-        return path
+        return "engine.llama_server", path
     on_path = shutil.which("llama-server")
-    if on_path:
-        return Path(on_path)
-    cached = cached_binary(config)
-    if cached.is_file() and os.access(cached, os.X_OK):
-        return cached
+    return ("llama-server on PATH", Path(on_path)) if on_path else None
+
+
+def _proven_variant(config: EngineConfig, proof: list[Path]) -> Path:
+    version = config.llama_cpp_python_version
+    skipped: list[str] = []
+    for variant in variants():
+        reason = known_fault(config.cache_dir, version, variant.name)
+        if reason is not None:
+            skipped.append(f"{variant.name}: {reason}")
+            continue
+        binary = cached_binary(config, variant)
+        if not binary.is_file():
+            binary = build_llama_server(config, variant)
+        try:
+            prove_all(binary, proof, load_timeout=config.health_timeout)
+        except EngineFault as fault:
+            if fault.signum is None:
+                # Not the CPU: a model that does not load, a port, a timeout. Another
+                # variant would fail the same way.
+                raise EngineError(f"llama-server ({variant.name} build) {fault}") from None
+            _log(f"the {variant.name} build {fault}; trying a build that assumes less")
+            remember_fault(config.cache_dir, version, variant.name, str(fault))
+            skipped.append(f"{variant.name}: {fault}")
+            continue
+        if skipped:
+            _log(f"using the {variant.name} build ({variant.description}) because "
+                 + "; ".join(skipped))
+        return binary
+    raise EngineError("no llama-server build runs on this machine: " + "; ".join(skipped))
+
+
+def find_llama_server(config: EngineConfig) -> Path | None:
+    """The llama-server that would run without building anything, or None (unproven)."""
+    given = _given_binary(config)
+    if given is not None:
+        return given[1]
+    for variant in variants():
+        if known_fault(config.cache_dir, config.llama_cpp_python_version, variant.name):
+            continue
+        binary = cached_binary(config, variant)
+        return binary if binary.is_file() else None
     return None
-
-
-def ensure_llama_server(config: EngineConfig) -> Path:
-    """The llama-server binary, built from source on first use."""
-    found = find_llama_server(config)
-    if found is not None:
-        return found
-    return build_llama_server(config)
 
 
 @contextmanager
@@ -104,9 +153,9 @@ def _build_lock(path: Path) -> Iterator[None]:
         yield
 
 
-def build_llama_server(config: EngineConfig) -> Path:
-    target = cached_binary(config)
-    with _build_lock(target.parent.with_suffix(".lock")):
+def build_llama_server(config: EngineConfig, variant: Variant) -> Path:
+    target = cached_binary(config, variant)
+    with _build_lock(target.parent.with_name(target.parent.name + ".lock")):
         if target.is_file():  # built by the process we waited for
             return target
         for tool in ("cmake", "c++"):
@@ -120,10 +169,15 @@ def build_llama_server(config: EngineConfig) -> Path:
             work = Path(tmp)
             src = _fetch_vendored_source(version, work, config.cache_dir)
             build_dir = work / "build"
-            _log(f"configuring llama.cpp from llama-cpp-python {version}")
-            _run_logged(["cmake", "-S", str(src), "-B", str(build_dir), *CMAKE_OPTIONS], work)
+            _log(f"configuring llama.cpp from llama-cpp-python {version}, "
+                 f"{variant.name} build: {variant.description}")
+            _run_logged(
+                ["cmake", "-S", str(src), "-B", str(build_dir), *CMAKE_OPTIONS,
+                 *variant.cmake_flags],
+                work,
+            )
             jobs = str(os.cpu_count() or 1)
-            _log(f"building llama-server with {jobs} jobs (about 5 minutes on 2 cores)")
+            _log(f"building llama-server with {jobs} jobs (about 5-10 minutes on 2 cores)")
             _run_logged(
                 ["cmake", "--build", str(build_dir), "--target", "llama-server", "-j", jobs],
                 work,
@@ -140,7 +194,8 @@ def build_llama_server(config: EngineConfig) -> Path:
         return target
 
 
-def _fetch_vendored_source(version: str, work: Path, cache_dir: Path) -> Path:
+def _fetch_sdist(version: str, cache_dir: Path, work: Path) -> Path:
+    """The pinned llama-cpp-python sdist, downloaded once into the cache."""
     sdist_dir = cache_dir / "sdists"
     sdist_dir.mkdir(parents=True, exist_ok=True)
     name = f"llama_cpp_python-{version}.tar.gz"
@@ -149,13 +204,22 @@ def _fetch_vendored_source(version: str, work: Path, cache_dir: Path) -> Path:
         _log(f"downloading the llama-cpp-python {version} sdist from the package index")
         _run_logged(
             [
-                sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+                # Only the package itself as an sdist: ":all:" made pip build its build
+                # backends (scikit-build-core and friends) from source as well.
+                "--no-binary", "llama-cpp-python",
                 "-d", str(sdist_dir), f"llama-cpp-python=={version}",
             ],
             work,
         )
         if not sdist.is_file():
             raise EngineError(f"pip download gave no {name} in {sdist_dir}")
+    return sdist
+
+
+def _fetch_vendored_source(version: str, work: Path, cache_dir: Path) -> Path:
+    sdist = _fetch_sdist(version, cache_dir, work)
+    name = sdist.name
     _log(f"unpacking vendored llama.cpp from {name}")
     prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
     with tarfile.open(sdist) as tar:
@@ -169,15 +233,18 @@ def _fetch_vendored_source(version: str, work: Path, cache_dir: Path) -> Path:
     return src
 
 
-_PERCENT = re.compile(r"^\[\s*(\d+)%\]")
+_PERCENT = re.compile(r"^\s*\[\s*(\d+)%\]")
 
 
-def _run_logged(argv: list[str], cwd: Path, *, progress: bool = False) -> None:
+def _run_logged(
+    argv: list[str], cwd: Path, *, progress: bool = False, env: dict[str, str] | None = None
+) -> None:
     """Run a build step; show percentage progress, keep the tail of output for errors."""
     tail: list[str] = []
     last_pct = -1
     with subprocess.Popen(
-        argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, **env} if env else None,
     ) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
