@@ -201,7 +201,12 @@ let
         threads = mkOption {
           type = types.nullOr types.ints.positive;
           default = null;
-          description = "`--threads`; null: llama-server's default.";
+          description = ''
+            `--threads`. null: a share of the cores, measured when the unit starts
+            (`ai-sysadmin layers exec`): the cores left by the layers that set `threads`,
+            split evenly among the enabled layers that do not, at least 1 each — the
+            supervisor's rule, so that busy layers do not oversubscribe the CPU.
+          '';
         };
         gpuLayers = mkOption {
           type = types.nullOr types.ints.unsigned;
@@ -233,13 +238,34 @@ let
   enabledLayers = lib.filter (name: cfg.llama-cpp.enable && layers.${name}.enable) layerNames;
   layerUnits = map (name: "llama-${name}.service") enabledLayers;
 
+  # Layers without `threads` share what the others leave, measured at start (the same
+  # rule as layers/supervisor.py's plan_threads): `ai-sysadmin layers exec` appends
+  # `--threads <share>` and execs the server.
+  sharingLayers = lib.filter (name: layers.${name}.threads == null) enabledLayers;
+  reservedThreads = lib.foldl' (
+    n: name: n + (if layers.${name}.threads == null then 0 else layers.${name}.threads)
+  ) 0 enabledLayers;
+  threadShare =
+    name:
+    lib.optionals (layers.${name}.threads == null) [
+      exe
+      "layers"
+      "exec"
+      "--sharers"
+      (toString (lib.length sharingLayers))
+      "--reserved"
+      (toString reservedThreads)
+      "--"
+    ];
+
   # The same argv as layers/supervisor.py's engine_command builds for a managed layer.
   layerArgv =
     name:
     let
       l = layers.${name};
     in
-    [
+    threadShare name
+    ++ [
       "${cfg.llama-cpp.package}/bin/llama-server"
       "--model"
       "${l.model}"

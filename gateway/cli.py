@@ -334,6 +334,24 @@ def cmd_layers_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_layers_exec(args: argparse.Namespace) -> int:
+    """Exec a layer's server with its share of the cores, measured at start: the NixOS
+    units run each layer through this, so the split follows the machine they boot on."""
+    from layers.supervisor import thread_share, usable_cores
+
+    argv = list(args.argv)
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    if not argv:
+        raise CliError("layers exec: no command after --")
+    threads = thread_share(usable_cores(), args.reserved, args.sharers)
+    try:
+        os.execv(argv[0], [*argv, "--threads", str(threads)])
+    except OSError as exc:
+        raise CliError(f"layers exec: {argv[0]}: {exc.strerror}") from None
+    return EXIT_FAILURE  # not reached: execv replaces this process
+
+
 # -- config ------------------------------------------------------------------------
 
 
@@ -384,6 +402,13 @@ def build_parser() -> argparse.ArgumentParser:
     st = add("status", cmd_layers_status, "each layer's model, port, pid, health, slots", lsub)
     st.add_argument("--json", action="store_true", help="print JSON")
     add("serve", cmd_layers_serve, "run the layers in the foreground", lsub)
+    ex = add("exec", cmd_layers_exec,
+             "exec a layer server with --threads set to its share of the cores", lsub)
+    ex.add_argument("--sharers", type=int, required=True,
+                    help="layers on this machine that share the cores left")
+    ex.add_argument("--reserved", type=int, default=0,
+                    help="threads taken by layers that set their own")
+    ex.add_argument("argv", nargs=argparse.REMAINDER, help="-- the server's argv")
 
     config = sub.add_parser("config", help="check or show the configuration")
     csub = config.add_subparsers(dest="config_command", metavar="ACTION")

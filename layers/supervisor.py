@@ -78,8 +78,14 @@ def plan_threads(settings: Settings, cores: int | None = None) -> dict[LayerName
     managed = [(n, c) for n, c in settings.layers.items() if c.managed]
     fixed = {n: c.threads for n, c in managed if c.threads}
     free = [n for n, c in managed if not c.threads]
-    share = max(1, (cores - sum(fixed.values())) // len(free)) if free else 0
+    share = thread_share(cores, sum(fixed.values()), len(free)) if free else 0
     return {n: fixed.get(n, share) for n, _ in managed}
+
+
+def thread_share(cores: int, reserved: int, sharers: int) -> int:
+    """One layer's share of ``cores`` once ``reserved`` threads are taken by layers that
+    set their own, split among ``sharers`` layers: at least one thread."""
+    return max(1, (cores - reserved) // max(1, sharers))
 
 
 def engine_command(

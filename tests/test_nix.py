@@ -149,6 +149,16 @@ def exec_argv(exec_start: str) -> list[str]:
     return argv
 
 
+def server_argv(unit: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """A layer unit's ExecStart as (the `ai-sysadmin layers exec … --` prefix that gives the
+    server its share of the cores, or [] when the layer sets `threads`; the server's argv)."""
+    argv = exec_argv(unit["serviceConfig"]["ExecStart"])
+    if argv[1:3] == ["layers", "exec"]:
+        cut = argv.index("--") + 1
+        return argv[:cut], argv[cut:]
+    return [], argv
+
+
 def settings_from(rendered: dict[str, Any]) -> Settings:
     """The rendered TOML, read by the real config schema (unknown keys are errors)."""
     return Settings(**rendered)
@@ -175,15 +185,18 @@ def test_layer_units_run_what_the_supervisor_runs(default_system: dict[str, Any]
     settings = settings_from(default_system["settings"])
     for name, layer in settings.layers.items():
         unit = default_system["units"][f"llama-{name}"]
-        argv = exec_argv(unit["serviceConfig"]["ExecStart"])
+        share, argv = server_argv(unit)
+        # No layer sets threads: each gets a third of the cores the unit finds at start.
+        assert share[0].endswith("-ai-sysadmin/bin/ai-sysadmin")
+        assert share[1:] == ["layers", "exec", "--sharers", "3", "--reserved", "0", "--"]
         assert argv[0].endswith("-llama-cpp/bin/llama-server")
         assert layer.model is not None
         expected = engine_command(settings, name, layer, layer.model, Path(argv[0]))
         assert argv == expected
-    meta = exec_argv(default_system["units"]["llama-meta"]["serviceConfig"]["ExecStart"])
+    meta = server_argv(default_system["units"]["llama-meta"])[1]
     assert meta[meta.index("--model") + 1].endswith("-fetched-meta.gguf")
     assert meta[meta.index("--port") + 1] == "8082" and "--embeddings" in meta
-    trigger = exec_argv(default_system["units"]["llama-trigger"]["serviceConfig"]["ExecStart"])
+    trigger = server_argv(default_system["units"]["llama-trigger"])[1]
     assert trigger[trigger.index("--model") + 1] == "/srv/models/trigger.gguf"
     assert trigger[trigger.index("--parallel") + 1] == "4" and "--embeddings" not in trigger
 
@@ -377,7 +390,8 @@ def test_acceleration_picks_the_build_and_the_devices(
     assert result["llamaPackage"].endswith(f"-llama-cpp-{accel}Support")
     for name in ("trigger", "review", "meta"):
         sc = result["units"][f"llama-{name}"]["serviceConfig"]
-        assert exec_argv(sc["ExecStart"])[0] == result["llamaPackage"] + "/bin/llama-server"
+        assert server_argv(result["units"][f"llama-{name}"])[1][0] == (
+            result["llamaPackage"] + "/bin/llama-server")
         assert set(sc["DeviceAllow"]) == devices
         assert sc["DevicePolicy"] == "closed" and sc["PrivateDevices"] is False
         assert sc["SupplementaryGroups"] == groups
@@ -404,6 +418,28 @@ def test_gpu_layers_and_threads_flags() -> None:
     assert argv[argv.index("--ctx-size") + 1] == "16384"
     meta = settings_from(result["settings"]).layers.meta
     assert (meta.port, meta.gpu_layers, meta.threads, meta.context_size) == (9182, 20, 6, 16384)
+    # meta set its threads: it is started directly; the other two share what it leaves.
+    assert server_argv(result["units"]["llama-meta"])[0] == []
+    share = server_argv(result["units"]["llama-trigger"])[0]
+    assert share[share.index("--sharers") + 1] == "2" and share[share.index("--reserved") + 1] == "6"
+
+
+def test_layers_exec_gives_the_server_its_share_of_the_cores(tmp_path: Path) -> None:
+    """What a NixOS layer unit runs: `ai-sysadmin layers exec` appends --threads and execs."""
+    import os
+    import subprocess
+    import sys
+
+    from layers.supervisor import thread_share
+
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "layers", "exec", "--sharers", "2", "--reserved",
+         "1", "--", "/bin/echo", "--model", "m.gguf"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()
+    cores = len(os.sched_getaffinity(0))
+    assert out == ["--model", "m.gguf", "--threads", str(thread_share(cores, 1, 2))]
+    assert thread_share(2, 1, 2) == 1 and thread_share(16, 6, 2) == 5
 
 
 @needs_lib

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -233,7 +234,17 @@ def _fetch_vendored_source(version: str, work: Path, cache_dir: Path) -> Path:
     return src
 
 
+# make prints "[ 42%] Building …"; ninja (scikit-build-core's default) "[117/250] Building …".
 _PERCENT = re.compile(r"^\s*\[\s*(\d+)%\]")
+_STEPS = re.compile(r"^\s*\[(\d+)/(\d+)\]")
+
+
+def _percent(line: str) -> int | None:
+    if m := _PERCENT.match(line):
+        return int(m.group(1))
+    if (m := _STEPS.match(line)) and int(m.group(2)):
+        return int(m.group(1)) * 100 // int(m.group(2))
+    return None
 
 
 def _run_logged(
@@ -242,6 +253,7 @@ def _run_logged(
     """Run a build step; show percentage progress, keep the tail of output for errors."""
     tail: list[str] = []
     last_pct = -1
+    started = time.monotonic()
     with subprocess.Popen(
         argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, **env} if env else None,
@@ -249,11 +261,10 @@ def _run_logged(
         assert proc.stdout is not None
         for line in proc.stdout:
             tail = (tail + [line.rstrip()])[-30:]
-            if progress:
-                m = _PERCENT.match(line)
-                if m and int(m.group(1)) >= last_pct + 5:
-                    last_pct = int(m.group(1))
-                    _log(f"build {last_pct}%")
+            pct = _percent(line) if progress else None
+            if pct is not None and pct >= last_pct + 5:
+                last_pct = pct
+                _log(f"build {pct}% ({time.monotonic() - started:.0f}s)")
         code = proc.wait()
     if code != 0:
         detail = "\n".join(tail)
