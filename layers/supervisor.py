@@ -288,7 +288,6 @@ class Supervisor:
                 r = await self._client.get(url)
                 if r.status_code == 200:
                     layer.state = "ready"
-                    layer.early_deaths = 0
                     layer.ready.set()
                     log.info("layer %s: healthy", layer.name)
                     self._write_status()

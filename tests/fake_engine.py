@@ -41,6 +41,8 @@ def main() -> None:
     loading = mode == "sigill-as-layer" and "--alias" in args
     if loading:
         threading.Timer(1.0, _sigill).start()
+    if mode == "sigill-after-ready" and "--alias" in args:
+        threading.Timer(float(os.environ.get("FAKE_ENGINE_DELAY", "3")), _sigill).start()
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, format: str, *a: object) -> None:

@@ -183,3 +183,47 @@ def test_a_layer_dying_by_sigill_on_start_is_given_up_and_run_exits_nonzero(
     shown = run_cli("--config", str(cfg), "layers", "status", "--json")
     row = next(r for r in json.loads(shown.stdout) if r["layer"] == "trigger")
     assert row["state"] == "failed" and "died by SIGILL" in row["reason"]
+
+
+def test_a_layer_failing_after_start_is_shown_failed_with_its_reason(
+    tmp_path: Path, model_path: Path
+) -> None:
+    """The gateway keeps serving; /ready and the dashboard's /v1/layers say which layer
+    failed and why, and the other layers stay ready."""
+    from tests.support import cli
+
+    fake = write_fake_engine(tmp_path / "llama-server", "sigill-after-ready", tmp_path / "starts")
+    gport = free_port()
+    cfg = write_toml(tmp_path / "c.toml", {
+        "state_dir": str(tmp_path / "state"),
+        "engine": {"llama_server": str(fake), "restart_backoff_initial": 0.2,
+                   "crash_loop_limit": 2, "crash_window": 30},
+        "layers": {
+            "trigger": {"port": free_port()},
+            "review": {"port": free_port(), "managed": False},
+            "meta": {"port": free_port(), "managed": False},
+        },
+        "gateway": {"port": gport, "api_keys": ["k"]},
+    })
+    proc = cli(cfg, "run", log_path=tmp_path / "run.log",
+               env={"FAKE_ENGINE_DELAY": "2"}).start()
+    try:
+        proc.wait_http(f"http://127.0.0.1:{gport}/health", timeout=60)
+        headers = {"Authorization": "Bearer k"}
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            ready = httpx.get(f"http://127.0.0.1:{gport}/ready", headers=headers, timeout=10)
+            if ready.json()["layers"]["trigger"]["state"] == "failed":
+                break
+            time.sleep(0.5)
+        assert ready.status_code == 503
+        trigger = ready.json()["layers"]["trigger"]
+        assert trigger["state"] == "failed"
+        assert trigger["reason"].startswith("layer trigger: died by SIGILL (illegal instruction")
+        shown = httpx.get(f"http://127.0.0.1:{gport}/v1/layers", headers=headers, timeout=10)
+        row = next(r for r in shown.json()["data"] if r["name"] == "trigger")
+        assert row["state"] == "failed" and row["reason"] == trigger["reason"]
+        assert row["last_exit"].startswith("SIGILL")
+        assert httpx.get(f"http://127.0.0.1:{gport}/health").status_code == 200  # still serving
+    finally:
+        proc.stop()

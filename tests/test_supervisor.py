@@ -104,6 +104,7 @@ def test_layers_start_status_kill_restart_stop(tmp_path: Path) -> None:
             90, "trigger to be restarted and healthy",
         )
         assert new["restarts"] == 1
+        assert new["last_exit"].startswith("SIGKILL")  # how the crashed process ended
         assert httpx.get(f"http://127.0.0.1:{ports['trigger']}/health").status_code == 200
         # The other layer never stopped.
         assert _status(state_dir)["layers"]["review"]["pid"] == pids["review"]
