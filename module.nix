@@ -222,6 +222,27 @@ let
           default = layerDefaults.${name}.embeddings;
           description = "Also serve `/v1/embeddings` (`--embeddings`); the gateway's memory uses meta's.";
         };
+        chatTemplate = mkOption {
+          type = types.nullOr types.str;
+          default = modelAttr name "chatTemplate";
+          defaultText = literalExpression "model.chatTemplate or null";
+          example = "gemma";
+          description = ''
+            A llama-server built-in chat template (`gemma`, `chatml`, `llama3`, …; passed
+            as `--no-jinja --chat-template NAME`); null: the GGUF's own. The flake's
+            `default-model` carries `gemma`: its GGUF has no template.
+          '';
+        };
+        stop = mkOption {
+          type = types.nullOr (types.listOf types.str);
+          default = modelAttr name "stopStrings";
+          defaultText = literalExpression "model.stopStrings or null";
+          description = ''
+            Stop strings the gateway adds to chat and completion requests for this layer
+            (`layers.<name>.stop`); null: none (the flake's `default-model` carries its
+            turn markers).
+          '';
+        };
         extraFlags = mkOption {
           type = types.listOf types.str;
           default = [ ];
@@ -235,6 +256,13 @@ let
     };
 
   layers = lib.genAttrs layerNames (name: cfg.llama-cpp.models.${name});
+  # What a model package says about itself (the flake's default-model: its chat template).
+  modelAttr =
+    name: attr:
+    let
+      m = cfg.llama-cpp.models.${name}.model;
+    in
+    if builtins.isAttrs m then m.${attr} or null else null;
   enabledLayers = lib.filter (name: cfg.llama-cpp.enable && layers.${name}.enable) layerNames;
   layerUnits = map (name: "llama-${name}.service") enabledLayers;
 
@@ -298,6 +326,12 @@ let
         "mean"
       ]
     )
+    # Built-in template names need the non-Jinja renderer (layers/generation.py).
+    ++ lib.optionals (l.chatTemplate != null) [
+      "--no-jinja"
+      "--chat-template"
+      l.chatTemplate
+    ]
     ++ l.extraFlags;
 
   accel = cfg.llama-cpp.acceleration;
@@ -820,6 +854,9 @@ in
           // lib.optionalAttrs (l.threads != null) { threads = l.threads; }
           // lib.optionalAttrs (l.gpuLayers != null) { gpu_layers = l.gpuLayers; }
           // lib.optionalAttrs (l.extraFlags != [ ]) { extra_flags = l.extraFlags; }
+          # The model is always a path here: say "the GGUF's own" explicitly when unset.
+          // { chat_template = if l.chatTemplate != null then l.chatTemplate else "model"; }
+          // lib.optionalAttrs (l.stop != null) { inherit (l) stop; }
         );
         gateway = {
           inherit (cfg.api) host port;

@@ -301,7 +301,8 @@ def cmd_layers_status(args: argparse.Namespace) -> int:
             else "-"
         )
         # A failed layer's record outlives the supervisor that gave up on it.
-        recorded = status.get("layers", {}).get(name, {}) if isinstance(status.get("layers"), dict) else {}
+        records = status.get("layers")
+        recorded = records.get(name, {}) if isinstance(records, dict) else {}
         failed = recorded if recorded.get("state") == "failed" else {}
         rows.append(
             {
@@ -420,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     __import__("gateway.cli_actions").cli_actions.register(sub, add)
     __import__("gateway.cli_pipeline").cli_pipeline.register(sub, add)
+    __import__("gateway.cli_eval").cli_eval.register(sub, add)
     return parser
 
 

@@ -183,11 +183,15 @@ def cmd_incidents_show(args: argparse.Namespace) -> int:
     print(f"  status {inc['status']}, severity {inc['severity']}, host {inc['host']}, "
           f"unit {inc['unit'] or '-'}, {inc['verdict_count']} anomalies")
     print(f"  opened {_ts(inc['opened_at'])}, updated {_ts(inc['updated_at'])}")
+    if inc.get("rule") or inc.get("category"):
+        print(f"  rule {inc.get('rule') or '-'}, category {inc.get('category') or '-'}")
+    # The title and the lines above are facts; what follows is a model's reading.
     if inc.get("review"):
         r = inc["review"]
-        print(f"  review: {r['status']}{' (escalate)' if r['escalate'] else ''}: {r['summary']}")
+        print(f"  review (model's assessment): {r['status']}"
+              f"{' (escalate)' if r['escalate'] else ''}: {r['summary']}")
     if inc.get("decision"):
-        print(f"  diagnosis: {inc['decision']['diagnosis']}")
+        print(f"  diagnosis (model's assessment): {inc['decision']['diagnosis']}")
     for p in inc.get("proposals", []):
         print(f"  action {p['id']}: {p['action']} {json.dumps(p['params'])} [{p['status']}]")
     print("  timeline:")

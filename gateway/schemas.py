@@ -6,12 +6,16 @@ Only what the gateway must check is typed; every other field a client sends is k
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_MESSAGES = 1024
 MAX_TOKENS_BOUND = 1_000_000
+# Stop strings a request may carry (OpenAI allows 4; llama-server any number). The layer's
+# own are added to them.
+MAX_STOPS = 32
+StopList = Annotated[list[str], Field(max_length=MAX_STOPS)]
 
 
 class Loose(BaseModel):
@@ -56,6 +60,9 @@ class ChatCompletionRequest(Loose):
     # strict: the raw body is what reaches the layer, so "12" or true must not pass as 12.
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_BOUND, strict=True)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_BOUND, strict=True)
+    # llama-server's own name for the output length (it wins over max_tokens); -1: no limit.
+    n_predict: int | None = Field(None, ge=-1, le=MAX_TOKENS_BOUND, strict=True)
+    stop: str | StopList | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
     n: int | None = Field(None, ge=1, le=1, description="only one choice per request")
@@ -71,6 +78,8 @@ class CompletionRequest(Loose):
     prompt: str | list[str] | list[int]
     stream: bool = False
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_BOUND, strict=True)
+    n_predict: int | None = Field(None, ge=-1, le=MAX_TOKENS_BOUND, strict=True)
+    stop: str | StopList | None = None
     temperature: float | None = Field(None, ge=0, le=2)
 
 

@@ -6,12 +6,17 @@ matched to the layer's slots. Requests that have not started streaming are retri
 the next endpoint; once bytes have reached a client nothing is retried.
 
 Both the gateway (proxying) and the pipeline (structured calls) use this module.
+Pipeline calls get a deadline from the endpoint's measured speed (layers/deadline.py);
+the gateway's proxied requests keep the fixed ``gateway.timeouts``. A timeout counts as a
+breaker failure only when the endpoint's ``/health`` does not answer either: a layer that
+is up but slow (three layers sharing two cores) is not dead.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,6 +26,9 @@ from pydantic import BaseModel, ValidationError
 
 from layers import http
 from layers.config import LAYER_NAMES, EndpointConfig, LayerConfig, LayerName, Settings
+from layers.deadline import Deadline, DeadlineRule, Speed, Work
+
+log = logging.getLogger("ai_sysadmin.client")
 
 M = TypeVar("M", bound=BaseModel)
 Flavor = Literal["llama-server", "llama-cpp-python", "openai"]
@@ -45,6 +53,18 @@ class LayerError(Exception):
         self.code = code
         self.retry_after = retry_after
         self.upstream_body = upstream_body
+
+
+class LayerTimeout(LayerError):
+    """No answer within the deadline. ``alive``: the endpoint's ``/health`` answered
+    after the timeout (slow, not dead); ``final``: the deadline was already the
+    ceiling (``gateway.timeouts.total``), a later try of the same work gets no longer."""
+
+    def __init__(self, message: str, *, deadline: float, alive: bool, final: bool) -> None:
+        super().__init__(504, message, code="upstream_timeout")
+        self.deadline = deadline
+        self.alive = alive
+        self.final = final
 
 
 class StructuredOutputError(LayerError):
@@ -119,6 +139,9 @@ class Endpoint:
     inflight: int = 0
     health: EndpointHealth = "unknown"
     checked_at: float = 0.0
+    speed: Speed = field(default_factory=Speed)
+    slow_timeouts: int = 0  # timeouts while /health answered: not breaker failures
+    _probing: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)
 
     @property
     def root(self) -> str:
@@ -183,6 +206,7 @@ class Upstream:
     endpoint: Endpoint
     pool: LayerPool
     started: float
+    deadline: Deadline | None = None  # pipeline calls: the deadline it was sent with
     _closed: bool = field(default=False, repr=False)
 
     async def aclose(self) -> None:
@@ -236,6 +260,12 @@ class LayerPool:
         g = settings.gateway
         self.retries = g.breaker.retries
         self.timeout = http.Timeouts(connect=g.timeouts.connect, read=g.timeouts.first_byte)
+        p = settings.pipeline
+        self.deadline_rule = DeadlineRule(factor=p.deadline_factor, floor=p.deadline_floor,
+                                          ceiling=g.timeouts.total, fallback=g.timeouts.first_byte)
+        # How long the /health check after a timeout may take: a layer whose HTTP thread
+        # cannot answer that within a connect timeout is not merely slow.
+        self.liveness_timeout = max(2.0, g.timeouts.connect)
         local_flavor: Flavor = (
             "llama-cpp-python" if settings.engine.kind == "llama-cpp-python" else "llama-server"
         )
@@ -287,21 +317,31 @@ class LayerPool:
         body: dict[str, Any],
         *,
         extra_headers: Mapping[str, str] | None = None,
+        work: Work | None = None,
     ) -> Upstream:
         """Send a POST and return once the upstream answered 2xx (headers only).
 
         Retries on the next endpoint for connect errors, timeouts, 5xx and 429 — all
         before any byte went to the client. 4xx from the layer is the client's error.
+        With ``work`` (pipeline calls) the read deadline follows the endpoint's measured
+        speed; without it, it is ``gateway.timeouts.first_byte``.
         """
         await self.limiter.acquire(self.name)
         try:
-            return await self._open(path, body, extra_headers)
+            return await self._open(path, body, extra_headers, work)
         except BaseException:
             await self.limiter.release()
             raise
 
+    def deadline(self, endpoint: Endpoint, work: Work) -> Deadline:
+        return endpoint.speed.deadline(work, self.deadline_rule)
+
     async def _open(
-        self, path: str, body: dict[str, Any], extra_headers: Mapping[str, str] | None
+        self,
+        path: str,
+        body: dict[str, Any],
+        extra_headers: Mapping[str, str] | None,
+        work: Work | None,
     ) -> Upstream:
         candidates = self.candidates()
         if not candidates:
@@ -317,11 +357,14 @@ class LayerPool:
             headers = endpoint.headers()
             if extra_headers:
                 headers.update(extra_headers)
+            deadline = self.deadline(endpoint, work) if work is not None else None
+            timeout = self.timeout if deadline is None else http.Timeouts(
+                connect=self.timeout.connect, read=deadline.seconds)
             started = time.perf_counter()
             try:
                 response = await self.client.request(
                     "POST", endpoint.url + path, content=json.dumps(payload).encode(),
-                    headers=headers, timeout=self.timeout,
+                    headers=headers, timeout=timeout,
                 )
             except (http.ConnectError, http.ProtocolError) as exc:
                 endpoint.breaker.failure()
@@ -332,17 +375,13 @@ class LayerPool:
                 )
                 continue
             except http.TimeoutException:
-                endpoint.breaker.failure()
-                last = LayerError(
-                    504, f"layer {self.name} did not answer within {self.timeout.read:.0f}s",
-                    code="upstream_timeout",
-                )
+                last = await self._timed_out(endpoint, timeout.read, deadline)
                 continue
             if response.status_code < 400:
                 endpoint.breaker.success()
                 endpoint.health = "ready"
                 endpoint.inflight += 1
-                return Upstream(response, endpoint, self, started)
+                return Upstream(response, endpoint, self, started, deadline)
             error = await self._error_from(response)
             if response.status_code in (500, 502, 503, 504, 429):
                 if response.status_code != 503:  # loading is not a fault of the endpoint
@@ -354,6 +393,36 @@ class LayerPool:
             raise error  # a 4xx: the request itself is wrong; retrying cannot help
         assert last is not None
         raise last
+
+    async def _timed_out(
+        self, endpoint: Endpoint, seconds: float, deadline: Deadline | None
+    ) -> LayerTimeout:
+        """Account for a request that got no answer in time, and say whether the endpoint
+        is alive: slow (``/health`` answers) is not a breaker failure, silent is."""
+        if deadline is not None:
+            endpoint.speed.timed_out(deadline)
+        alive = await self.alive(endpoint)
+        if alive:
+            endpoint.slow_timeouts += 1
+            how = "it is up (/health answers) but slow"
+        else:
+            endpoint.breaker.failure()
+            how = "nor does its /health"
+        log.warning("layer %s (%s) did not answer within %.0fs; %s", self.name, endpoint.url,
+                    seconds, how)
+        return LayerTimeout(
+            f"layer {self.name} did not answer within {seconds:.0f}s", deadline=seconds,
+            alive=alive, final=deadline.final if deadline is not None else True,
+        )
+
+    async def alive(self, endpoint: Endpoint) -> bool:
+        """Whether the endpoint answers ``/health`` (ready or loading). Concurrent
+        timeouts of one endpoint share one check; a check younger than a second is
+        reused."""
+        async with endpoint._probing:
+            if time.monotonic() - endpoint.checked_at > 1.0:
+                await self._probe_one(endpoint, self.liveness_timeout)
+            return endpoint.health in ("ready", "loading")
 
     async def _error_from(self, response: http.Response) -> LayerError:
         try:
@@ -392,12 +461,22 @@ class LayerPool:
         return LayerError(400, f"layer {self.name} rejected the request: {message}",
                           code="invalid_request", upstream_body=upstream)
 
-    async def request_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        upstream = await self.open(path, body)
+    async def request_json(
+        self, path: str, body: dict[str, Any], *, work: Work | None = None
+    ) -> dict[str, Any]:
+        """POST and read a JSON object. With ``work`` the answer's speed is measured for
+        the endpoint's next deadlines."""
+        upstream = await self.open(path, body, work=work)
         try:
             raw = await upstream.response.aread()
         except http.TimeoutException as exc:
-            raise LayerError(504, f"layer {self.name} timed out", code="upstream_timeout") from exc
+            # The head came, then the body stopped: the layer was answering, so it is alive.
+            d = upstream.deadline
+            if d is not None:
+                upstream.endpoint.speed.timed_out(d)
+            raise LayerTimeout(f"layer {self.name} timed out",
+                               deadline=d.seconds if d else self.timeout.read, alive=True,
+                               final=d.final if d else True) from exc
         except http.HTTPError as exc:
             raise LayerError(502, f"layer {self.name} broke off its answer",
                              code="upstream_error") from exc
@@ -411,12 +490,15 @@ class LayerPool:
         if not isinstance(data, dict):
             raise LayerError(502, f"layer {self.name} answered with a non-object",
                              code="upstream_error")
+        if work is not None:
+            upstream.endpoint.speed.observe(data, time.perf_counter() - upstream.started,
+                                            work.prompt_chars)
         return data
 
-    async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def chat(self, body: dict[str, Any], *, work: Work | None = None) -> dict[str, Any]:
         body = {**body, "stream": False}
         body.setdefault("model", self.name)
-        return await self.request_json("/chat/completions", body)
+        return await self.request_json("/chat/completions", body, work=work)
 
     async def chat_json(
         self,
@@ -441,9 +523,11 @@ class LayerPool:
                                 "strict": True},
             },
         }
+        work = Work(prompt_chars=sum(len(str(m.get("content") or "")) for m in messages),
+                    max_tokens=max_tokens)
         error: StructuredOutputError | None = None
         for _ in range(retries + 1):
-            data = await self.chat(body)
+            data = await self.chat(body, work=work)
             try:
                 choice = data["choices"][0]
                 content = choice["message"]["content"] or ""

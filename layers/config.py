@@ -129,16 +129,16 @@ class LayerConfig(Section):
         "(`gemma`, `chatml`, `llama3`, …; started with `--no-jinja --chat-template NAME`, "
         "`--chat_format NAME` for llama-cpp-python), or `model` for the GGUF's own. Empty: "
         "`gemma` for the packaged default model (its GGUF has no template, and llama-server's "
-        "ChatML fallback ends turns with `<|im_end|>`, plain text to Gemma), the GGUF's own "
-        "for any other model.",
+        "ChatML fallback ends turns with a marker that is plain text to Gemma), the GGUF's "
+        "own for any other model.",
     )
     stop: list[str] | None = Field(
         None,
         description="Stop strings added to every chat and completion request sent to this "
         "layer through the gateway (after the client's own `stop`, if any; not to "
-        "JSON-constrained requests). Empty: the turn markers `<end_of_turn>`, "
-        "`<start_of_turn>`, `<|im_end|>`, `<|im_start|>` for the packaged default model, "
-        "none for any other model. `[]`: none.",
+        "JSON-constrained requests). Empty: for the packaged default model, Gemma's and "
+        "ChatML's turn markers written as text (`<end_of_turn>`, `<start_of_turn>`, ChatML's "
+        "`im_end` and `im_start`; layers/generation.py); none for any other model. `[]`: none.",
     )
 
     @model_validator(mode="after")
@@ -280,7 +280,7 @@ class RepetitionConfig(Section):
     min_tokens: int = Field(
         40, ge=2,
         description="Tokens (words and runs of punctuation) the repetition must cover in all, "
-        "so that short legitimate repeats (`0 0 0`, a table's `| --- |`) are kept.",
+        "so that short legitimate repeats (`0 0 0`, a table's separator row) are kept.",
     )
     max_period: int = Field(
         100, ge=1, le=1000,

@@ -54,7 +54,16 @@ class HostFacts:
         ]
 
 
-async def gather_context(sources: list[ContextSource], deadline: float = 0.5) -> str:
+# A line of context is a fact, not a document: longer ones are cut (log words can be long).
+MAX_LINE_CHARS = 300
+
+
+async def gather_context(
+    sources: list[ContextSource], deadline: float = 0.5, max_chars: int | None = None
+) -> str:
+    """The sources' lines, each at most MAX_LINE_CHARS, in all at most ``max_chars``
+    (whole lines, in the sources' order): the context must leave the question and the
+    answer room in the layer's slot, or the layer refuses the chat."""
     async def one(source: ContextSource) -> list[str]:
         try:
             async with asyncio.timeout(deadline):
@@ -66,10 +75,19 @@ async def gather_context(sources: list[ContextSource], deadline: float = 0.5) ->
     parts = await asyncio.gather(*(one(s) for s in sources))
     # Untrusted text must not be able to close the context block: neutralise markup.
     lines = [
-        f"[{s.name}] " + line.replace("<", "‹").replace(">", "›").replace("\n", " ")
+        (f"[{s.name}] " + line.replace("<", "‹").replace(">", "›").replace("\n", " "))[
+            :MAX_LINE_CHARS]
         for s, snippets in zip(sources, parts, strict=True)
         for line in snippets
     ]
+    if max_chars is not None:
+        kept, used = [], 0
+        for line in lines:
+            used += len(line) + 1
+            if used > max_chars:
+                break
+            kept.append(line)
+        lines = kept
     return "\n".join(lines)
 
 

@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator
 
 Severity = Literal["info", "warning", "critical"]
 SEVERITY_RANK: dict[str, int] = {"info": 0, "warning": 1, "critical": 2}
@@ -130,6 +130,12 @@ class Decision(BaseModel):
 # -- stored records -------------------------------------------------------------------
 
 
+SUMMARY_BY = (
+    "who wrote `summary` and `category`: `model` (the trigger layer's assessment, validated "
+    "against the event) or `rule` (the layer gave nothing usable; the summary says why)"
+)
+
+
 class Verdict(BaseModel):
     """A stored verdict on one event; ``seq`` is its id on the event stream."""
 
@@ -146,9 +152,15 @@ class Verdict(BaseModel):
     summary: str
     message: str
     unreviewed: bool = Field(
-        False, description="the trigger layer failed; the verdict comes from the rule alone"
+        False, description="the trigger layer failed or its output was refused; the "
+        "verdict comes from the rule alone"
     )
     created_at: float
+
+    @computed_field(description=SUMMARY_BY)  # type: ignore[prop-decorator]
+    @property
+    def summary_by(self) -> Literal["model", "rule"]:
+        return "rule" if self.unreviewed else "model"
 
 
 class TimelineEntry(BaseModel):
@@ -157,13 +169,42 @@ class TimelineEntry(BaseModel):
     detail: dict[str, Any]
 
 
+TITLE_CHARS = 200
+
+
+def incident_title(category: str, rule: str | None, unit: str | None, message: str) -> str:
+    """An incident's title, from facts only: the category and name of the rule that
+    matched and the opening event's own words, e.g.
+    ``memory: oom_kill — postgresql.service: Out of memory: Killed process 31337 (postgres)``.
+    Never model text: a small model's summary is a guess, the log line is what happened."""
+    head = f"{category}: {rule}" if rule else category
+    where = f"{unit}: " if unit else ""
+    title = f"{head} — {where}{' '.join(message.split())}"
+    return title if len(title) <= TITLE_CHARS else title[: TITLE_CHARS - 1] + "…"
+
+
+class Assessment(BaseModel):
+    """The layers' view of an incident, labelled as such: it passed validation
+    (layers/pipeline/validate.py) but is a model's reading, not a fact."""
+
+    by: Literal["model"] = "model"
+    label: str = "model's assessment (validated against the events; not a fact)"
+    review: str | None = Field(None, description="the review layer's summary")
+    findings: list[str] = Field(default_factory=list, description="the review's findings")
+    diagnosis: str | None = Field(None, description="the meta layer's diagnosis")
+
+
 class Incident(BaseModel):
     id: str
     key: str
     host: str
     unit: str | None
     fingerprint: str
-    title: str
+    title: str = Field(description="facts: the rule and the opening event's words")
+    category: str | None = Field(
+        None, description="facts: the category of the rule that matched (the verdict's "
+        "when no rule did); null for incidents opened before it was recorded")
+    rule: str | None = Field(None, description="the prefilter rule of the opening event")
     status: IncidentStatus
     stage: IncidentStage
     severity: Severity
@@ -173,6 +214,18 @@ class Incident(BaseModel):
     resolved_at: float | None = None
     review: Review | None = None
     decision: Decision | None = None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def assessment(self) -> Assessment | None:
+        """``review`` and ``decision`` in a few words, labelled as the model's view."""
+        if self.review is None and self.decision is None:
+            return None
+        return Assessment(
+            review=self.review.summary if self.review else None,
+            findings=list(self.review.findings) if self.review else [],
+            diagnosis=self.decision.diagnosis if self.decision else None,
+        )
 
 
 class IncidentDetail(Incident):

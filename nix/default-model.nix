@@ -44,6 +44,12 @@ runCommand "gemma-3-270m-q4_k_m.gguf"
     outputHashMode = "flat";
     outputHashAlgo = "sha256";
     outputHash = "sha256-pf07YiMKpexgISKX3J0g6qcFeKxRngDZOhfkTAh6aBg=";
+    # Read by the module as the layer's chatTemplate / stop defaults (layers/generation.py):
+    # the GGUF has no template, and llama-server's ChatML fallback never ends Gemma's turn.
+    passthru = {
+      chatTemplate = "gemma";
+      stopStrings = [ "<end_of_turn>" "<start_of_turn>" "<|im_end|>" "<|im_start|>" ];
+    };
     meta = {
       description = "Gemma 3 270M (Q4_K_M GGUF), the small default model of ai-sysadmin";
       license = lib.licenses.unfree; # Gemma Terms of Use

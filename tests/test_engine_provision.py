@@ -123,7 +123,7 @@ def test_a_cached_build_that_faults_is_replaced_by_the_next_variant(
     chosen = ensure_llama_server(config, [model_path])
     assert chosen == cached_binary(config, fallback)
     said = capfd.readouterr().err
-    assert f"the {best.name} build died by SIGILL" in said
+    assert f"the llama-server {best.name} build died by SIGILL" in said
     assert f"using the {fallback.name} build ({fallback.description}) because {best.name}:" in said
     assert known_fault(config.cache_dir, config.llama_cpp_python_version, best.name)
 

@@ -189,6 +189,24 @@ def test_upstream_timeout_is_504_fake_upstream_hang(
     assert time.monotonic() - started < 10
 
 
+def test_timeouts_of_a_live_layer_do_not_open_the_breaker_fake_upstream_hang(
+    gateway: GatewayFactory, fakes: Callable[..., FakeUpstream]
+) -> None:
+    """Its /health answers, its chat does not in time: slow (three layers on two cores),
+    not dead. Each request is a 504, none is refused by an open breaker."""
+    hang = fakes("hang")
+    _, url = gateway(hang.port, timeouts={"first_byte": 1.0},
+                     breaker={"failures": 2, "reset_after": 60, "retries": 0})
+    for _ in range(3):
+        r = httpx.post(f"{url}/v1/chat/completions", headers=KEY, timeout=30,
+                       json={"model": "meta", "messages": LONG, "max_tokens": 3})
+        assert r.status_code == 504 and r.json()["error"]["code"] == "upstream_timeout"
+    assert hang.requests == 3
+    meta = httpx.get(f"{url}/ready", headers=KEY).json()["layers"]["meta"]
+    assert meta["endpoints"][0]["breaker"] == "closed"
+    assert meta["endpoints"][0]["health"] == "ready"
+
+
 def test_loading_layer_is_503_with_retry_after_fake_upstream_loading(
     gateway: GatewayFactory, fakes: Callable[..., FakeUpstream]
 ) -> None:

@@ -424,6 +424,25 @@ def test_gpu_layers_and_threads_flags() -> None:
     assert share[share.index("--sharers") + 1] == "2" and share[share.index("--reserved") + 1] == "6"
 
 
+@needs_lib
+def test_the_default_model_package_brings_its_chat_template_and_stops() -> None:
+    """The flake's default-model says it needs Gemma's template (its GGUF has none): the
+    unit starts llama-server with it and the gateway adds its turn markers as stops."""
+    gemma = ('{ outPath = "/nix/store/aaaa-gemma.gguf"; type = "derivation"; '
+             'chatTemplate = "gemma"; stopStrings = [ "<end_of_turn>" ]; }')
+    result = evaluate_ok(MODELS.replace('"/srv/models/review.gguf"', gemma))
+    settings = settings_from(result["settings"])
+    review = settings.layers.review
+    assert (review.chat_template, review.stop) == ("gemma", ["<end_of_turn>"])
+    argv = server_argv(result["units"]["llama-review"])[1]
+    assert argv == engine_command(settings, "review", review, review.model, Path(argv[0]))
+    assert argv[argv.index("--chat-template") - 1:argv.index("--chat-template") + 2] == [
+        "--no-jinja", "--chat-template", "gemma"]
+    # Any other model keeps its GGUF's own template, said explicitly.
+    assert settings.layers.trigger.chat_template == "model"
+    assert "--chat-template" not in server_argv(result["units"]["llama-trigger"])[1]
+
+
 def test_layers_exec_gives_the_server_its_share_of_the_cores(tmp_path: Path) -> None:
     """What a NixOS layer unit runs: `ai-sysadmin layers exec` appends --threads and execs."""
     import os

@@ -116,7 +116,7 @@ async def test_review_truncated_json_fake_upstream_marks_incident_unreviewed(
     settings = settings_for(tmp_path, fake.port)
     clients = LayerClients(settings)
     try:
-        fake.content = json.dumps({"v": [["ok", "memory", "fine"]]})
+        fake.content = json.dumps({"v": [["ok", "memory", "java is fine"]]})
         await classify(settings, store, clients, [OOM])
         (v,) = await store.verdicts_after(0)
         # A model saying "fine" cannot dismiss the critical rule.
@@ -140,7 +140,8 @@ async def test_meta_garbage_fake_upstream_marks_incident_unreviewed(
         fake.content = json.dumps({"v": [["critical", "memory", "oom"]]})
         await classify(settings, store, clients, [OOM])
         fake.content = json.dumps({"status": "degraded", "summary": "java was killed",
-                                   "findings": ["oom"], "escalate": True, "reason": "r"})
+                                   "findings": ["oom"], "escalate": True,
+                                   "reason": "java keeps dying"})
         worker = IncidentWorker(settings, store, clients)
         assert await worker.step()  # review → escalated
         (inc,) = await store.list_incidents()

@@ -46,8 +46,25 @@ def test_trigger_schema_demands_one_compact_verdict_per_event() -> None:
             schema.model_validate({"v": wrong})
     js = schema.model_json_schema()
     assert js["properties"]["v"]["minItems"] == js["properties"]["v"]["maxItems"] == 2
-    # The example in the prompt is itself a valid answer for two events.
-    schema.model_validate_json(prompts.EXAMPLE)
+
+
+def test_prompts_carry_no_example_answer_a_small_model_could_copy() -> None:
+    """Issue 16: the old two-event example ("root filesystem 95% full", "session opened")
+    was copied into 338 of 340 verdicts. No prompt may hold a ready-made answer: no
+    quoted level/category/summary triple, no JSON answer object."""
+    nonce = prompts.new_nonce()
+    oom = Event(message="Out of memory: Killed process 31337 (postgres)", unit="postgresql.service")
+    system = prompts.trigger_messages([oom], ["oom_kill"], nonce)[0]["content"]
+    assert '["' not in system and '{"v"' not in system
+    for level in ("ok", "info", "warning", "critical"):
+        assert f'"{level}"' not in system
+    assert "root filesystem" not in system and "session opened" not in system
+    # What the fields mean is said instead (and the schema carries the same descriptions).
+    assert "summary:" in system and "category: one of" in system
+    descriptions = [item.get("description") for item in
+                    prompts.trigger_schema(1).model_json_schema()["properties"]["v"]["items"]
+                    ["prefixItems"]]
+    assert all(descriptions)
 
 
 def test_decision_schema_limits_actions_to_the_catalog() -> None:

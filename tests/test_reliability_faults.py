@@ -118,7 +118,8 @@ def test_hung_layer_under_concurrency_leaks_nothing_fake_upstream_hang(
     hang = fakes("hang")
     gw = gateways(hang.port, layers={"meta": {"parallel": 8}},
                   gateway={"timeouts": {"first_byte": 1.5},
-                           "breaker": {"retries": 0, "failures": 1000}})
+                           "breaker": {"retries": 0, "failures": 1000},
+                           "max_concurrent_chats": 0})  # the layer's own bound is tested
     tasks0, fds0 = baseline(gw.url)
     results: list[int] = []
 

@@ -54,7 +54,8 @@ def test_overload_gets_429_with_retry_after_at_once_fake_upstream_slow(
     refused at once (no pile-up of waiting requests). A slow fake layer holds the slots
     for a known time, which a real one cannot be made to do."""
     slow = fakes("slow", token_interval=1.0, slow_tokens=8)  # each answer takes ~8 s
-    gw = gateways(slow.port, layers={"meta": {"parallel": 2, "max_queue": 2}})
+    gw = gateways(slow.port, layers={"meta": {"parallel": 2, "max_queue": 2}},
+                  gateway={"max_concurrent_chats": 0})  # the layer's own bound is tested
     statuses: list[tuple[int, float, str | None]] = []
     lock = threading.Lock()
     go = threading.Event()

@@ -110,7 +110,7 @@ def test_layers_start_status_kill_restart_stop(tmp_path: Path) -> None:
         assert _status(state_dir)["layers"]["review"]["pid"] == pids["review"]
         assert pid_alive(pids["review"])
         log = (state_dir / "logs" / "supervisor.log").read_text()
-        assert "layer trigger: exited" in log and "restart 1" in log
+        assert "layer trigger: SIGKILL" in log and "restart 1" in log
     finally:
         stopped = run_cli("--config", str(cfg), "layers", "stop", timeout=60)
     assert stopped.returncode == 0, stopped.stderr

@@ -69,6 +69,9 @@ async def test_batch_longer_than_a_slot_is_halved_not_unreviewed(
     verdicts = await store.verdicts_after(0)
     assert len(verdicts) == 8  # every event got exactly one verdict
     assert all(v.anomaly and v.severity == "critical" for v in verdicts)  # the rule's floor
-    # The halves reached the model: at least one half came back as valid model output
-    # (the tiny model may still garble one; that half is then flagged, never dropped).
-    assert sum(not v.unreviewed for v in verdicts) >= 4
+    # The halves reached the model: at least one half came back as valid model output —
+    # kept, or refused as degenerate (issue 16: the tiny base model's summaries rarely
+    # name anything in the line) — rather than as too long; a half the model garbles is
+    # flagged, never dropped.
+    answered = [v for v in verdicts if not v.unreviewed or "output refused" in v.summary]
+    assert len(answered) >= 4, [v.summary for v in verdicts]

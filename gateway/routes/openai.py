@@ -3,6 +3,11 @@
 Model ``ai-sysadmin`` is the sysadmin: the meta layer with live system context in its
 system prompt. Models ``trigger``, ``review`` and ``meta`` pass straight through to
 that layer. Streams are relayed event by event as the layer sends them.
+
+Every chat and completion gets the layer's output cap and stop strings and a place among
+``gateway.max_concurrent_chats`` (gateway/bounds.py); a chat answer that degenerates into
+repetition is ended (gateway/chat_watch.py). A non-streamed chat that is watched is read
+from the layer as a stream, so that ending it also ends the generation.
 """
 
 from __future__ import annotations
@@ -20,7 +25,10 @@ from fastapi.responses import Response
 
 from gateway.auth import require_key, require_key_for_models
 from gateway.body import read_model
+from gateway.bounds import ChatGate, add_stops, cap_output, constrained
+from gateway.chat_watch import ChatWatch
 from gateway.errors import OpenAIError
+from gateway.repetition import RepetitionDetector
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from gateway.sse import EventStreamResponse
 from gateway.state import GatewayState
@@ -28,12 +36,15 @@ from layers import http
 from layers.client import LayerError, LayerPool, Upstream
 from layers.config import LAYER_NAMES
 from layers.context import gather_context, system_message
+from layers.generation import stop_strings
 
 log = logging.getLogger("ai_sysadmin.gateway")
 
 SYSADMIN_MODEL = "ai-sysadmin"
 # Which layer answered: lets admins see where titles and chats went.
 LAYER_HEADER = "X-Ai-Sysadmin-Layer"
+# The output cap the request ran with (its own, the layer's default, or the ceiling).
+MAX_TOKENS_HEADER = "X-Ai-Sysadmin-Max-Tokens"
 MODEL_IDS = (SYSADMIN_MODEL, *LAYER_NAMES)
 # A fixed date: the same model list from every gateway and after every restart.
 CREATED = 1767225600  # 2026-01-01
@@ -127,7 +138,11 @@ def _detector(gw: GatewayState) -> TaskDetector:
 async def _with_context(gw: GatewayState, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Put the sysadmin's system prompt and live context first, merged with the client's
     own system message (chat templates such as Gemma's accept only one)."""
-    prompt = system_message(await gather_context(gw.context_sources))
+    meta = gw.settings.layers.meta
+    # About a third of meta's slot (at ~3 characters a token): the rest is the system
+    # prompt, the conversation and the answer.
+    budget = meta.context_size // meta.parallel
+    prompt = system_message(await gather_context(gw.context_sources, max_chars=budget))
     if messages and messages[0].get("role") in ("system", "developer"):
         first = dict(messages[0])
         own = first.get("content")
@@ -155,6 +170,46 @@ async def route_chat(gw: GatewayState, body: dict[str, Any]) -> tuple[LayerPool,
     return gw.layers["meta"], b"meta"
 
 
+def _chat_gate(gw: GatewayState) -> ChatGate:
+    gate: ChatGate | None = getattr(gw, "chat_gate", None)
+    if gate is None:
+        gate = ChatGate.from_config(gw.settings.gateway)
+        gw.chat_gate = gate  # type: ignore[attr-defined]
+    return gate
+
+
+def bound_generation(pool: LayerPool, body: dict[str, Any]) -> dict[str, str]:
+    """The layer's output cap and stop strings on a client's request; the headers that
+    tell the client which cap applied."""
+    cap = cap_output(body, pool.layer)
+    add_stops(body, stop_strings(pool.layer))
+    return {MAX_TOKENS_HEADER: str(cap)}
+
+
+def chat_watch(gw: GatewayState, pool: LayerPool, body: dict[str, Any],
+               stream: bool, include_usage: bool) -> ChatWatch | None:
+    """A repetition watch for this chat, or None where none applies: output held to a
+    grammar or schema (it ends with the grammar; JSON arrays repeat legitimately), tool
+    calls, endpoints that are not llama-server (``timings_per_token`` is llama-server's),
+    and a non-streamed answer with logprobs (it is not rebuilt from a stream)."""
+    rep = gw.settings.gateway.repetition
+    if not rep.enabled or constrained(body) or body.get("tools"):
+        return None
+    if any(e.flavor != "llama-server" for e in pool.endpoints):
+        return None
+    if not stream:
+        if any(body.get(k) for k in ("logprobs", "top_logprobs", "n_probs")):
+            return None
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+        include_usage = True
+    if include_usage:
+        body["timings_per_token"] = True  # exact token counts where the answer is cut
+    detector = RepetitionDetector(min_repeats=rep.min_repeats, min_tokens=rep.min_tokens,
+                                  max_period=rep.max_period)
+    return ChatWatch(detector, include_usage=include_usage, collect=not stream)
+
+
 def _renamer(
     layer_name: bytes | None, shown: str = SYSADMIN_MODEL
 ) -> tuple[bytes, bytes] | None:
@@ -177,10 +232,14 @@ async def chat_completions(request: Request) -> Response:
     requested = req.model
     pool, layer_name = await route_chat(gw, body)
     body.pop("metadata", None)
+    headers = bound_generation(pool, body)
+    include_usage = req.stream_options is not None and req.stream_options.include_usage
+    watch = chat_watch(gw, pool, body, req.stream, include_usage)
     if gw.settings.gateway.log_level == "debug":
         log.debug("chat %s → %s: %s", requested, pool.name, json.dumps(body)[:2000])
     return await forward(gw, pool, "/chat/completions", body, req.stream, requested,
-                         _renamer(layer_name), t0, route="chat")
+                         _renamer(layer_name), t0, route="chat", gate=_chat_gate(gw),
+                         watch=watch, headers=headers)
 
 
 async def forward(
@@ -194,30 +253,49 @@ async def forward(
     t0: float,
     *,
     route: str,
+    gate: ChatGate | None = None,
+    watch: ChatWatch | None = None,
+    headers: dict[str, str] | None = None,
 ) -> Response:
+    """Send the request to the layer and answer the client. With ``gate``, the request
+    holds one of the gate's places until its answer is complete (for a stream: until the
+    relay ends). With ``watch``, a chat is watched for repetition; a non-streamed one
+    (sent to the layer as a stream by :func:`chat_watch`) is then collected here."""
     m = gw.metrics
+    if gate is not None:
+        try:
+            await gate.acquire()
+        except OpenAIError:
+            m.requests.labels(route, model, "429").inc()
+            raise
     try:
         upstream = await pool.open(path, body)
     except LayerError as exc:
+        if gate is not None:
+            gate.release()
         m.requests.labels(route, model, str(exc.status)).inc()
         raise layer_error(exc) from None
+    except BaseException:
+        if gate is not None:
+            gate.release()
+        raise
+    extra = {LAYER_HEADER: pool.name, **(headers or {})}
     # Metrics are recorded once the layer's answer is in (a stream's after its last event):
     # on an idle gateway their code is cold, and before the first token it would cost the
     # client time.
     overhead = upstream.started - t0
     if stream:
         return EventStreamResponse(
-            relay(gw, upstream, model, rename, t0, route, overhead),
-            headers={
-                "Cache-Control": "no-cache",
-                "X-Accel-Buffering": "no",
-                LAYER_HEADER: pool.name,
-            },
+            relay(gw, upstream, model, rename, t0, route, overhead, gate=gate, watch=watch),
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **extra},
         )
     total = gw.settings.gateway.timeouts.total
     try:
         async with asyncio.timeout(max(0.001, total - (time.perf_counter() - t0))):
-            raw = await upstream.response.aread()
+            if watch is None:
+                raw = await upstream.response.aread()
+            else:
+                raw = await collect(upstream, watch)
     except (http.TimeoutException, TimeoutError):
         m.requests.labels(route, model, "504").inc()
         raise OpenAIError(504, f"layer {pool.name} timed out", code="upstream_timeout") from None
@@ -227,6 +305,8 @@ async def forward(
                           code="upstream_error") from None
     finally:
         await upstream.aclose()
+        if gate is not None:
+            gate.release()
         m.overhead.labels(route).observe(overhead)
     if not _is_json_object(raw):
         # A layer that answers 200 with a body no client can parse is broken: say so
@@ -239,7 +319,36 @@ async def forward(
         raw = raw.replace(rename[0], rename[1], 1)
     m.requests.labels(route, model, "200").inc()
     m.latency.labels(route, model).observe(time.perf_counter() - t0)
-    return Response(raw, media_type="application/json", headers={LAYER_HEADER: pool.name})
+    return Response(raw, media_type="application/json", headers=extra)
+
+
+async def collect(upstream: Upstream, watch: ChatWatch) -> bytes:
+    """A non-streamed answer read from the layer's stream, ended where it repeats."""
+    if not upstream.response.headers.get("content-type", "").startswith("text/event-stream"):
+        return await upstream.response.aread()  # an endpoint that does not stream: as it is
+    pending = b""
+    async for chunk in upstream.response.aiter_raw():
+        pending += chunk
+        cut = pending.rfind(b"\n\n")
+        if cut < 0:
+            continue
+        events, pending = pending[: cut + 2], pending[cut + 2 :]
+        if watch.scan(events):
+            _log_cut(upstream, watch)
+            break
+        if b"data: [DONE]" in events:
+            break
+    else:
+        if watch.finish_reason is None:
+            raise http.ProtocolError("the layer ended the stream early")
+    return watch.answer()
+
+
+def _log_cut(upstream: Upstream, watch: ChatWatch) -> None:
+    found = watch.found
+    assert found is not None
+    log.info("layer %s repeated itself (%d tokens, a unit of %d); answer ended",
+             upstream.pool.name, found.tokens, found.period)
 
 
 def _is_json_object(raw: bytes) -> bool:
@@ -262,10 +371,16 @@ async def relay(
     t0: float,
     route: str,
     overhead: float,
+    *,
+    gate: ChatGate | None = None,
+    watch: ChatWatch | None = None,
 ) -> AsyncIterator[bytes]:
     """Relay SSE events as they arrive, whole events at a time. If the layer breaks off,
     the client gets an error event and ``[DONE]``; if the client leaves, closing the
-    upstream response makes llama-server cancel the generation."""
+    upstream response makes llama-server cancel the generation. With ``watch``, events
+    are scanned after they were sent (never before the first token); an answer that
+    repeats itself is ended with a finishing chunk, usage if asked for, and ``[DONE]``,
+    and closing the upstream response ends the generation."""
     m = gw.metrics
     pending = b""
     ttft: float | None = None
@@ -288,6 +403,11 @@ async def relay(
             if b"data: [DONE]" in out:
                 done = True
             yield out
+            if watch is not None and not done and watch.scan(out):
+                _log_cut(upstream, watch)
+                closing = watch.closing_events()
+                yield closing if rename is None else closing.replace(rename[0], rename[1])
+                return  # closing the layer's response (below) ends its generation
         if pending.strip():
             yield pending + b"\n\n"
         if not done:
@@ -311,6 +431,8 @@ async def relay(
         upstream.endpoint.breaker.failure()
     finally:
         await upstream.aclose()
+        if gate is not None:
+            gate.release()
         m.overhead.labels(route).observe(overhead)
         if ttft is not None:
             m.ttft.labels(model).observe(ttft)
@@ -337,8 +459,10 @@ async def completions(request: Request) -> Response:
     req, body = await read_model(request, CompletionRequest, gw.settings.gateway.max_body_bytes)
     pool, layer_name = _layer_for(gw, req.model)
     body["model"] = pool.name
+    headers = bound_generation(pool, body)
     return await forward(gw, pool, "/completions", body, req.stream, req.model,
-                         _renamer(layer_name), t0, route="completions")
+                         _renamer(layer_name), t0, route="completions", gate=_chat_gate(gw),
+                         headers=headers)
 
 
 @router.post("/v1/embeddings", dependencies=[Depends(require_key)])

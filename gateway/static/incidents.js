@@ -92,7 +92,8 @@ function onVerdict(v) {
     badge(v.severity),
     v.anomaly ? badge("anomaly", "warn") : badge("normal", "ok"),
     h("span", { class: "mono" }, ` ${v.host}${v.unit ? " · " + v.unit : ""} `),
-    h("span", {}, v.summary || v.category),
+    h("span", { title: v.summary_by === "rule" ? "the rule's verdict" : "the trigger model's summary" },
+      v.summary || v.category),
     h("span", { class: "muted" }, ` ${time(v.created_at)}`)));
   while (feed.children.length > FEED_MAX) feed.lastElementChild.remove();
   if (v.incident_id) refreshIncident(v.incident_id);
@@ -155,10 +156,12 @@ function card(inc) {
       badge(inc.severity), " ", badge(inc.status), " ",
       h("strong", { class: "inc-title" }, inc.title)),
     h("div", { class: "muted" },
-      `${inc.host}${inc.unit ? " · " + inc.unit : ""} · ${inc.verdict_count} verdict${inc.verdict_count === 1 ? "" : "s"}`
+      `${inc.host}${inc.unit ? " · " + inc.unit : ""}${inc.rule ? " · rule " + inc.rule : ""}`
+      + ` · ${inc.verdict_count} verdict${inc.verdict_count === 1 ? "" : "s"}`
       + ` · opened ${time(inc.opened_at)} · updated ${time(inc.updated_at)}`),
-    inc.review ? h("p", { class: "inc-review" }, h("b", {}, "Review: "), inc.review.summary) : null,
-    inc.decision ? h("p", { class: "inc-diagnosis" }, h("b", {}, "Diagnosis: "), inc.decision.diagnosis) : null,
+    // The title above is facts (rule and log line); review and diagnosis are a model's view.
+    inc.review ? h("p", { class: "inc-review" }, h("b", {}, "Review (model's assessment): "), inc.review.summary) : null,
+    inc.decision ? h("p", { class: "inc-diagnosis" }, h("b", {}, "Diagnosis (model's assessment): "), inc.decision.diagnosis) : null,
     box);
 }
 
@@ -172,10 +175,11 @@ function entryText(e) {
   const d = e.detail || {};
   switch (e.kind) {
     case "event": return `${d.unit ? d.unit + ": " : ""}${d.message ?? ""}`;
-    case "verdict": return `${d.severity} ${d.category}: ${d.summary}${d.unreviewed ? " (rule only: trigger layer failed)" : ""}`;
+    case "verdict": return `${d.severity} ${d.category}: ${d.summary}${d.unreviewed ? " (rule only: trigger layer failed or refused)" : " (trigger model)"}`;
     case "status": return `status → ${d.status}`;
-    case "review": return `${d.status ?? ""} ${d.summary ?? ""}`.trim();
-    case "decision": return d.diagnosis ?? JSON.stringify(d);
+    case "review": return `model's assessment: ${d.status ?? ""} ${d.summary ?? ""}`.trim();
+    case "decision": return `model's diagnosis: ${d.diagnosis ?? JSON.stringify(d)}`;
+    case "unreviewed": return `${d.stage ?? ""} layer gave no usable answer: ${d.error ?? ""}`;
     default: return JSON.stringify(d);
   }
 }
@@ -187,18 +191,18 @@ function fillDetail(id, inc) {
   const parts = [];
   if (inc.review) {
     const r = inc.review;
-    parts.push(h("section", { class: "review" }, h("h4", {}, "Review"),
+    parts.push(h("section", { class: "review" }, h("h4", {}, "Review — the model's assessment"),
       h("p", {}, badge(r.status), " ", r.summary),
       r.findings.length ? h("ul", {}, r.findings.map((x) => h("li", {}, x))) : null,
       h("p", { class: "muted" }, r.escalate ? `Escalated: ${r.reason}` : `Not escalated: ${r.reason}`)));
   } else {
     parts.push(h("p", { class: "muted" }, inc.status === "unreviewed"
-      ? "Unreviewed: the review layer failed; nothing is assumed healthy."
+      ? "Unreviewed: the review layer failed or its answer was refused; nothing is assumed healthy."
       : "Not reviewed yet."));
   }
   if (inc.decision) {
     const d = inc.decision;
-    parts.push(h("section", { class: "diagnosis" }, h("h4", {}, "Diagnosis"), h("p", {}, d.diagnosis),
+    parts.push(h("section", { class: "diagnosis" }, h("h4", {}, "Diagnosis — the model's assessment"), h("p", {}, d.diagnosis),
       d.rollback_plan ? h("p", { class: "muted" }, `Rollback: ${d.rollback_plan}`) : null));
   }
   if (inc.proposals && inc.proposals.length) {

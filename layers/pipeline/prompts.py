@@ -79,8 +79,21 @@ SUMMARY_CHARS = 48
 # short on purpose: generated tokens are the trigger's cost (about 20 per event here,
 # against about 70 for a keyed object per event), and a level of "ok" says "no anomaly"
 # without a separate flag. ``trigger_verdicts`` expands it to the stored verdict schema.
-CompactVerdict = tuple[Level, Category, Annotated[str, Field(max_length=SUMMARY_CHARS)]]
-EXAMPLE = '{"v":[["warning","disk","root filesystem 95% full"],["ok","service","session opened"]]}'
+CompactVerdict = tuple[
+    Annotated[Level, Field(description="ok when the event needs no attention")],
+    Annotated[Category, Field(description="what kind of problem")],
+    Annotated[str, Field(max_length=SUMMARY_CHARS,
+                         description="what the event's message names, in its own words")],
+]
+# No example answer: a small model copies an example's content into every verdict (two
+# example summaries once stood for 338 of 340 verdicts of a replay). The format is the
+# schema's job (constrained decoding); the prompt only says what each field means, and
+# layers/pipeline/validate.py refuses a summary made of the prompt's own words.
+TRIGGER_FIELDS = (
+    "level: ok when the event needs no attention, else info, warning or critical; "
+    f"category: one of {', '.join(CATEGORIES)}; summary: at most six words naming what "
+    "the event's message names (the process, unit, device or error), in its own words."
+)
 
 
 def trigger_schema(n: int) -> type[BaseModel]:
@@ -88,7 +101,8 @@ def trigger_schema(n: int) -> type[BaseModel]:
     return create_model(
         "TriggerBatch",
         __config__=ConfigDict(extra="forbid"),
-        v=(list[CompactVerdict], Field(min_length=n, max_length=n)),
+        v=(list[CompactVerdict], Field(min_length=n, max_length=n,
+                                       description="one [level, category, summary] per event")),
     )
 
 
@@ -106,9 +120,8 @@ def trigger_messages(events: Sequence[Event], rules: Sequence[str | None],
     items = [{**event_item(e), "rule": r} for e, r in zip(events, rules, strict=True)]
     system = (
         "You classify system log events of a Linux (NixOS) server for a system "
-        "administrator. For each event answer one array: level (ok when it needs no "
-        "attention, else info, warning or critical), category, and a summary of at most "
-        f"six words. Example answer for two events: {EXAMPLE}. "
+        "administrator. For each event, in order, answer one array [level, category, "
+        f"summary]. {TRIGGER_FIELDS} "
         "`rule` names the deterministic filter that flagged the event. "
         + _untrusted_note(nonce)
     )
@@ -119,15 +132,30 @@ def trigger_messages(events: Sequence[Event], rules: Sequence[str | None],
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
+def event_evidence(e: Event, rule: str | None) -> str:
+    """What a verdict on ``e`` may be grounded in: the event's own words."""
+    return " ".join(x for x in (e.message, e.unit, e.host, e.source, rule) if x)
+
+
 # -- review ----------------------------------------------------------------------------
 
 
 class ReviewOut(Review):
     """Review with tighter limits for constrained decoding on small models."""
 
-    summary: str = Field(max_length=240)
-    findings: list[Annotated[str, Field(max_length=120)]] = Field(max_length=3)
-    reason: str = Field(max_length=160)
+    summary: str = Field(max_length=240, description="what happened, naming the unit or "
+                         "process and what its log lines show")
+    findings: list[Annotated[str, Field(max_length=120)]] = Field(
+        max_length=3, description="distinct facts read in the log lines, each different")
+    reason: str = Field(max_length=160, description="why escalate, or why not")
+
+
+REVIEW_FIELDS = (
+    "status: normal, degraded or critical; summary: what happened, naming the unit or "
+    "process and what its log lines show; findings: up to three distinct facts read in "
+    "the log lines, none repeated (an empty list when there are none); escalate: true "
+    "or false; reason: why."
+)
 
 
 def incident_item(inc: Incident) -> dict[str, Any]:
@@ -151,7 +179,7 @@ def review_messages(
         "Judge the machine's state (normal, degraded, critical), summarise, list concrete "
         "findings, and decide whether to escalate to the diagnosis stage (escalate when "
         "the problem persists, harms a service or data, or needs an action). "
-        + _untrusted_note(nonce)
+        f"Fields: {REVIEW_FIELDS} " + _untrusted_note(nonce)
     )
     user = "\n".join([
         "Incident:", fence("INCIDENT", [incident_item(inc)], nonce),
@@ -174,15 +202,25 @@ def decision_schema(actions: Sequence[str]) -> type[BaseModel]:
         __config__=ConfigDict(extra="forbid"),
         action=(action_type, ...),
         params=(dict[str, str | int | bool], Field(default_factory=dict)),
-        rationale=(str, Field(max_length=120)),
+        rationale=(str, Field(max_length=120, description="why this action, from the log")),
     )
     return create_model(
         "MetaDecision",
         __config__=ConfigDict(extra="forbid"),
-        diagnosis=(str, Field(max_length=300)),
+        diagnosis=(str, Field(max_length=300, description="the cause, naming the unit or "
+                              "process and the evidence")),
         proposals=(list[proposal], Field(max_length=2)),  # type: ignore[valid-type]
-        rollback_plan=(str, Field(max_length=200)),
+        rollback_plan=(str, Field(max_length=200, description="how to undo the proposed "
+                                  "actions, or why nothing needs undoing")),
     )
+
+
+META_FIELDS = (
+    "diagnosis: the cause, naming the unit or process and the evidence for it; "
+    "proposals: at most two, each an action of the catalog with its params and a "
+    "rationale; rollback_plan: how to undo the proposed actions, or why nothing needs "
+    "undoing."
+)
 
 
 def to_decision(result: BaseModel) -> Decision:
@@ -197,7 +235,8 @@ def meta_messages(
         "You diagnose an escalated incident on a Linux (NixOS) server and propose actions "
         "from the action catalog only (each with its params and a rationale), plus a "
         "rollback plan. Proposals are checked and approved by policy, not by you; propose "
-        "nothing rather than something unsafe. " + _untrusted_note(nonce)
+        "nothing rather than something unsafe. " f"Fields: {META_FIELDS} "
+        + _untrusted_note(nonce)
     )
     user = "\n".join([
         "Action catalog (name: what it does):",

@@ -30,14 +30,16 @@ class IncidentContext:
         self.n_verdicts = verdicts
 
     async def snippets(self) -> list[str]:
+        """One line per incident and verdict; what a model wrote is marked as such (the
+        title is facts: the rule and the event's own words)."""
         incs = await self.store.list_incidents(
             status=["open", "reviewed", "escalated", "unreviewed"], limit=self.n_incidents
         )
         lines = [
             f"incident {i.id} [{i.status}, {i.severity}] {i.title} "
             f"(host {i.host}, unit {i.unit or '-'}, {i.verdict_count} anomalies)"
-            + (f"; review: {i.review.summary}" if i.review else "")
-            + (f"; diagnosis: {i.decision.diagnosis}" if i.decision else "")
+            + (f"; review model's assessment: {i.review.summary}" if i.review else "")
+            + (f"; meta model's diagnosis: {i.decision.diagnosis}" if i.decision else "")
             for i in incs
         ]
         if not incs:
@@ -45,8 +47,9 @@ class IncidentContext:
         for v in await self.store.recent_verdicts(self.n_verdicts):
             age = int(time.time() - v.created_at)
             lines.append(
-                f"verdict {age}s ago [{v.severity}/{v.category}] {v.host} {v.unit or '-'}: "
-                f"{v.summary}"
+                f"verdict {age}s ago [{v.severity}/{v.category}] {v.host} {v.unit or '-'} "
+                f"rule {v.rule or '-'}: {v.summary} (by the {v.summary_by}); "
+                f"log: {v.message[:160]}"
             )
         return lines
 

@@ -5,6 +5,17 @@ daemon can restart at any point: a stage whose result was not committed runs aga
 committed one never does (``record_review``/``record_decision`` are compare-and-set on
 the stage). A layer that is down makes the work wait; layer output that stays
 truncated or invalid after retries marks the incident ``unreviewed`` — never healthy.
+A call that times out is tried again with a longer deadline (the timeout lowered the
+layer's measured speed, layers/deadline.py); one that a live layer leaves unanswered at
+the longest deadline (``gateway.timeouts.total``) marks the incident ``unreviewed`` too,
+so slow work ends instead of being sent again forever.
+
+Output that is valid JSON but degenerate — a copy of the prompt, a summary or diagnosis
+that shares no word with the incident's events, the same finding repeated, a diagnosis
+or rollback plan with no content (layers/pipeline/validate.py) — is refused like invalid
+output: asked again (``pipeline.layer_retries``, each with a fresh nonce and some
+sampling temperature), then the incident is ``unreviewed``. A stored review or decision
+is one that passed these checks; it is shown as the model's assessment, never as fact.
 """
 
 from __future__ import annotations
@@ -16,21 +27,64 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import psutil
+from pydantic import BaseModel
 
-from layers.client import LayerClients, LayerError
+from layers.client import LayerClients, LayerError, LayerPool, StructuredOutputError
 from layers.config import Settings
-from layers.events import SEVERITY_RANK, Incident, Proposal, Review
+from layers.events import SEVERITY_RANK, Event, Incident, Proposal, Review, Verdict
 from layers.memory import Memory
-from layers.pipeline import prompts
+from layers.pipeline import prompts, validate
 from layers.pipeline.loop import work_loop
-from layers.pipeline.trigger import is_permanent
+from layers.pipeline.trigger import RETRY_TEMPERATURE, is_permanent
 from layers.store import Store
 
 log = logging.getLogger("ai_sysadmin.pipeline.stages")
 
 ProposalHandler = Callable[[str, Sequence[Proposal]], Awaitable[object]]
+M = TypeVar("M", bound=BaseModel)
+
+
+def incident_evidence(inc: Incident, verdicts: Sequence[Verdict],
+                      events: Sequence[Event] = ()) -> list[str]:
+    """What a review or diagnosis must be grounded in: the incident's own events (their
+    words, unit, host and rule) — never a model's earlier text, nor the title of an
+    incident opened before titles were facts."""
+    out = [x for x in (inc.unit, inc.host, inc.rule) if x]
+    out += [f"{v.message} {v.unit or ''} {v.rule or ''}" for v in verdicts]
+    out += [prompts.event_evidence(e, None) for e in events]
+    return out
+
+
+async def checked_json(
+    pool: LayerPool, build: Callable[[str], list[dict[str, str]]], schema: type[M], *,
+    check: Callable[[M, validate.Grounds], validate.Refusal | None],
+    evidence: Sequence[str], context: Sequence[str] = (), max_tokens: int, retries: int,
+) -> M:
+    """A layer's answer that is valid JSON *and* passes ``check``; each of the
+    ``retries + 1`` tries gets a fresh nonce, the later ones some temperature. Raises
+    :class:`StructuredOutputError` (a :class:`validate.RefusedOutput` when the last
+    answer was refused) like invalid output; other layer errors pass through."""
+    error: StructuredOutputError | None = None
+    for attempt in range(retries + 1):
+        messages = build(prompts.new_nonce())
+        try:
+            out = await pool.chat_json(
+                messages, schema, max_tokens=max_tokens, retries=0,
+                temperature=RETRY_TEMPERATURE if attempt else 0.0,
+            )
+        except StructuredOutputError as exc:
+            error = exc
+            continue
+        refusal = check(out, validate.Grounds.of(messages, evidence, schema, context))
+        if refusal is None:
+            return out
+        error = validate.RefusedOutput(pool.name, refusal, raw=out.model_dump_json())
+        log.info("%s", error.message)
+    assert error is not None
+    raise error
 
 
 def metrics_snapshot() -> list[str]:
@@ -105,12 +159,14 @@ class IncidentWorker:
     async def review(self, inc: Incident) -> None:
         verdicts = await self.store.incident_verdicts(inc.id, limit=3)
         events = await self.store.recent_events(host=inc.host, unit=inc.unit, limit=5)
-        nonce = prompts.new_nonce()
-        messages = prompts.review_messages(inc, verdicts, events, metrics_snapshot(), nonce)
+        metrics = metrics_snapshot()
         try:
-            out = await self.layers["review"].chat_json(
-                messages, prompts.ReviewOut, max_tokens=self.cfg.review_max_tokens,
-                retries=self.cfg.layer_retries,
+            out = await checked_json(
+                self.layers["review"],
+                lambda nonce: prompts.review_messages(inc, verdicts, events, metrics, nonce),
+                prompts.ReviewOut, check=validate.review,
+                evidence=incident_evidence(inc, verdicts, events), context=metrics,
+                max_tokens=self.cfg.review_max_tokens, retries=self.cfg.layer_retries,
             )
         except LayerError as exc:
             if not is_permanent(exc):
@@ -131,11 +187,16 @@ class IncidentWorker:
                 raise
             except Exception as exc:  # memory is advice; its failure must not stop diagnosis
                 log.warning("memory recall failed: %s", exc)
-        nonce = prompts.new_nonce()
-        messages = prompts.meta_messages(inc, inc.review, verdicts, memories, self.catalog, nonce)
+        def check(out: BaseModel, g: validate.Grounds) -> validate.Refusal | None:
+            return validate.decision(prompts.to_decision(out), g)
+
         try:
-            out = await self.layers["meta"].chat_json(
-                messages, prompts.decision_schema(list(self.catalog)),
+            out = await checked_json(
+                self.layers["meta"],
+                lambda nonce: prompts.meta_messages(inc, inc.review, verdicts, memories,
+                                                    self.catalog, nonce),
+                prompts.decision_schema(list(self.catalog)), check=check,
+                evidence=incident_evidence(inc, verdicts),
                 max_tokens=self.cfg.meta_max_tokens, retries=self.cfg.layer_retries,
             )
         except LayerError as exc:

@@ -21,9 +21,10 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from layers.config import EngineConfig
 from layers.provision.cpu import Variant, machine_key, variants
@@ -101,6 +102,30 @@ def _given_binary(config: EngineConfig) -> tuple[str, Path] | None:
 
 
 def _proven_variant(config: EngineConfig, proof: list[Path]) -> Path:
+    def install_and_prove(variant: Variant) -> Path:
+        binary = cached_binary(config, variant)
+        if not binary.is_file():
+            binary = build_llama_server(config, variant)
+        prove_all(binary, proof, load_timeout=config.health_timeout)
+        return binary
+
+    binary, variant, skipped = first_proven_variant(config, "llama-server", install_and_prove)
+    if skipped:
+        _log(f"using the {variant.name} build ({variant.description}) because "
+             + "; ".join(skipped))
+    return binary
+
+
+T = TypeVar("T")
+
+
+def first_proven_variant(
+    config: EngineConfig, engine: str, install_and_prove: Callable[[Variant], T]
+) -> tuple[T, Variant, list[str]]:
+    """Walk the variants best first, skipping those known to fault here: the first whose
+    ``install_and_prove`` passes wins; one that faults by a signal is remembered (for every
+    engine built from the same ggml) and the next is tried. Returns what it gave, the
+    variant, and why the better ones were passed over."""
     version = config.llama_cpp_python_version
     skipped: list[str] = []
     for variant in variants():
@@ -108,25 +133,17 @@ def _proven_variant(config: EngineConfig, proof: list[Path]) -> Path:
         if reason is not None:
             skipped.append(f"{variant.name}: {reason}")
             continue
-        binary = cached_binary(config, variant)
-        if not binary.is_file():
-            binary = build_llama_server(config, variant)
         try:
-            prove_all(binary, proof, load_timeout=config.health_timeout)
+            return install_and_prove(variant), variant, skipped
         except EngineFault as fault:
             if fault.signum is None:
                 # Not the CPU: a model that does not load, a port, a timeout. Another
                 # variant would fail the same way.
-                raise EngineError(f"llama-server ({variant.name} build) {fault}") from None
-            _log(f"the {variant.name} build {fault}; trying a build that assumes less")
+                raise EngineError(f"{engine} ({variant.name} build) {fault}") from None
+            _log(f"the {engine} {variant.name} build {fault}; trying a build that assumes less")
             remember_fault(config.cache_dir, version, variant.name, str(fault))
             skipped.append(f"{variant.name}: {fault}")
-            continue
-        if skipped:
-            _log(f"using the {variant.name} build ({variant.description}) because "
-                 + "; ".join(skipped))
-        return binary
-    raise EngineError("no llama-server build runs on this machine: " + "; ".join(skipped))
+    raise EngineError(f"no {engine} build runs on this machine: " + "; ".join(skipped))
 
 
 def find_llama_server(config: EngineConfig) -> Path | None:

@@ -16,15 +16,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from layers.config import EngineConfig
-from layers.provision.cpu import Variant, machine_key, variants
-from layers.provision.engine import EngineError, _fetch_sdist, _log, _run_logged
+from layers.provision.cpu import Variant, machine_key
+from layers.provision.engine import (
+    EngineError,
+    _fetch_sdist,
+    _log,
+    _run_logged,
+    first_proven_variant,
+)
 from layers.provision.model import default_model
 from layers.provision.verify import (
     EngineFault,
     is_proven,
-    known_fault,
     prove_llama_cpp_python,
-    remember_fault,
     remember_proof,
 )
 
@@ -61,34 +65,21 @@ def check_llama_cpp_python(config: EngineConfig, models: Sequence[Path] | None =
 def ensure_llama_cpp_python(config: EngineConfig, models: Sequence[Path] | None = None) -> str:
     """Install a llama-cpp-python this machine runs; returns how it was chosen."""
     proof = list(models) if models else [default_model(config.cache_dir)]
-    version = config.llama_cpp_python_version
     module = installed_module()
     if module is not None and is_proven(module, proof):
         return "installed build, proven on this boot"
-    skipped: list[str] = []
-    for variant in variants():
-        reason = known_fault(config.cache_dir, version, variant.name)
-        if reason is not None:
-            skipped.append(f"{variant.name}: {reason}")
-            continue
-        wheel = _wheel(config, variant)
-        _install(wheel)
+
+    def install_and_prove(variant: Variant) -> None:
+        _install(_wheel(config, variant))
         module = installed_module()
         assert module is not None
-        try:
-            for model in dict.fromkeys(proof):
-                prove_llama_cpp_python(sys.executable, model, timeout=config.health_timeout)
-        except EngineFault as fault:
-            if fault.signum is None:
-                raise EngineError(f"llama-cpp-python ({variant.name} build) {fault}") from None
-            _log(f"llama-cpp-python, {variant.name} build, {fault}; trying one that assumes less")
-            remember_fault(config.cache_dir, version, variant.name, str(fault))
-            skipped.append(f"{variant.name}: {fault}")
-            continue
+        for model in dict.fromkeys(proof):
+            prove_llama_cpp_python(sys.executable, model, timeout=config.health_timeout)
         remember_proof(module, proof)
-        why = f" because {'; '.join(skipped)}" if skipped else ""
-        return f"{variant.name} build ({variant.description}){why}"
-    raise EngineError("no llama-cpp-python build runs on this machine: " + "; ".join(skipped))
+
+    _, variant, skipped = first_proven_variant(config, "llama-cpp-python", install_and_prove)
+    why = f" because {'; '.join(skipped)}" if skipped else ""
+    return f"{variant.name} build ({variant.description}){why}"
 
 
 def _wheel(config: EngineConfig, variant: Variant) -> Path:

@@ -36,6 +36,7 @@ from layers.events import (
     StoredEvent,
     TimelineEntry,
     Verdict,
+    incident_title,
     max_severity,
     new_id,
 )
@@ -87,6 +88,9 @@ class VerdictInput:
     category: str
     summary: str
     unreviewed: bool = False
+    # The matching rule's category: an incident this verdict opens takes it (facts
+    # first); None (no rule) leaves the verdict's own.
+    rule_category: str | None = None
 
 
 def _dump(value: Any) -> str:
@@ -288,12 +292,15 @@ class Store(abc.ABC):
             )
             return str(inc["id"])
         incident_id = new_id("inc")
-        title = f"{item.category}: {item.summary}"[:200]
+        # Title and category are facts (the rule, the event's words), never model text.
+        category = item.rule_category or item.category
+        title = incident_title(category, ev.rule, ev.unit, ev.message)
         await tx.execute(
-            "INSERT INTO incidents (id, key, host, unit, fingerprint, title, status, stage,"
-            " severity, verdict_count, opened_at, updated_at) "
-            "VALUES (?,?,?,?,?,?,'open','review',?,1,?,?)",
-            (incident_id, key, ev.host, ev.unit, fingerprint, title, item.severity, now, now),
+            "INSERT INTO incidents (id, key, host, unit, fingerprint, title, category, rule,"
+            " status, stage, severity, verdict_count, opened_at, updated_at) "
+            "VALUES (?,?,?,?,?,?,?,?,'open','review',?,1,?,?)",
+            (incident_id, key, ev.host, ev.unit, fingerprint, title, category, ev.rule,
+             item.severity, now, now),
         )
         await self._timeline(tx, incident_id, "status", {"status": "open"}, now)
         return incident_id
@@ -806,7 +813,8 @@ class Store(abc.ABC):
     def _incident(r: Row) -> Incident:
         return Incident(
             id=r["id"], key=r["key"], host=r["host"], unit=r["unit"],
-            fingerprint=r["fingerprint"], title=r["title"], status=r["status"],
+            fingerprint=r["fingerprint"], title=r["title"], category=r.get("category"),
+            rule=r.get("rule"), status=r["status"],
             stage=r["stage"], severity=r["severity"], verdict_count=r["verdict_count"],
             opened_at=r["opened_at"], updated_at=r["updated_at"], resolved_at=r["resolved_at"],
             review=Review.model_validate_json(r["review"]) if r["review"] else None,

@@ -158,4 +158,12 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX audit_subject ON audit (subject, seq)",
         ),
     ),
+    Migration(
+        3,
+        "incidents: the category and rule they were opened by (facts, not model text)",
+        (
+            "ALTER TABLE incidents ADD COLUMN category TEXT",
+            "ALTER TABLE incidents ADD COLUMN rule TEXT",
+        ),
+    ),
 )
