@@ -139,9 +139,10 @@ async def _with_context(gw: GatewayState, messages: list[dict[str, Any]]) -> lis
     """Put the sysadmin's system prompt and live context first, merged with the client's
     own system message (chat templates such as Gemma's accept only one)."""
     meta = gw.settings.layers.meta
-    # About a third of meta's slot (at ~3 characters a token): the rest is the system
-    # prompt, the conversation and the answer.
-    budget = meta.context_size // meta.parallel
+    # Half a character per token of meta's slot: at most half the slot even for text of
+    # ids, paths and numbers (about a character a token); the rest is the system prompt,
+    # the conversation and the answer.
+    budget = meta.context_size // meta.parallel // 2
     prompt = system_message(await gather_context(gw.context_sources, max_chars=budget))
     if messages and messages[0].get("role") in ("system", "developer"):
         first = dict(messages[0])
