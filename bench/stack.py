@@ -109,8 +109,12 @@ def gateway_server(work: Path, upstream: Server, *, slots: int, replicas: int = 
         layer["endpoints"] = [{"url": upstream.base + "/v1", "role": "replica"}] * replicas
     config = write_toml(work / f"{tag}.toml", {
         "state_dir": str(work / f"{tag}-state"),
+        # The chat gate (gateway.max_concurrent_chats, one per core) protects CPU layers
+        # on this machine; these suites measure the relay in front of an upstream with no
+        # such limit (the stub), so it is off here — the detection suite measures the gate.
         "gateway": {"host": "127.0.0.1", "port": port, "api_keys": [GATEWAY_KEY],
-                    "admin_key": GATEWAY_ADMIN_KEY, "log_level": "warning"},
+                    "admin_key": GATEWAY_ADMIN_KEY, "log_level": "warning",
+                    "max_concurrent_chats": 0},
         "memory": {"enabled": False},
         "pipeline": pipeline or {},
         "layers": {"trigger": dict(layer), "review": dict(layer), "meta": dict(layer)},

@@ -41,6 +41,9 @@ def long_oom_lines(n: int) -> list[Event]:
     )) for i in range(n)]
 
 
+# Two halves, each possibly retried after refused output, on one slot of the tiny model:
+# a minute or two alone, more on a loaded machine.
+@pytest.mark.timeout(900)
 async def test_batch_longer_than_a_slot_is_halved_not_unreviewed(
     tmp_path: Path, store: Store, small_layer: int
 ) -> None:
