@@ -89,14 +89,21 @@ def test_words_of_the_event_are_not_prompt_text_even_inside_the_prompt() -> None
     """The fenced log data is evidence, not the prompt's fixed text: quoting it is fine."""
     assert check_oom(verdict("Out of memory: Killed process")) is None
     assert check_oom(verdict("postgres killed by OOM killer")) is None
-    assert check_oom(verdict("memory exhausted")) is None  # "memory" is in the line
+    assert check_oom(verdict("postgres out of memory")) is None
     assert check_oom(verdict("postgresql killed")) is None  # unit name, loosely matched
 
 
 def test_summary_that_shares_nothing_with_the_event_is_refused() -> None:
     # What the small model wrote for the OOM kill in the issue, and its other habits.
-    for unrelated in ("root filesystem 95% full", "session opened", "e-mail", "nethink", "host"):
+    for unrelated in ("root filesystem 95% full", "session opened", "e-mail", "nethink", "host",
+                      "memory exhausted"):  # labels ("memory") prove nothing
         assert check_oom(verdict(unrelated, "memory")) == "no_evidence", unrelated
+    # A unit's type is no evidence either: what the model wrote for failed units.
+    failed = Event(host="h", unit="backup.service", priority=3, message="Failed to start Nightly backup.")
+    g = trigger_grounds(failed, "unit_failed")
+    r = validate.trigger_verdict(verdict("service_name", "service"), g, "service",
+                                 prompts.event_evidence(failed, "unit_failed"))
+    assert r is not None and r.check == "no_evidence"
 
 
 def test_summary_of_labels_only_has_no_content() -> None:

@@ -12,7 +12,8 @@ Checks (deterministic, no model):
 - ``copies_prompt``: the text is made of the prompt's fixed text (instructions, field
   descriptions, the action catalog) — word trigrams shared with it and not with the
   evidence, or, for one or two words, a run of the fixed text that the evidence lacks.
-- ``no_evidence``: no content word in common with the evidence (the event(s) the
+- ``no_evidence``: no informative word (a content word that is not an answer label)
+  in common with the evidence (the event(s) the
   layer was shown: messages, units, hosts, rule names — their own words, not the labels
   the prompt gave them; a review's findings may also rest on the metrics it was shown).
 - ``no_content``: fewer informative words than the field needs ("0", "yes", "", "ok").
@@ -228,9 +229,10 @@ def copies_prompt(text: str, g: Grounds) -> str | None:
 
 
 def no_evidence(text: str, g: Grounds, *, context: bool = False) -> str | None:
-    # Labels count here: "out of memory" is grounded in "Out of memory: Killed process";
-    # the evidence holds only the events' own words, never the prompt's label fields.
-    words = content_words(text)
+    # An informative word must be shared: labels prove nothing ("service" is in most unit
+    # names, so "service_name" would otherwise pass for any failed unit). The evidence
+    # holds only the events' own words, never the labels the prompt gave them.
+    words = informative_words(text)
     vocabulary = g.context if context else g.evidence
     if words and not any(w in vocabulary for w in words):
         return f"{clip(text)!r} shares no word with the event"
