@@ -132,9 +132,11 @@ def trigger_messages(events: Sequence[Event], rules: Sequence[str | None],
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
-def event_evidence(e: Event, rule: str | None) -> str:
-    """What a verdict on ``e`` may be grounded in: the event's own words."""
-    return " ".join(x for x in (e.message, e.unit, e.host, e.source, rule) if x)
+def event_evidence(e: Event | Verdict, rule: str | None) -> str:
+    """What a verdict on ``e`` may be grounded in: the event's own words and the name of
+    the rule that matched it. Not its host or unit: those are where, not what — the
+    default model answers "web1" for any event of host web1."""
+    return " ".join(x for x in (e.message, rule) if x)
 
 
 # -- review ----------------------------------------------------------------------------

@@ -46,10 +46,11 @@ class IncidentContext:
             lines.append("no open incidents")
         for v in await self.store.recent_verdicts(self.n_verdicts):
             age = int(time.time() - v.created_at)
+            # Facts first (a clipped line loses the model's part, not the log's).
             lines.append(
-                f"verdict {age}s ago [{v.severity}/{v.category}] {v.host} {v.unit or '-'} "
-                f"rule {v.rule or '-'}: {v.summary} (by the {v.summary_by}); "
-                f"log: {v.message[:160]}"
+                f"verdict {age}s ago [{v.severity}, rule {v.rule or '-'}] {v.host} "
+                f"{v.unit or '-'}: {v.message[:120]}"
+                + (f"; trigger model's summary: {v.summary}" if v.summary_by == "model" else "")
             )
         return lines
 

@@ -34,7 +34,15 @@ from pydantic import BaseModel
 
 from layers.client import LayerClients, LayerError, LayerPool, StructuredOutputError
 from layers.config import Settings
-from layers.events import SEVERITY_RANK, Event, Incident, Proposal, Review, Verdict
+from layers.events import (
+    SEVERITY_RANK,
+    Event,
+    Incident,
+    Proposal,
+    Review,
+    StoredEvent,
+    Verdict,
+)
 from layers.memory import Memory
 from layers.pipeline import prompts, validate
 from layers.pipeline.loop import work_loop
@@ -50,11 +58,12 @@ M = TypeVar("M", bound=BaseModel)
 def incident_evidence(inc: Incident, verdicts: Sequence[Verdict],
                       events: Sequence[Event] = ()) -> list[str]:
     """What a review or diagnosis must be grounded in: the incident's own events (their
-    words, unit, host and rule) — never a model's earlier text, nor the title of an
-    incident opened before titles were facts."""
-    out = [x for x in (inc.unit, inc.host, inc.rule) if x]
-    out += [f"{v.message} {v.unit or ''} {v.rule or ''}" for v in verdicts]
-    out += [prompts.event_evidence(e, None) for e in events]
+    words and rules; not host or unit names, which say where, not what) — never a
+    model's earlier text, nor the title of an incident opened before titles were facts."""
+    out = [inc.rule] if inc.rule else []
+    out += [prompts.event_evidence(v, v.rule) for v in verdicts]
+    out += [prompts.event_evidence(e, e.rule if isinstance(e, StoredEvent) else None)
+            for e in events]
     return out
 
 

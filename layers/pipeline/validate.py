@@ -13,9 +13,9 @@ Checks (deterministic, no model):
   descriptions, the action catalog) — word trigrams shared with it and not with the
   evidence, or, for one or two words, a run of the fixed text that the evidence lacks.
 - ``no_evidence``: no informative word (a content word that is not an answer label)
-  in common with the evidence (the event(s) the
-  layer was shown: messages, units, hosts, rule names — their own words, not the labels
-  the prompt gave them; a review's findings may also rest on the metrics it was shown).
+  in common with the evidence: the event(s) the layer was shown — their messages and
+  rule names, not hosts or units (where, not what) nor the labels the prompt gave them;
+  a review's findings may also rest on the metrics it was shown.
 - ``no_content``: fewer informative words than the field needs ("0", "yes", "", "ok").
 - ``repeats_itself``: one phrase of four words three times or more in one text.
 - ``repeated_finding``: the same finding (case and punctuation aside) twice.
@@ -23,9 +23,8 @@ Checks (deterministic, no model):
   layer's category is another one that no word of the event supports.
 
 Words are compared loosely: lower case, split on anything not a letter or digit, and
-a word of four letters or more matches one up to three letters longer that it starts
-(``kill`` and ``killed``, ``postgres`` and ``postgresql``; not ``file`` and
-``filesystem``).
+a word of four letters or more matches its inflections (``kill``, ``killed``,
+``kills``; ``fail``, ``failure``), nothing longer (not ``file`` and ``filesystem``).
 """
 
 from __future__ import annotations
@@ -88,8 +87,8 @@ CATEGORY_WORDS: dict[str, tuple[str, ...]] = {
 # Rule categories too broad to contradict, and model categories too vague to contradict.
 GENERIC_CATEGORIES = frozenset({"error", "other"})
 
-MIN_PREFIX = 4  # shortest word that matches longer words it starts
-MAX_SUFFIX = 3  # ... when they are at most this much longer (an ending, not a new word)
+MIN_STEM = 4  # shortest word that matches its inflections
+INFLECTIONS = ("s", "es", "ed", "ing", "er", "ers", "ure", "ures", "ion", "ions")
 
 
 @dataclass(frozen=True)
@@ -131,24 +130,33 @@ def informative_words(text: str) -> list[str]:
 
 
 class Vocabulary:
-    """A set of words with loose matching: a word of ``MIN_PREFIX``+ letters matches one
-    that it starts and that is at most ``MAX_SUFFIX`` letters longer, either way round
-    (``kill``/``killed``, ``postgres``/``postgresql``, not ``file``/``filesystem``)."""
+    """A set of words with loose matching: a word of ``MIN_STEM``+ letters matches itself
+    plus an inflection (``kill``/``killed``/``kills``, ``stop``/``stopped``,
+    ``fail``/``failure``), either way round — and nothing else (not ``file``/``filesystem``,
+    not ``system``/``systemd``)."""
 
     def __init__(self, words: Iterable[str]) -> None:
         self.words = set(words)
-        self.prefixes = {w[:n] for w in self.words
-                         for n in range(max(MIN_PREFIX, len(w) - MAX_SUFFIX), len(w))}
+        self.stems = {stem for w in self.words for stem in _stems(w)}
 
     def __contains__(self, word: object) -> bool:
         if not isinstance(word, str):
             return False
-        if word in self.words:
-            return True
-        if len(word) >= MIN_PREFIX and word in self.prefixes:
-            return True  # the word starts an evidence word
-        return any(word[:n] in self.words
-                   for n in range(max(MIN_PREFIX, len(word) - MAX_SUFFIX), len(word)))
+        if word in self.words or word in self.stems:
+            return True  # the same word, or an evidence word is this one inflected
+        return any(stem in self.words for stem in _stems(word))
+
+
+def _stems(word: str) -> list[str]:
+    """``word`` without an inflection, where what remains has ``MIN_STEM`` letters."""
+    out = []
+    for suffix in INFLECTIONS:
+        if word.endswith(suffix) and len(word) - len(suffix) >= MIN_STEM:
+            stem = word[: -len(suffix)]
+            out.append(stem)
+            if len(stem) > MIN_STEM and stem[-1] == stem[-2]:
+                out.append(stem[:-1])  # stopped → stopp → stop
+    return out
 
 
 def _grams(words: Sequence[str], n: int) -> set[tuple[str, ...]]:
