@@ -4,6 +4,7 @@ plots in ``docs/bench/``. Not part of the test run. See docs/benchmarks.md."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import resource
@@ -20,6 +21,12 @@ from bench.procs import REPO
 from bench.suites import OPTIONAL, PROXIES, Options, SuiteResult, say
 
 SUITES = ("stub", "open_streams", "real", "pipeline", "threads", "detection")
+# Where each suite's ``suite_<name>(opts)`` lives.
+SUITE_MODULES = {
+    "stub": "bench.suites", "open_streams": "bench.suites", "real": "bench.suites",
+    "pipeline": "bench.pipeline", "threads": "bench.threads", "detection": "bench.detection",
+    "first_run": "bench.first_run",
+}
 # Not in the default run (``--first-run``): builds llama-server from scratch, 10-20 min.
 OPT_IN = ("first_run",)
 # Suites that start llama-server: the page names its version.
@@ -155,34 +162,10 @@ def main(argv: list[str] | None = None) -> int:
             load0 = os.getloadavg()[0]
             say(f"suite {name} (load average {load0:.1f})")
             t0 = time.monotonic()
-            if name == "stub":
-                from bench.suites import suite_stub
-
-                results[name] = suite_stub(opts)
-            elif name == "open_streams":
-                from bench.suites import suite_open_streams
-
-                results[name] = suite_open_streams(opts)
-            elif name == "real":
-                from bench.suites import suite_real
-
-                results[name] = suite_real(opts)
-            elif name == "pipeline":
-                from bench.pipeline import suite_pipeline
-
-                results[name] = suite_pipeline(opts)
-            elif name == "threads":
-                from bench.threads import suite_threads
-
-                results[name] = suite_threads(opts)
-            elif name == "detection":
-                from bench.detection import suite_detection
-
-                results[name] = suite_detection(opts)
-            elif name == "first_run":
-                from bench.first_run import suite_first_run
-
-                results[name] = suite_first_run(opts)
+            # Imported when run: each suite pulls in what only it needs.
+            module = importlib.import_module(SUITE_MODULES[name])
+            results[name] = getattr(module, f"suite_{name}")(opts)
+            if name == "first_run":
                 results[name].extra["first_run.date"] = report.now()
             load1 = os.getloadavg()[0]
             results[name].load = (load0, load1)

@@ -329,6 +329,15 @@ def settings_for(tmp: Path, port: int, retries: int = 1) -> Settings:
     })
 
 
+async def trigger_once(settings: Settings, store: Store, events: list[Event]) -> None:
+    """The trigger stage over ``events`` with layer clients of its own."""
+    clients = LayerClients(settings)
+    try:
+        await run_trigger(settings, store, clients, events)
+    finally:
+        await clients.aclose()
+
+
 async def run_trigger(settings: Settings, store: Store, clients: LayerClients,
                       events: list[Event]) -> None:
     stage = TriggerStage(settings, store, clients["trigger"],
@@ -347,11 +356,7 @@ async def test_copied_example_verdict_is_refused_and_title_comes_from_the_rule_f
 ) -> None:
     adversary.answers["TriggerBatch"] = copies_old_example
     settings = settings_for(tmp_path, adversary.port, retries=1)
-    clients = LayerClients(settings)
-    try:
-        await run_trigger(settings, store, clients, [OOM])
-    finally:
-        await clients.aclose()
+    await trigger_once(settings, store, [OOM])
     assert adversary.requests == 2  # refused, asked once more (layer_retries = 1), refused
     assert adversary.bodies[1]["temperature"] > 0  # the retry is a new sample, not a replay
     (v,) = await store.verdicts_after(0)
@@ -369,11 +374,7 @@ async def test_verdict_copying_the_prompt_fields_is_refused_fake_upstream_advers
 ) -> None:
     adversary.answers["TriggerBatch"] = parrots_the_fields
     settings = settings_for(tmp_path, adversary.port, retries=0)
-    clients = LayerClients(settings)
-    try:
-        await run_trigger(settings, store, clients, [OOM])
-    finally:
-        await clients.aclose()
+    await trigger_once(settings, store, [OOM])
     (v,) = await store.verdicts_after(0)
     assert v.unreviewed and "copies_prompt" in v.summary
 
@@ -383,11 +384,7 @@ async def test_grounded_verdict_is_kept_as_the_model_view_title_stays_facts_fake
 ) -> None:
     adversary.answers["TriggerBatch"] = grounded_verdicts
     settings = settings_for(tmp_path, adversary.port)
-    clients = LayerClients(settings)
-    try:
-        await run_trigger(settings, store, clients, [OOM])
-    finally:
-        await clients.aclose()
+    await trigger_once(settings, store, [OOM])
     (v,) = await store.verdicts_after(0)
     assert not v.unreviewed and v.summary_by == "model"
     assert v.summary == "postgres killed by OOM killer"
@@ -463,11 +460,7 @@ async def test_every_corpus_incident_is_titled_from_its_rule_and_event_fake_upst
     settings = settings_for(tmp_path, adversary.port, retries=0)
     lines = corpus.lines()
     by_message = {line.event().message: line for line in lines}
-    clients = LayerClients(settings)
-    try:
-        await run_trigger(settings, store, clients, [line.event() for line in lines])
-    finally:
-        await clients.aclose()
+    await trigger_once(settings, store, [line.event() for line in lines])
     verdicts = await store.verdicts_after(0, limit=10_000)
     assert len(verdicts) > 100
     rules = {r.name: r for r in load_rules()}
@@ -538,11 +531,7 @@ async def test_real_model_oom_kill_gets_the_rules_title_not_the_example(
     tmp_path: Path, store: Store, real_layer: int
 ) -> None:
     settings = real_settings(tmp_path, real_layer)
-    clients = LayerClients(settings)
-    try:
-        await run_trigger(settings, store, clients, [OOM])
-    finally:
-        await clients.aclose()
+    await trigger_once(settings, store, [OOM])
     (v,) = await store.verdicts_after(0)
     assert v.anomaly and v.severity == "critical"  # the rule's floor, whatever the model said
     assert_grounded(v, OOM)
@@ -645,11 +634,7 @@ async def test_real_model_replay_no_copied_summary_every_title_from_facts(
     events = [Event(host="web1", unit=u, priority=p, message=m, timestamp=1_700_000_000 + i)
               for i, (u, p, m) in enumerate(REPLAY)]
     settings = real_settings(tmp_path, real_layer)
-    clients = LayerClients(settings)
-    try:
-        await run_trigger(settings, store, clients, events)
-    finally:
-        await clients.aclose()
+    await trigger_once(settings, store, events)
     verdicts = await store.verdicts_after(0, limit=1000)
     by_id = {e.id: e for e in events}
     assert len(verdicts) == len(events)  # every line is matched by a rule

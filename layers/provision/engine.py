@@ -63,18 +63,19 @@ def variant_dir(config: EngineConfig, variant: Variant) -> Path:
     return config.cache_dir / "engines" / name
 
 
-def cached_binary(config: EngineConfig, variant: Variant | None = None) -> Path:
-    return variant_dir(config, variant or variants()[0]) / "llama-server"
+def cached_binary(config: EngineConfig, variant: Variant) -> Path:
+    return variant_dir(config, variant) / "llama-server"
 
 
-def _proof_models(config: EngineConfig, models: Sequence[Path] | None) -> list[Path]:
+def proof_models(config: EngineConfig, models: Sequence[Path] | None) -> list[Path]:
+    """The models an engine is proven on: the configured ones, else the packaged one."""
     return list(models) if models else [default_model(config.cache_dir)]
 
 
 def ensure_llama_server(config: EngineConfig, models: Sequence[Path] | None = None) -> Path:
     """A llama-server binary proven to generate on ``models`` (default: the packaged
     model) on this machine, building one on first use."""
-    proof = _proof_models(config, models)
+    proof = proof_models(config, models)
     given = _given_binary(config)
     if given is not None:
         where, path = given
@@ -144,19 +145,6 @@ def first_proven_variant(
             remember_fault(config.cache_dir, version, variant.name, str(fault))
             skipped.append(f"{variant.name}: {fault}")
     raise EngineError(f"no {engine} build runs on this machine: " + "; ".join(skipped))
-
-
-def find_llama_server(config: EngineConfig) -> Path | None:
-    """The llama-server that would run without building anything, or None (unproven)."""
-    given = _given_binary(config)
-    if given is not None:
-        return given[1]
-    for variant in variants():
-        if known_fault(config.cache_dir, config.llama_cpp_python_version, variant.name):
-            continue
-        binary = cached_binary(config, variant)
-        return binary if binary.is_file() else None
-    return None
 
 
 @contextmanager

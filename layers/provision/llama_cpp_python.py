@@ -23,8 +23,8 @@ from layers.provision.engine import (
     _log,
     _run_logged,
     first_proven_variant,
+    proof_models,
 )
-from layers.provision.model import default_model
 from layers.provision.verify import (
     EngineFault,
     is_proven,
@@ -48,23 +48,28 @@ def check_llama_cpp_python(config: EngineConfig, models: Sequence[Path] | None =
             "engine.kind = llama-cpp-python needs llama-cpp-python: run "
             "`python -m layers.provision --llama-cpp-python`"
         )
-    proof = list(models) if models else [default_model(config.cache_dir)]
+    proof = proof_models(config, models)
     if is_proven(module, proof):
         return
     try:
-        for model in dict.fromkeys(proof):
-            prove_llama_cpp_python(sys.executable, model, timeout=config.health_timeout)
+        _prove_installed(config, module, proof)
     except EngineFault as fault:
         raise EngineError(
             f"llama-cpp-python {fault}; run `python -m layers.provision --llama-cpp-python` "
             "to build one for this machine"
         ) from None
+
+
+def _prove_installed(config: EngineConfig, module: Path, proof: list[Path]) -> None:
+    """Generate on each model with the installed package; remember it for this boot."""
+    for model in dict.fromkeys(proof):
+        prove_llama_cpp_python(sys.executable, model, timeout=config.health_timeout)
     remember_proof(module, proof)
 
 
 def ensure_llama_cpp_python(config: EngineConfig, models: Sequence[Path] | None = None) -> str:
     """Install a llama-cpp-python this machine runs; returns how it was chosen."""
-    proof = list(models) if models else [default_model(config.cache_dir)]
+    proof = proof_models(config, models)
     module = installed_module()
     if module is not None and is_proven(module, proof):
         return "installed build, proven on this boot"
@@ -73,9 +78,7 @@ def ensure_llama_cpp_python(config: EngineConfig, models: Sequence[Path] | None 
         _install(_wheel(config, variant))
         module = installed_module()
         assert module is not None
-        for model in dict.fromkeys(proof):
-            prove_llama_cpp_python(sys.executable, model, timeout=config.health_timeout)
-        remember_proof(module, proof)
+        _prove_installed(config, module, proof)
 
     _, variant, skipped = first_proven_variant(config, "llama-cpp-python", install_and_prove)
     why = f" because {'; '.join(skipped)}" if skipped else ""
