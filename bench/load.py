@@ -108,13 +108,17 @@ class Connection:
         self.reader = self.writer = None
 
 
-def _has_content(data: bytes) -> bool:
+def _first_token(data: bytes) -> bool:
+    """A chunk that shows the first generated token's effect: text, or the end of the
+    answer. The gateway holds back text that may begin a stop sequence, so an answer the
+    model ends at once (the default base model often writes its turn marker first)
+    reaches the client as a finish chunk with no text — its first token all the same."""
     i = data.find(b'"content":"')
     while i >= 0:
         if data[i + 11 : i + 12] != b'"':
             return True
         i = data.find(b'"content":"', i + 11)
-    return False
+    return b'"finish_reason":"' in data
 
 
 async def one_request(
@@ -163,7 +167,7 @@ async def one_request(
             if stream and not opened and on_open is not None:
                 opened = True
                 on_open()
-            if stream and _has_content(data):
+            if stream and _first_token(data):
                 now = time.perf_counter()
                 if ttft is None:
                     ttft = now - t0

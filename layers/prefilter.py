@@ -287,7 +287,12 @@ class Prefilter:
             return None
         for c in candidates:
             if self._matches(c, event):
-                return self._admit(c.rule, event)
+                m = self._admit(c.rule, event)
+                if m is not None or c.rule.count == 1:
+                    return m
+                # A burst rule still counting: the line counted towards its burst, and a
+                # later rule may still name it on its own (a lone failed login is no
+                # burst, yet it is a failure in an error's words).
         return None
 
     def _matches(self, c: _Compiled, event: Event) -> bool:

@@ -185,6 +185,18 @@ def test_diagnosis_or_rollback_plan_without_content_is_refused() -> None:
     assert validate.decision(decision(), g) is None
 
 
+def test_proposal_params_the_catalog_refuses_are_refused() -> None:
+    inc, v = incident_and_verdict()
+    g = meta_grounds(inc, v)
+    for params, detail in (({}, "unit"), ({"unit": "postgresql"}, "not a systemd unit name"),
+                           ({"unit": "postgresql.service", "force": True}, "unknown parameter")):
+        d = decision()
+        d.proposals[0].params = params
+        r = validate.decision(d, g)
+        assert r is not None and (r.field, r.check) == ("proposals[0].params", "catalog"), r
+        assert detail in r.detail, r
+
+
 def test_incident_title_is_the_rule_and_the_event_words() -> None:
     title = incident_title("memory", "oom_kill", "postgresql.service",
                            "Out of memory: Killed process 31337 (postgres)\n  more")
@@ -307,6 +319,10 @@ def three_identical_findings(request: dict[str, Any]) -> dict[str, Any]:
     return review(findings=["root filesystem 95% full"] * 3).model_dump()
 
 
+def good_decision(request: dict[str, Any]) -> dict[str, Any]:
+    return decision().model_dump()
+
+
 def zero_and_yes(request: dict[str, Any]) -> dict[str, Any]:
     return {"diagnosis": "0", "proposals": [], "rollback_plan": "yes"}
 
@@ -399,6 +415,7 @@ async def test_review_with_three_identical_findings_is_unreviewed_fake_upstream_
 ) -> None:
     adversary.answers.update(TriggerBatch=grounded_verdicts, ReviewOut=three_identical_findings)
     settings = settings_for(tmp_path, adversary.port, retries=1)
+    settings.pipeline.escalate_severity = "never"  # the review's call alone
     clients = LayerClients(settings)
     try:
         await run_trigger(settings, store, clients, [OOM])
@@ -413,6 +430,32 @@ async def test_review_with_three_identical_findings_is_unreviewed_fake_upstream_
     assert detail is not None
     (entry,) = [t for t in detail.timeline if t.kind == "unreviewed"]
     assert entry.detail["stage"] == "review" and "repeated_finding" in entry.detail["error"]
+
+
+async def test_critical_incident_with_a_refused_review_is_still_diagnosed_fake_upstream_adversarial(
+    tmp_path: Path, store: Store, adversary: AdversarialLayer
+) -> None:
+    """The severity floor holds when the review layer fails: an OOM kill (critical) whose
+    review is refused reaches the meta layer, its review absent and the refusal kept."""
+    adversary.answers.update(TriggerBatch=grounded_verdicts, ReviewOut=three_identical_findings,
+                             MetaDecision=good_decision)
+    settings = settings_for(tmp_path, adversary.port, retries=1)
+    assert settings.pipeline.escalate_severity == "warning"
+    clients = LayerClients(settings)
+    try:
+        await run_trigger(settings, store, clients, [OOM])
+        worker = IncidentWorker(settings, store, clients)
+        assert await worker.step()  # review refused twice; the floor escalates
+        (inc,) = await store.list_incidents()
+        assert inc.status == "escalated" and inc.review is None and inc.assessment is None
+        assert await worker.step()  # meta
+    finally:
+        await clients.aclose()
+    detail = await store.get_incident(inc.id)
+    assert detail is not None and detail.decision is not None
+    (entry,) = [t for t in detail.timeline if t.kind == "unreviewed"]
+    assert entry.detail["stage"] == "review" and entry.detail["escalated"] is True
+    assert "repeated_finding" in entry.detail["error"]
 
 
 async def test_decision_with_diagnosis_0_and_rollback_yes_is_unreviewed_fake_upstream_adversarial(

@@ -127,8 +127,10 @@ async def test_review_truncated_json_fake_upstream_marks_incident_unreviewed(
     finally:
         await clients.aclose()
     inc = await store.get_incident(v.incident_id or "")
-    assert inc is not None and inc.status == "unreviewed" and inc.review is None
+    assert inc is not None and inc.review is None
     assert any(t.kind == "unreviewed" and "truncated" in t.detail["error"] for t in inc.timeline)
+    # Critical, at or above escalate_severity: diagnosed all the same, with no review.
+    assert inc.status == "escalated" and inc.stage == "meta"
 
 
 async def test_meta_garbage_fake_upstream_marks_incident_unreviewed(

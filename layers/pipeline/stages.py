@@ -159,8 +159,11 @@ class IncidentWorker:
             return True
         return await self.resolve_quiet()
 
-    def must_escalate(self, inc: Incident, review: Review) -> bool:
-        if review.escalate or review.status == "critical":
+    def must_escalate(self, inc: Incident, review: Review | None) -> bool:
+        """The review's call, or the ``escalate_severity`` floor — which holds also when
+        the review was refused: a critical incident is diagnosed whatever the review
+        layer managed to say about it."""
+        if review is not None and (review.escalate or review.status == "critical"):
             return True
         floor = self.cfg.escalate_severity
         return floor != "never" and SEVERITY_RANK[inc.severity] >= SEVERITY_RANK[floor]
@@ -181,7 +184,8 @@ class IncidentWorker:
             if not is_permanent(exc):
                 raise
             log.warning("incident %s unreviewed: %s", inc.id, exc.message)
-            await self.store.record_review(inc.id, None, escalate=False, error=exc.message)
+            await self.store.record_review(inc.id, None, escalate=self.must_escalate(inc, None),
+                                           error=exc.message)
             return
         review = Review.model_validate(out.model_dump())
         await self.store.record_review(inc.id, review, escalate=self.must_escalate(inc, review))

@@ -19,6 +19,8 @@ Checks (deterministic, no model):
 - ``no_content``: fewer informative words than the field needs ("0", "yes", "", "ok").
 - ``repeats_itself``: one phrase of four words three times or more in one text.
 - ``repeated_finding``: the same finding (case and punctuation aside) twice.
+- ``catalog``: a proposal's params that its catalog entry's strict schema refuses
+  (a missing unit, a unit name without its suffix, an unknown parameter).
 - ``category_contradicts_rule``: a specific rule matched (``oom_kill`` → memory) and the
   layer's category is another one that no word of the event supports.
 
@@ -37,6 +39,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from layers.actions import catalog
 from layers.client import StructuredOutputError
 from layers.events import Decision, Review, TriggerVerdict
 
@@ -331,7 +334,21 @@ def review(out: Review | BaseModel, g: Grounds) -> Refusal | None:
     return check_text("reason", r.reason, g, grounded=False)
 
 
+def proposal_params(d: Decision) -> Refusal | None:
+    """Each proposal's params against its catalog entry's strict schema (the action name
+    itself is constrained by the decoding schema): a proposal the action stage would
+    refuse as malformed is refused here, so the layer is asked again instead."""
+    for i, p in enumerate(d.proposals):
+        try:
+            catalog.validate_params(catalog.lookup(p.action), p.params)
+        except catalog.Refusal as exc:
+            return Refusal(f"proposals[{i}].params", "catalog", clip(exc.message, 120))
+    return None
+
+
 def decision(d: Decision, g: Grounds) -> Refusal | None:
+    if (ref := proposal_params(d)) is not None:
+        return ref
     if (ref := check_text("diagnosis", d.diagnosis, g, words=2)) is not None:
         return ref
     if (ref := check_text("rollback_plan", d.rollback_plan, g, words=2,

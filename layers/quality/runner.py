@@ -270,7 +270,7 @@ class ScenarioWorker(IncidentWorker):
         self.send_to_meta = send_to_meta
         self.decided: dict[str, bool] = {}
 
-    def must_escalate(self, inc: Incident, review: Review) -> bool:
+    def must_escalate(self, inc: Incident, review: Review | None) -> bool:
         self.decided[inc.id] = super().must_escalate(inc, review)
         return self.send_to_meta
 

@@ -408,10 +408,11 @@ class Store(abc.ABC):
     async def record_review(
         self, incident_id: str, review: Review | None, *, escalate: bool, error: str | None = None
     ) -> bool:
-        """Store a review (or its failure: ``review=None`` marks the incident unreviewed).
+        """Store a review (or its failure: ``review=None`` marks the incident unreviewed,
+        unless ``escalate`` — the severity floor — sends it to the meta layer all the same).
         Returns False when the incident no longer awaited review (already done)."""
         now = time.time()
-        if review is None:
+        if review is None and not escalate:
             status, stage = "unreviewed", "idle"
         elif escalate:
             status, stage = "escalated", "meta"
@@ -429,8 +430,8 @@ class Store(abc.ABC):
             if not rows:
                 return False
             if review is None:
-                await self._timeline(tx, incident_id, "unreviewed", {"stage": "review",
-                                                                     "error": error}, now)
+                await self._timeline(tx, incident_id, "unreviewed", {
+                    "stage": "review", "error": error, "escalated": escalate}, now)
             else:
                 await self._timeline(tx, incident_id, "review", review.model_dump(), now)
             await self._timeline(tx, incident_id, "status", {"status": status}, now)
