@@ -4,6 +4,11 @@
 #   ai-sysadmin-api                             the gateway, OpenAI-compatible API on 8083
 #   ai-sysadmin-daemon                          collectors + review/meta/action consumer
 #   ai-sysadmin-helper                          root helper that only runs catalog actions
+#   ai-sysadmin-rollback                        oneshot the helper starts for nixos_rollback
+#   ai-sysadmin-postgresql-setup                oneshot: the extension (database.type = postgresql)
+#
+# Every unit is sandboxed; `systemd-analyze security` scores are in docs/security.md and
+# checked by tests/test_unit_security.py.
 #
 # The gateway reads /etc/ai-sysadmin/config.toml, rendered from `settings`; the layers run
 # under systemd, so that file declares them `managed = false` at the units' host:port.
@@ -113,6 +118,70 @@ let
       vulkan = pkgs.llama-cpp.override { vulkanSupport = true; };
     }
     .${cfg.llama-cpp.acceleration};
+
+  # The GPU backends a llama-cpp build says it has, from nixpkgs' cmakeFlags
+  # (`cmakeBool "GGML_CUDA" cudaSupport` renders -DGGML_CUDA:BOOL=TRUE; older builds used
+  # LLAMA_CUBLAS=ON …). A package without cmakeFlags says nothing, so nothing is assumed.
+  backendFlags = {
+    cuda = [
+      "GGML_CUDA"
+      "LLAMA_CUDA"
+      "LLAMA_CUBLAS"
+    ];
+    rocm = [
+      "GGML_HIP"
+      "GGML_HIPBLAS"
+      "LLAMA_HIPBLAS"
+    ];
+    vulkan = [
+      "GGML_VULKAN"
+      "LLAMA_VULKAN"
+    ];
+  };
+  packageFlags =
+    let
+      tried = builtins.tryEval (
+        let
+          flags = cfg.llama-cpp.package.cmakeFlags or [ ];
+        in
+        builtins.deepSeq flags flags
+      );
+    in
+    if tried.success && builtins.isList tried.value then
+      lib.filter builtins.isString tried.value
+    else
+      [ ];
+  flagIs =
+    values: backend:
+    lib.any (
+      name: lib.any (value: lib.elem "-D${name}${value}" packageFlags) values
+    ) backendFlags.${backend};
+  backendOn = flagIs [
+    ":BOOL=TRUE"
+    ":BOOL=ON"
+    "=ON"
+    "=1"
+    "=TRUE"
+  ];
+  backendOff = flagIs [
+    ":BOOL=FALSE"
+    ":BOOL=OFF"
+    "=OFF"
+    "=0"
+    "=FALSE"
+  ];
+  packageBackends = lib.filter backendOn (lib.attrNames backendFlags);
+
+  # nixpkgs-wide GPU support (`nixpkgs.config.cudaSupport`) picks the acceleration unless it
+  # is set; outside NixOS (or with an older nixpkgs) there is no such option, hence `or`.
+  nixpkgsConfig = config.nixpkgs.config or { };
+  defaultAcceleration =
+    if nixpkgsConfig.cudaSupport or false then
+      "cuda"
+    else if nixpkgsConfig.rocmSupport or false then
+      "rocm"
+    else
+      "cpu";
 
   # Device nodes each acceleration needs (cgroup device classes from /proc/devices), and the
   # groups owning them. CPU inference gets no devices at all (PrivateDevices).
@@ -337,6 +406,16 @@ let
   accel = cfg.llama-cpp.acceleration;
   onGpu = accel != "cpu";
 
+  # No capabilities. `CapabilityBoundingSet=` (empty) resets the set, so it goes first
+  # (mkBefore), and as a list: a definition of your own, e.g. systemd.services
+  # .ai-sysadmin-api.serviceConfig.CapabilityBoundingSet = [ "CAP_NET_BIND_SERVICE" ] (or
+  # the string), then adds to it, instead of conflicting with a string "" or landing
+  # before the empty assignment, which would reset it.
+  noCapabilities = {
+    CapabilityBoundingSet = lib.mkBefore [ "" ];
+    AmbientCapabilities = lib.mkBefore [ "" ];
+  };
+
   layerService = name: {
     description = "ai-sysadmin ${name} layer (llama-server)";
     wantedBy = [ "multi-user.target" ];
@@ -350,8 +429,7 @@ let
       RestartSec = 5;
 
       DynamicUser = true;
-      CapabilityBoundingSet = "";
-      AmbientCapabilities = "";
+      inherit (noCapabilities) CapabilityBoundingSet AmbientCapabilities;
       NoNewPrivileges = true;
       RestrictAddressFamilies = [
         "AF_INET"
@@ -375,7 +453,9 @@ let
       ProtectKernelTunables = true;
       ProtectHostname = true;
       ProtectProc = "invisible";
-      ProcSubset = "pid";
+      # GPU runtimes read /proc/driver/nvidia, /proc/meminfo and the like, not only
+      # /proc/<pid> (nixpkgs' ollama uses "all" too); CPU inference needs its own process only.
+      ProcSubset = if onGpu then "all" else "pid";
       # GPU runtimes JIT-compile kernels into writable+executable memory.
       MemoryDenyWriteExecute = !onGpu;
       LockPersonality = true;
@@ -465,8 +545,7 @@ let
     RestartSec = 5;
     UMask = "0027";
 
-    CapabilityBoundingSet = "";
-    AmbientCapabilities = "";
+    inherit (noCapabilities) CapabilityBoundingSet AmbientCapabilities;
     NoNewPrivileges = true;
     RestrictAddressFamilies = [
       "AF_INET"
@@ -475,6 +554,7 @@ let
     ];
     ProtectSystem = "strict";
     PrivateTmp = true;
+    PrivateMounts = true;
     PrivateDevices = true;
     DevicePolicy = "closed";
     ProtectClock = true;
@@ -498,16 +578,56 @@ let
     SystemCallErrorNumber = "EPERM";
   };
 
-  # Without nixos_rollback the helper's catalog only restarts units, vacuums the journal and
-  # collects garbage, so the filesystem can stay read-only apart from those paths.
-  helperMayRebuild =
-    cfg.actionAllowlist == null || lib.elem "nixos_rollback" cfg.actionAllowlist;
+  # Sandbox shared by the two root units (the helper and the rollback): the file system
+  # read-only apart from each unit's ReadWritePaths, no network (systemd, journald and
+  # nix-daemon are reached over unix sockets, which PrivateNetwork leaves alone), no
+  # devices, no kernel tunables, modules, logs or clock, no namespaces, no SUID files.
+  rootSandbox = {
+    NoNewPrivileges = true;
+    RestrictAddressFamilies = [ "AF_UNIX" ];
+    PrivateNetwork = true;
+    ProtectSystem = "strict";
+    ProtectHome = true;
+    PrivateTmp = true;
+    PrivateMounts = true;
+    PrivateDevices = true;
+    DevicePolicy = "closed";
+    ProtectClock = true;
+    ProtectControlGroups = true;
+    ProtectKernelLogs = true;
+    ProtectKernelModules = true;
+    ProtectKernelTunables = true;
+    ProtectHostname = true;
+    ProtectProc = "invisible";
+    MemoryDenyWriteExecute = true;
+    LockPersonality = true;
+    RestrictNamespaces = true;
+    RestrictRealtime = true;
+    RestrictSUIDSGID = true;
+    SystemCallArchitectures = "native";
+    # Not ~@resources: nix raises its stack limit and journalctl its open-file limit.
+    SystemCallFilter = [
+      "@system-service"
+      "~@privileged"
+    ];
+    SystemCallErrorNumber = "EPERM";
+  };
+
+  # nixos_rollback rewrites /etc, /boot and the system profile, which the helper's sandbox
+  # forbids, so it runs as a unit of its own that the helper starts (layers/actions/helper.py:
+  # `systemctl start --wait -- ai-sysadmin-rollback.service`). The helper keeps its tight
+  # sandbox whatever the allowlist; the unit exists only where the action may run.
+  rollbackUnit = "ai-sysadmin-rollback.service";
+  rollbackEnabled =
+    cfg.helper.enable && (cfg.actionAllowlist == null || lib.elem "nixos_rollback" cfg.actionAllowlist);
+  systemProfile = "/nix/var/nix/profiles/system";
+  nixPackage = config.nix.package or pkgs.nix;
 
   actionPath = lib.makeBinPath [
     config.systemd.package
     pkgs.coreutils
     pkgs.procps
-    (config.nix.package or pkgs.nix)
+    nixPackage
   ];
 
   defaultProtectedUnits = [
@@ -523,9 +643,17 @@ let
     "ai-sysadmin-api.service"
     "ai-sysadmin-daemon.service"
     "ai-sysadmin-helper.service"
+    "ai-sysadmin-rollback.service"
     "llama-trigger.service"
     "llama-review.service"
     "llama-meta.service"
+  ];
+
+  # Every action of the catalog (layers/actions/catalog.py).
+  catalogActions = [
+    "unit_status" "journal_tail" "disk_usage" "list_failed_units" "memory_usage"
+    "journal_disk_usage" "process_status" "start_unit" "restart_unit" "reset_failed_unit"
+    "terminate_process" "journal_vacuum" "nix_gc" "nixos_rollback"
   ];
 
   # pkgs.formats.toml's value type: nested definitions merge key by key, and a conflicting
@@ -568,18 +696,24 @@ in
     };
 
     protectedUnits = mkOption {
-      type = types.listOf types.str;
+      # A unit name, a template (`worker@`, `worker@.service`) or a name without its type
+      # suffix, which means `.service` (as systemctl reads it) — never a glob.
+      type = types.listOf (types.strMatching "[A-Za-z0-9_:][A-Za-z0-9_:.-]*(@[A-Za-z0-9_:.-]*)?");
       default = defaultProtectedUnits;
       example = literalExpression ''options.services.ai-sysadmin.protectedUnits.default ++ [ "postgresql.service" ]'';
       description = ''
-        Units no action ever touches, matched exactly (`name.service`). The default guards
-        remote access, the journal, networking and ai-sysadmin itself; replacing the list
-        drops those, so extend the default instead.
+        Units no action ever changes, also matched through the aliases systemd reports. A
+        name without a type suffix means `.service` (`"postgresql"` protects
+        `postgresql.service`, as systemctl reads it); a template (`"worker@"` or
+        `"worker@.service"`) protects all its instances; globs are refused. The default
+        guards remote access, the journal, networking and ai-sysadmin itself; replacing the
+        list drops those, so extend the default instead.
       '';
     };
 
     actionAllowlist = mkOption {
-      type = types.nullOr (types.listOf types.str);
+      # The catalog's action names (layers/actions/catalog.py; a test keeps them equal).
+      type = types.nullOr (types.listOf (types.enum catalogActions));
       default = null;
       example = [
         "unit_status"
@@ -588,8 +722,10 @@ in
         "reset_failed_unit"
       ];
       description = ''
-        Catalog actions that may ever run; null: the whole catalog. Leaving out
-        `nixos_rollback` also lets the helper run with a read-only root filesystem.
+        Catalog actions that may ever run; null: the whole catalog; `[ ]`: none at all.
+        A name outside the catalog is an evaluation error. With `nixos_rollback`
+        (and the helper), the module adds `${rollbackUnit}`, the unit the helper starts
+        to roll back; leaving the action out leaves that unit out.
       '';
     };
 
@@ -610,12 +746,19 @@ in
           "rocm"
           "vulkan"
         ];
-        default = "cpu";
+        default = defaultAcceleration;
+        defaultText = literalExpression ''
+          if config.nixpkgs.config.cudaSupport or false then "cuda"
+          else if config.nixpkgs.config.rocmSupport or false then "rocm"
+          else "cpu"
+        '';
         description = ''
           Inference backend. Chooses the matching llama-cpp build (unless `package` is set), the
           device nodes the layer units may open and the default `gpuLayers`. `cuda` needs
           `nixpkgs.config.allowUnfree` and the NVIDIA driver (`hardware.nvidia`); `rocm` and
-          `vulkan` need the GPU's kernel driver.
+          `vulkan` need the GPU's kernel driver. A `package` built for a GPU backend other
+          than this one is an evaluation error: it would run on the CPU, or without access
+          to its devices.
         '';
       };
 
@@ -816,6 +959,20 @@ in
         )
         ++ [
           {
+            # A GPU build with acceleration = "cpu" gets PrivateDevices and no device nodes, and
+            # quietly runs on the CPU (or fails to start); the other way round, a build that
+            # says it lacks the chosen backend runs on the CPU with GPU devices opened for nothing.
+            assertion =
+              !cfg.llama-cpp.enable
+              || enabledLayers == [ ]
+              || (if accel == "cpu" then packageBackends == [ ] else !(backendOff accel));
+            message =
+              if accel == "cpu" then
+                "services.ai-sysadmin.llama-cpp.package is built with ${lib.concatStringsSep " and " packageBackends} but llama-cpp.acceleration is \"cpu\": the layers would get no GPU devices and run on the CPU. Set llama-cpp.acceleration = \"${lib.head (packageBackends ++ [ "cpu" ])}\" or use a CPU build of llama-cpp."
+              else
+                "services.ai-sysadmin.llama-cpp.package is built without ${accel} support but llama-cpp.acceleration is \"${accel}\": the layers would run on the CPU. Use a llama-cpp built with ${accel} support, or leave llama-cpp.package at its default.";
+          }
+          {
             assertion = cfg.autonomyLevel != "auto-full" || cfg.allowAutoFull;
             message = "services.ai-sysadmin.autonomyLevel = \"auto-full\" runs medium-risk actions without approval; confirm with services.ai-sysadmin.allowAutoFull = true.";
           }
@@ -874,7 +1031,9 @@ in
         actions = {
           autonomy = cfg.autonomyLevel;
           allow_auto_full = cfg.allowAutoFull;
-          protected_units = cfg.protectedUnits;
+          # The rollback unit is nixos_rollback's own: starting it by name (start_unit) would
+          # be a rollback without the high-risk approval, so it is protected whatever the list.
+          protected_units = lib.unique (cfg.protectedUnits ++ [ rollbackUnit ]);
         }
         // lib.optionalAttrs (cfg.actionAllowlist != null) { allowlist = cfg.actionAllowlist; }
         // lib.optionalAttrs cfg.helper.enable {
@@ -966,7 +1125,7 @@ in
             restartTriggers = [ configFile ];
             path = [
               config.systemd.package
-              (config.nix.package or pkgs.nix)
+              nixPackage
             ];
             environment = {
               PYTHONUNBUFFERED = "1";
@@ -983,7 +1142,8 @@ in
                 helperSocket
               ];
               # Root for systemctl restart / journalctl --vacuum / nix-collect-garbage; the
-              # limit is the catalog, this socket, and the sandbox below.
+              # limit is the catalog, this socket, and the sandbox below, the same whatever
+              # the allowlist (nixos_rollback runs in ai-sysadmin-rollback.service).
               User = "root";
               # The socket is created root:ai-sysadmin with mode 0660 (UMask), in a 0750
               # directory: only the gateway and daemon's group can connect.
@@ -995,36 +1155,9 @@ in
               CacheDirectoryMode = "0700";
               Restart = "on-failure";
               RestartSec = 5;
-
-              NoNewPrivileges = true;
-              # systemd and nix-daemon are reached over unix sockets only.
-              RestrictAddressFamilies = [
-                "AF_UNIX"
-                "AF_NETLINK"
-              ];
-              PrivateNetwork = !helperMayRebuild;
-              ProtectHome = true;
-              PrivateTmp = true;
-              PrivateDevices = !helperMayRebuild;
-              ProtectKernelLogs = true;
-              ProtectClock = true;
-              ProtectHostname = !helperMayRebuild;
-              LockPersonality = true;
-              RestrictRealtime = true;
-              RestrictSUIDSGID = !helperMayRebuild;
-              SystemCallArchitectures = "native";
             }
-            // lib.optionalAttrs (!helperMayRebuild) {
-              ProtectSystem = "strict";
-              ReadWritePaths = [
-                "/var/log/journal"
-                "/nix/var/nix"
-              ];
-              ProtectKernelModules = true;
-              ProtectKernelTunables = true;
-              ProtectControlGroups = true;
-              MemoryDenyWriteExecute = true;
-              SystemCallFilter = [ "@system-service" ];
+            // rootSandbox
+            // {
               # Journal files are root:systemd-journal (vacuum), terminate_process signals
               # other users' processes; units and the store are reached over sockets.
               CapabilityBoundingSet = [
@@ -1032,6 +1165,69 @@ in
                 "CAP_FOWNER"
                 "CAP_KILL"
               ];
+              # journalctl --vacuum and nix-collect-garbage's old generations; `-`: a machine
+              # with volatile journald storage has no /var/log/journal (226/NAMESPACE otherwise).
+              ReadWritePaths = [
+                "-/var/log/journal"
+                "/nix/var/nix"
+              ];
+              # terminate_process and process_status look at other processes.
+              ProtectProc = "default";
+            };
+          };
+        })
+        (mkIf rollbackEnabled {
+          # nixos_rollback, started by the helper only (`systemctl start --wait`). It does what
+          # `nixos-rebuild switch --rollback` does, without evaluating the current (perhaps
+          # broken) configuration: point the system profile at the previous generation, then
+          # have systemd run that generation's switch-to-configuration in a transient unit, as
+          # nixos-rebuild does, under the name nixos-rebuild uses (so a switch by hand and this
+          # one never interleave). The switch outlives this unit and the helper, which it may
+          # restart. The activation itself is the previous generation's own code running as
+          # unconfined root, like every switch: no sandbox can hold it, because it rewrites
+          # /etc, /boot and the users and restarts any unit. What is confined here is the rest:
+          # root without capabilities, writing the system profile and nothing else.
+          ai-sysadmin-rollback = {
+            description = "ai-sysadmin: switch NixOS back to the previous generation (nixos_rollback)";
+            # A switch must never restart it: that would roll back a second time.
+            restartIfChanged = false;
+            environment = {
+              NIX_REMOTE = "daemon";
+              HOME = "/var/cache/ai-sysadmin-rollback";
+            };
+            serviceConfig = rootSandbox // {
+              Type = "oneshot";
+              ExecStart = [
+                (execCommand [
+                  "${nixPackage}/bin/nix-env"
+                  "--profile"
+                  systemProfile
+                  "--rollback"
+                ])
+                (execCommand [
+                  "${config.systemd.package}/bin/systemd-run"
+                  "--unit=nixos-rebuild-switch-to-configuration"
+                  "--service-type=exec"
+                  "--collect"
+                  "--wait"
+                  "--pipe"
+                  "--quiet"
+                  "--no-ask-password"
+                  "--setenv=LOCALE_ARCHIVE"
+                  "${systemProfile}/bin/switch-to-configuration"
+                  "switch"
+                ])
+              ];
+              # The catalog's timeout for nixos_rollback; a switch still running then finishes.
+              TimeoutStartSec = "30min";
+              User = "root";
+              CacheDirectory = "ai-sysadmin-rollback";
+              CacheDirectoryMode = "0700";
+              # Root owns the profile directory, and systemd and nix-daemon judge a caller by
+              # its uid, so no capability is needed.
+              inherit (noCapabilities) CapabilityBoundingSet AmbientCapabilities;
+              # The generation links and the profile's lock; the store is nix-daemon's.
+              ReadWritePaths = [ "/nix/var/nix/profiles" ];
             };
           };
         })
@@ -1053,6 +1249,7 @@ in
               Type = "oneshot";
               RemainAfterExit = true;
               User = "postgres";
+              Group = "postgres";
               ExecStart = execCommand (
                 [
                   "${config.services.postgresql.package}/bin/psql"
@@ -1072,6 +1269,42 @@ in
                   )
                 ]
               );
+
+              # psql talks to the server on /run/postgresql and nothing else.
+              inherit (noCapabilities) CapabilityBoundingSet AmbientCapabilities;
+              NoNewPrivileges = true;
+              RestrictAddressFamilies = [ "AF_UNIX" ];
+              PrivateNetwork = true;
+              ProtectSystem = "strict";
+              ProtectHome = true;
+              PrivateTmp = true;
+              PrivateMounts = true;
+              PrivateDevices = true;
+              DevicePolicy = "closed";
+              PrivateUsers = true;
+              ProtectClock = true;
+              ProtectControlGroups = true;
+              ProtectKernelLogs = true;
+              ProtectKernelModules = true;
+              ProtectKernelTunables = true;
+              ProtectHostname = true;
+              ProtectProc = "invisible";
+              ProcSubset = "pid";
+              MemoryDenyWriteExecute = true;
+              LockPersonality = true;
+              # Not RemoveIPC: it would remove the running server's IPC objects, which belong
+              # to the same postgres user, when this unit stops.
+              RemoveIPC = false;
+              RestrictNamespaces = true;
+              RestrictRealtime = true;
+              RestrictSUIDSGID = true;
+              SystemCallArchitectures = "native";
+              SystemCallFilter = [
+                "@system-service"
+                "~@privileged @resources"
+              ];
+              SystemCallErrorNumber = "EPERM";
+              UMask = "0077";
             };
           };
         })

@@ -27,6 +27,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -412,7 +413,9 @@ class ActionsConfig(Section):
         default_factory=dict, description="Autonomy per action name, overriding `autonomy`."
     )
     allowlist: list[str] | None = Field(
-        None, description="Catalog actions that may ever run; empty: the whole catalog."
+        None,
+        description="Catalog actions that may ever run. Absent: the whole catalog; an empty "
+        "list: none at all. Each name must be a catalog action (else a config error).",
     )
     protected_units: list[str] = Field(
         default_factory=lambda: [
@@ -428,11 +431,15 @@ class ActionsConfig(Section):
             "ai-sysadmin-api.service",
             "ai-sysadmin-daemon.service",
             "ai-sysadmin-helper.service",
+            "ai-sysadmin-rollback.service",
             "llama-trigger.service",
             "llama-review.service",
             "llama-meta.service",
         ],
-        description="Units no action ever touches (exact names).",
+        description="Units no action ever changes: exact names, also matched through the "
+        "aliases systemd reports. A name without a type suffix means `.service` (`postgresql` "
+        "is read as `postgresql.service`, as systemctl does); a template (`worker@` or "
+        "`worker@.service`) protects all its instances. Anything else (globs) is an error.",
     )
     approval_ttl: float = Field(3600.0, gt=0, description="Seconds before a pending approval expires.")
     max_runs_per_unit_per_hour: int = Field(3, ge=0, description="Rate limit of changes per unit.")
@@ -476,6 +483,42 @@ class ActionsConfig(Section):
         description="Users whose processes may talk to the root helper (checked with "
         "SO_PEERCRED); root is always allowed.",
     )
+
+    @field_validator("allowlist", mode="after")
+    @classmethod
+    def _allowlist_in_catalog(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            _check_action_names(value)
+        return value
+
+    @field_validator("per_action_autonomy", mode="after")
+    @classmethod
+    def _per_action_in_catalog(cls, value: dict[str, AutonomyLevel]) -> dict[str, AutonomyLevel]:
+        _check_action_names(list(value))
+        return value
+
+    @field_validator("protected_units", mode="after")
+    @classmethod
+    def _protected_units_exact(cls, value: list[str]) -> list[str]:
+        from layers.actions.catalog import normalise_protected_unit
+
+        try:
+            return list(dict.fromkeys(normalise_protected_unit(v) for v in value))
+        except ValueError as exc:
+            raise PydanticCustomError("unit_name", "{problem}", {"problem": str(exc)}) from None
+
+
+def _check_action_names(names: list[str]) -> None:
+    """Action names in the configuration must be catalog entries: a typo would otherwise
+    silently allow nothing (allowlist) or change nothing (per_action_autonomy)."""
+    from layers.actions.catalog import CATALOG  # the catalog imports this module
+
+    unknown = [n for n in names if n not in CATALOG]
+    if unknown:
+        raise PydanticCustomError(
+            "unknown_action", "not in the action catalog: {unknown} (catalog: {catalog})",
+            {"unknown": ", ".join(map(repr, unknown)), "catalog": ", ".join(CATALOG)},
+        )
 
 
 class CollectorsConfig(Section):

@@ -85,7 +85,7 @@ def _default(field: FieldInfo, value: Any) -> str:
     if isinstance(value, BaseModel):
         return "(table)"
     if value is None:
-        return "(empty)"
+        return "(unset)"
     if isinstance(value, Path):
         home = str(Path.home())
         shown = str(value).replace(home, "~", 1) if str(value).startswith(home) else value

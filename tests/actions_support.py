@@ -5,6 +5,9 @@ This machine's PID 1 is not systemd, so ``systemctl``/``journalctl``/``nixos-reb
 stand-in first on ``actions.search_path`` for that test only: a tiny Python program that
 records the argv it was given (one JSON line per call) and answers like the real tool
 for the few verbs the catalog uses. Tests then assert on the exact argv received.
+``systemctl show`` answers from the units table: ``id`` (what systemd reports as the
+unit's real name), ``names`` (all its names: aliases) and ``props`` (RefuseManualStart,
+AllowIsolate, FailureAction, Wants, Triggers, ...).
 ``df``, ``ps``, ``free`` and ``kill`` are the real programs.
 """
 
@@ -28,12 +31,19 @@ units = json.load(open({units!r}))
 args = sys.argv[1:]
 prog = os.path.basename(sys.argv[0])
 if prog == "systemctl" and args[:1] == ["show"]:
+    # As systemd answers: the unit's real name (Id), all its names, its properties; only
+    # those asked for with --property=, the ones without a value left out.
     unit = args[-1]
     info = units.get(unit)
     if info is None:
-        print(f"Id={{unit}}\nNames={{unit}}\nLoadState=not-found")
+        props = {{"Id": unit, "Names": unit, "LoadState": "not-found"}}
     else:
-        print(f"Id={{info['id']}}\nNames={{' '.join(info['names'])}}\nLoadState=loaded")
+        props = {{"Id": info["id"], "Names": " ".join(info["names"]), "LoadState": "loaded",
+                 **info.get("props", {{}})}}
+    asked = [a.split("=", 1)[1].split(",") for a in args if a.startswith("--property=")]
+    for key in (asked[0] if asked else props):
+        if props.get(key):
+            print(f"{{key}}={{props[key]}}")
     sys.exit(0)
 if prog == "systemctl" and args[:1] in (["restart"], ["start"], ["reset-failed"]):
     unit = args[-1]

@@ -36,6 +36,7 @@ def _entry(i: int, unit: str | None, ident: str, prio: int, msg: str,
         "_PID": str(1000 + i % 500),
     }
     if systemd_about:  # systemd (pid 1) speaking about a unit
+        e["_PID"] = "1"
         e["_SYSTEMD_UNIT"] = "init.scope"
         e["UNIT"] = unit
     elif unit:

@@ -6,7 +6,7 @@ import re
 
 from layers.actions.catalog import CATALOG
 from layers.actions.catalog_docs import catalog_table
-from layers.actions.policy import RUNS_AT
+from layers.actions.policy import NEVER_START_PREFIXES, NEVER_START_UNITS, RUNS_AT, SHOW_PROPERTIES
 from tests.support import REPO
 
 
@@ -25,3 +25,11 @@ def test_autonomy_matrix_in_docs_matches_the_policy() -> None:
         assert row, level
         cells = [c.strip().strip("*") for c in row.group(1).split("|")]
         assert cells == ["run" if r in runs else "wait" for r in risks], (level, cells)
+
+
+def test_never_start_list_and_systemctl_show_in_docs_match_the_policy() -> None:
+    text = (REPO / "docs" / "actions.md").read_text()
+    missing = [u for u in sorted(NEVER_START_UNITS) if f"`{u}`" not in text]
+    assert missing == [], "docs/actions.md: Units never started"
+    assert all(f"`{p}`" in text for p in NEVER_START_PREFIXES)
+    assert f"systemctl show --property={','.join(SHOW_PROPERTIES)} -- <unit>" in text

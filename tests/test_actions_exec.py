@@ -29,6 +29,7 @@ from layers.config import Settings
 from layers.store import open_store
 from tests.actions_support import make_standins, settings_for
 from tests.support import REPO, pid_alive, write_toml
+from tests.test_actions_service import make_incident
 
 # The helper fixture's server task must live on the loop the tests run on.
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -150,13 +151,28 @@ async def test_helper_runs_catalog_action_standin_systemctl(
                             search_path="/nonexistent-client-path:/usr/bin")  # fmt: skip
     store = await open_store(Settings(state_dir=tmp_path / "db"))
     try:
-        out = await service.handle_proposals(None, [{"action": "reset_failed_unit",
-                                                     "params": {"unit": "nginx.service"},
-                                                     "rationale": "x"}], store, settings)  # fmt: skip
+        incident = await make_incident(store, "nginx.service: failed", "nginx.service")
+        out = await service.handle_proposals(incident, [{"action": "reset_failed_unit",
+                                                         "params": {"unit": "nginx.service"},
+                                                         "rationale": "x"}], store, settings)  # fmt: skip
     finally:
         await store.close()
     assert out[0].status == "succeeded", out[0]
     assert st.calls()[-1] == ["systemctl", "reset-failed", "--", "nginx.service"]
+
+
+async def test_helper_never_starts_mode_switching_units_standin_systemctl(
+    helper_socket: tuple[Path, Any],
+) -> None:
+    """The root helper applies the never-start list itself, whoever asks it."""
+    sock, st = helper_socket
+    for action, unit in [("start_unit", "emergency.service"), ("restart_unit", "rescue.service"),
+                         ("start_unit", "initrd-switch-root.service"),
+                         ("start_unit", "nixos-upgrade.service")]:  # fmt: skip
+        with pytest.raises(HelperRefused) as info:
+            await call_helper(sock, action, {"unit": unit}, timeout=10)
+        assert info.value.code == "never_started", (unit, info.value.message)
+    assert st.calls() == []
 
 
 async def test_helper_terminates_real_process(

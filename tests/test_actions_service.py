@@ -35,7 +35,13 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
 
 async def make_incident(store: Store, message: str, unit: str | None = "nginx.service") -> str:
     """An incident created the real way: event stored, kept, classified as anomalous."""
-    await store.add_events([Event(source="journald", unit=unit, priority=3, message=message)])
+    return await incident_of(store, Event(source="journald", unit=unit, priority=3,
+                                          message=message))  # fmt: skip
+
+
+async def incident_of(store: Store, event: Event) -> str:
+    """The incident ``event`` opens (or joins): stored, kept, classified as anomalous."""
+    await store.add_events([event])
     new = await store.events_in_state("new")
     await store.mark_prefiltered([Prefiltered(seq=e.seq, keep=True, fingerprint=e.message[:40])
                                   for e in new])  # fmt: skip
@@ -192,7 +198,7 @@ async def test_hostile_decision_stored_by_pipeline_is_screened(tmp_path: Path, s
     assert stored is not None and all(p.status == "pending" for p in stored)
     out = await service.handle_proposals(incident, stored, store, settings)
     assert [p.status for p in out] == ["refused", "refused", "refused", "succeeded", "pending"]
-    assert out[4].risk == "high" and out[4].dry_run and "nixos-rebuild switch --rollback" in out[4].dry_run
+    assert out[4].risk == "high" and out[4].dry_run and "systemctl start --wait -- ai-sysadmin-rollback.service" in out[4].dry_run
     assert out[4].expires_at is not None
     assert_nothing_escaped(st, Path(S))
     detail = await store.get_incident(incident)
@@ -221,9 +227,25 @@ async def test_autonomy_levels_run_wait_through_the_stage(
         {"action": "restart_unit", "params": {"unit": "nginx.service"}, "rationale": "medium"},
         {"action": "nixos_rollback", "params": {}, "rationale": "high"},
     ]
-    out = await service.handle_proposals(None, proposals, store, settings)
+    incident = await make_incident(store, "nginx.service: Failed with result 'exit-code'.")
+    out = await service.handle_proposals(incident, proposals, store, settings)
     assert [p.status for p in out] == expected
     assert [p.risk for p in out] == ["read-only", "low", "medium", "high"]
+    ran = {"succeeded": 1}
+    assert [c[1] for c in st.calls()] == [
+        verb for verb, status in zip(["reset-failed", "restart"], expected[1:3], strict=True)
+        if ran.get(status)]  # fmt: skip
+
+
+async def test_changes_without_an_incident_wait_for_an_admin(tmp_path: Path, store: Store) -> None:
+    st = make_standins(tmp_path)
+    settings = full_auto(tmp_path, st)
+    out = await service.handle_proposals(None, BENIGN, store, settings)
+    assert [p.status for p in out] == ["pending", "pending", "succeeded"]
+    assert st.calls() == []  # df is the real one; no systemctl ran
+    pending = {e.subject: e.detail for e in await store.list_audit(kind="pending")}
+    assert pending[out[0].id]["code"] == "outside_incident"
+    assert "no incident" in pending[out[0].id]["reason"]
 
 
 async def test_failed_action_reopens_incident_and_reaches_memory_hook(
@@ -309,9 +331,11 @@ async def test_burst_respects_rate_limits(tmp_path: Path, store: Store) -> None:
                             max_runs_per_unit_per_hour=3, max_runs_per_action_per_hour=5)  # fmt: skip
     units = ["nginx.service"] * 10 + [f"app{i}.service" for i in range(10)]
     st.set_units({u: {"id": u, "names": [u]} for u in set(units)})
+    incidents = {u: await make_incident(store, f"{u}: failed", u) for u in set(units)}
     burst = [
-        service.handle_proposals(None, [{"action": "restart_unit", "params": {"unit": u},
-                                         "rationale": "burst"}], store, settings)
+        service.handle_proposals(incidents[u], [{"action": "restart_unit",
+                                                 "params": {"unit": u}, "rationale": "burst"}],
+                                 store, settings)
         for u in units
     ]  # fmt: skip
     results = [r[0] for r in await asyncio.gather(*burst)]
@@ -329,16 +353,21 @@ async def test_kill_switch_holds_under_burst(tmp_path: Path, store: Store) -> No
     kill = tmp_path / "state" / "actions.kill"
     kill.parent.mkdir(parents=True, exist_ok=True)
 
-    async def flip() -> None:
-        await asyncio.sleep(0)
+    async def flip() -> None:  # in the middle of the burst: some ran, the rest must not
+        while len(st.calls()) < 3:
+            await asyncio.sleep(0.005)
         kill.touch()
 
-    burst = [service.handle_proposals(None, [BENIGN[i % 2]], store, settings) for i in range(30)]
-    await asyncio.gather(flip(), *burst)
+    incident = await make_incident(store, "nginx.service: failed")
+    burst = [service.handle_proposals(incident, [BENIGN[i % 2]], store, settings)
+             for i in range(30)]  # fmt: skip
+    results = await asyncio.gather(flip(), *burst)
     calls_at_kill = len(st.calls())
-    more = await asyncio.gather(*[service.handle_proposals(None, [BENIGN[0]], store, settings)
+    assert 3 <= calls_at_kill < 30
+    assert calls_at_kill == sum(1 for r in results[1:] if r[0].status != "refused")
+    more = await asyncio.gather(*[service.handle_proposals(incident, [BENIGN[0]], store, settings)
                                   for _ in range(10)])  # fmt: skip
     assert all(r[0].status == "refused" for r in more)
     assert len(st.calls()) == calls_at_kill
-    reads = await service.handle_proposals(None, [BENIGN[2]], store, settings)
+    reads = await service.handle_proposals(incident, [BENIGN[2]], store, settings)
     assert reads[0].status == "succeeded"  # read-only still allowed

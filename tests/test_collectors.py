@@ -26,7 +26,7 @@ def entry(i: int, msg: object, **kw: str) -> str:
 
 def test_parse_journal_entries() -> None:
     lines = [
-        entry(1, "Started foo.", UNIT="foo.service", _SYSTEMD_UNIT="init.scope"),
+        entry(1, "Started foo.", UNIT="foo.service", _SYSTEMD_UNIT="init.scope", _PID="1"),
         entry(2, list(b"binary \xff message"), PRIORITY="3", _SYSTEMD_UNIT="bar.service"),
         "not json at all",
         json.dumps({"__CURSOR": "x"}),  # no MESSAGE
@@ -40,6 +40,25 @@ def test_parse_journal_entries() -> None:
     # The id comes from the cursor: the same entry read twice is the same event.
     again = parse_lines(lines[:1], "fallback")
     assert again[0][0].id == parsed[0][0].id and parsed[0][1] == "s=abc;i=1;b=1"
+
+
+def test_unit_field_counts_only_from_a_service_manager() -> None:
+    """``UNIT=`` is the sender's own word: from pid 1 (or a user's systemd) it names the
+    unit a message is about; from anyone else the event's unit is the sender's cgroup."""
+    forged = "Main process exited, code=killed, status=9/KILL"
+    parsed = parse_lines([
+        entry(1, forged, UNIT="postgresql.service", _PID="4242", _COMM="logger",
+              _SYSTEMD_UNIT="session-3.scope"),
+        entry(2, forged, UNIT="postgresql.service", _PID="4243", _COMM="logger"),
+        entry(3, forged, UNIT="postgresql.service", _PID="1", _COMM="systemd",
+              _SYSTEMD_UNIT="init.scope"),
+        entry(4, "Started app.", USER_UNIT="app.service", _PID="900", _COMM="systemd",
+              _SYSTEMD_UNIT="user@1000.service"),
+        entry(5, "hello", USER_UNIT="postgresql.service", _PID="901", _COMM="bash",
+              _SYSTEMD_UNIT="user@1000.service"),
+    ], "web1")
+    assert [e.unit for e, _ in parsed] == [
+        "session-3.scope", None, "postgresql.service", "app.service", "user@1000.service"]
 
 
 async def test_journal_replay_resumes_from_persisted_position(store: Store, tmp_path: Path) -> None:

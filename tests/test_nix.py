@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -109,15 +110,15 @@ def run_eval(body: str, extra: str = "") -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-def evaluate(body: str) -> dict[str, Any]:
-    proc = run_eval(body)
+def evaluate(body: str, extra: str = "") -> dict[str, Any]:
+    proc = run_eval(body, extra)
     assert proc.returncode == 0, proc.stderr
     result: dict[str, Any] = json.loads(proc.stdout)
     return result
 
 
-def evaluate_ok(body: str) -> dict[str, Any]:
-    result = evaluate(body)
+def evaluate_ok(body: str, extra: str = "") -> dict[str, Any]:
+    result = evaluate(body, extra)
     assert result["assertions"] == [], result["assertions"]
     return result
 
@@ -173,10 +174,13 @@ def default_system() -> dict[str, Any]:
 def test_units_of_the_whole_system(default_system: dict[str, Any]) -> None:
     assert set(default_system["units"]) == {
         "llama-trigger", "llama-review", "llama-meta",
-        "ai-sysadmin-api", "ai-sysadmin-daemon", "ai-sysadmin-helper",
+        "ai-sysadmin-api", "ai-sysadmin-daemon", "ai-sysadmin-helper", "ai-sysadmin-rollback",
     }  # fmt: skip
     for name, unit in default_system["units"].items():
-        assert "multi-user.target" in unit["wantedBy"], name
+        if name == "ai-sysadmin-rollback":  # started by the helper only, never at boot
+            assert unit["wantedBy"] == [], name
+        else:
+            assert "multi-user.target" in unit["wantedBy"], name
 
 
 @needs_lib
@@ -209,8 +213,9 @@ def test_layer_units_are_sandboxed_like_nixpkgs_llama_cpp(default_system: dict[s
         assert sc["ProtectSystem"] == "strict"
         assert sc["ProtectHome"] is True
         assert sc["NoNewPrivileges"] is True
-        assert sc["CapabilityBoundingSet"] == ""
+        assert sc["CapabilityBoundingSet"] == [""] and sc["AmbientCapabilities"] == [""]
         assert sc["PrivateDevices"] is True and sc["DeviceAllow"] == []
+        assert sc["ProtectProc"] == "invisible" and sc["ProcSubset"] == "pid"
         assert sc["MemoryDenyWriteExecute"] is True
         assert sorted(sc["RestrictAddressFamilies"]) == ["AF_INET", "AF_INET6", "AF_UNIX"]
         assert sc["SystemCallFilter"] == ["@system-service", "~@privileged"]
@@ -230,7 +235,7 @@ def test_gateway_unit(default_system: dict[str, Any]) -> None:
     assert sc["User"] == "ai-sysadmin" and sc["Group"] == "ai-sysadmin"
     assert sc["StateDirectory"] == "ai-sysadmin"
     assert "DynamicUser" not in sc  # state is shared with the daemon
-    assert sc["ProtectSystem"] == "strict" and sc["CapabilityBoundingSet"] == ""
+    assert sc["ProtectSystem"] == "strict" and sc["CapabilityBoundingSet"] == [""]
     assert sc["NoNewPrivileges"] is True and sc["PrivateDevices"] is True
     assert "SupplementaryGroups" not in sc
     assert sc["LoadCredential"] == [] and sc["EnvironmentFile"] == []
@@ -247,11 +252,23 @@ def test_daemon_gets_the_journal_and_nothing_more(default_system: dict[str, Any]
     sc = daemon["serviceConfig"]
     assert exec_argv(sc["ExecStart"])[1:] == ["--config", "/etc/ai-sysadmin/config.toml", "daemon"]
     assert sc["SupplementaryGroups"] == ["systemd-journal"]
-    assert sc["User"] == "ai-sysadmin" and sc["CapabilityBoundingSet"] == ""
+    assert sc["User"] == "ai-sysadmin" and sc["CapabilityBoundingSet"] == [""]
     assert sc["NoNewPrivileges"] is True and sc["ProtectSystem"] == "strict"
     assert sc["ProtectHome"] == "read-only"
     assert any(p.endswith("-systemd") for p in daemon["path"])  # journalctl, systemctl
     assert "ai-sysadmin-helper.service" in daemon["after"]
+
+
+HELPER_SANDBOX = {
+    "ProtectSystem": "strict", "ProtectHome": True, "PrivateTmp": True, "PrivateMounts": True,
+    "PrivateDevices": True, "DevicePolicy": "closed", "PrivateNetwork": True,
+    "ProtectKernelModules": True, "ProtectKernelTunables": True, "ProtectKernelLogs": True,
+    "ProtectControlGroups": True, "ProtectClock": True, "ProtectHostname": True,
+    "RestrictNamespaces": True, "RestrictSUIDSGID": True, "RestrictRealtime": True,
+    "MemoryDenyWriteExecute": True, "LockPersonality": True, "NoNewPrivileges": True,
+    "SystemCallArchitectures": "native", "SystemCallFilter": ["@system-service", "~@privileged"],
+    "RestrictAddressFamilies": ["AF_UNIX"],
+}  # fmt: skip
 
 
 @needs_lib
@@ -266,27 +283,64 @@ def test_helper_unit_and_socket(default_system: dict[str, Any]) -> None:
     assert sc["User"] == "root" and sc["Group"] == "ai-sysadmin"
     assert sc["RuntimeDirectory"] == "ai-sysadmin" and sc["RuntimeDirectoryMode"] == "0750"
     assert sc["UMask"] == "0007"
-    assert sc["RestrictAddressFamilies"] == ["AF_UNIX", "AF_NETLINK"]
     actions = settings_from(default_system["settings"]).actions
     assert str(actions.helper_socket) == "/run/ai-sysadmin/helper.sock"
     assert actions.helper_allowed_users == ["ai-sysadmin"]
-    # The whole catalog includes nixos_rollback, which rewrites /etc and /boot.
-    assert "ProtectSystem" not in sc
+    # The whole catalog (nixos_rollback included) and still the tight sandbox: the rollback
+    # is ai-sysadmin-rollback.service's job.
+    assert {k: sc.get(k) for k in HELPER_SANDBOX} == HELPER_SANDBOX
+    assert set(sc["CapabilityBoundingSet"]) == {"CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_KILL"}
+    # `-`: with volatile journald storage there is no /var/log/journal, and a missing
+    # ReadWritePaths= entry would fail the unit with 226/NAMESPACE.
+    assert sc["ReadWritePaths"] == ["-/var/log/journal", "/nix/var/nix"]
     # /root is hidden; nix and systemctl get a home of their own.
-    assert sc["ProtectHome"] is True and sc["CacheDirectory"] == "ai-sysadmin-helper"
+    assert sc["CacheDirectory"] == "ai-sysadmin-helper"
     assert helper["environment"]["HOME"] == "/var/cache/ai-sysadmin-helper"
     assert helper["environment"]["NIX_REMOTE"] == "daemon"
 
 
 @needs_lib
-def test_helper_without_rollback_gets_a_read_only_system() -> None:
+def test_helper_sandbox_is_the_same_whatever_the_allowlist(default_system: dict[str, Any]) -> None:
     result = evaluate_ok(MODELS + ' actionAllowlist = [ "unit_status" "restart_unit" "nix_gc" ];')
     sc = result["units"]["ai-sysadmin-helper"]["serviceConfig"]
-    assert sc["ProtectSystem"] == "strict"
-    assert sc["ReadWritePaths"] == ["/var/log/journal", "/nix/var/nix"]
-    assert sc["PrivateNetwork"] is True
-    assert set(sc["CapabilityBoundingSet"]) == {"CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_KILL"}
+    assert sc == default_system["units"]["ai-sysadmin-helper"]["serviceConfig"]
+    # Without nixos_rollback there is no rollback unit at all.
+    assert "ai-sysadmin-rollback" not in result["units"]
     assert result["settings"]["actions"]["allowlist"] == ["unit_status", "restart_unit", "nix_gc"]
+    with_rollback = evaluate_ok(MODELS + ' actionAllowlist = [ "unit_status" "nixos_rollback" ];')
+    assert "ai-sysadmin-rollback" in with_rollback["units"]
+    assert with_rollback["units"]["ai-sysadmin-helper"]["serviceConfig"] == sc
+
+
+@needs_lib
+def test_rollback_unit_does_what_nixos_rebuild_rollback_does(
+    default_system: dict[str, Any],
+) -> None:
+    """nix-env --rollback on the system profile, then the (previous) generation's
+    switch-to-configuration in a transient unit, like nixos-rebuild; root without
+    capabilities, writing the system profile only; never restarted by a switch."""
+    unit = default_system["units"]["ai-sysadmin-rollback"]
+    sc = unit["serviceConfig"]
+    assert sc["Type"] == "oneshot" and "RemainAfterExit" not in sc  # can run again later
+    first, second = (exec_argv(line) for line in sc["ExecStart"])
+    assert first[0].endswith("-nix/bin/nix-env")
+    assert first[1:] == ["--profile", "/nix/var/nix/profiles/system", "--rollback"]
+    assert second[0].endswith("-systemd/bin/systemd-run")
+    assert "--unit=nixos-rebuild-switch-to-configuration" in second
+    assert {"--wait", "--pipe", "--collect", "--no-ask-password"} <= set(second)
+    assert second[-2:] == ["/nix/var/nix/profiles/system/bin/switch-to-configuration", "switch"]
+    assert sc["TimeoutStartSec"] == "30min"  # the catalog's 1800 s
+    assert unit["restartIfChanged"] is False  # a restart would roll back twice
+    assert unit["wantedBy"] == [] and unit["restartTriggers"] == []
+    assert sc["User"] == "root" and sc["CapabilityBoundingSet"] == [""]
+    assert sc["ReadWritePaths"] == ["/nix/var/nix/profiles"]
+    assert unit["environment"]["NIX_REMOTE"] == "daemon"
+    assert {k: sc.get(k) for k in HELPER_SANDBOX} == HELPER_SANDBOX
+    assert sc["ProtectProc"] == "invisible"
+    # Starting it by name would be a rollback without the high-risk approval.
+    assert "ai-sysadmin-rollback.service" in default_system["settings"]["actions"]["protected_units"]
+    observe = evaluate_ok(MODELS + ' autonomyLevel = "observe";')
+    assert "ai-sysadmin-rollback" not in observe["units"]
 
 
 @needs_lib
@@ -309,7 +363,37 @@ def test_rendered_settings_are_a_valid_gateway_config(default_system: dict[str, 
 
 @needs_lib
 def test_default_protected_units_match_the_python_default(default_system: dict[str, Any]) -> None:
-    assert default_system["settings"]["actions"]["protected_units"] == ActionsConfig().protected_units
+    """The Python default, plus the rollback unit, which the module always protects."""
+    python = ActionsConfig().protected_units
+    rendered = default_system["settings"]["actions"]["protected_units"]
+    assert rendered == python + [u for u in ["ai-sysadmin-rollback.service"] if u not in python]
+    mine = evaluate_ok(MODELS + ' protectedUnits = [ "sshd.service" ];')
+    assert mine["settings"]["actions"]["protected_units"] == [
+        "sshd.service", "ai-sysadmin-rollback.service"]
+
+
+def test_module_catalog_is_the_python_catalog() -> None:
+    from layers.actions.catalog import CATALOG
+
+    text = (REPO / "module.nix").read_text(encoding="utf-8")
+    block = re.search(r"catalogActions = \[(.*?)\];", text, re.S)
+    assert block is not None
+    assert sorted(re.findall(r'"([a-z_]+)"', block.group(1))) == sorted(CATALOG)
+
+
+@needs_lib
+def test_allowlist_is_an_enum_of_the_catalog_and_protected_units_refuse_globs() -> None:
+    err = evaluation_error(MODELS + ' actionAllowlist = [ "restart-unit" ];')
+    assert "restart-unit" in err and "actionAllowlist" in err
+    assert evaluate_ok(MODELS + " actionAllowlist = [ ];")["settings"]["actions"][
+        "allowlist"] == []
+    err = evaluation_error(MODELS + ' protectedUnits = [ "postgres*" ];')
+    assert "protectedUnits" in err
+    # Without its suffix a name is rendered as written; the gateway reads it as .service.
+    mine = evaluate_ok(MODELS + ' protectedUnits = [ "postgresql" "worker@" ];')
+    rendered = mine["settings"]["actions"]["protected_units"]
+    assert settings_from(mine["settings"]).actions.protected_units[:2] == [
+        "postgresql.service", "worker@.service"], rendered
 
 
 @needs_lib
@@ -396,6 +480,8 @@ def test_acceleration_picks_the_build_and_the_devices(
         assert sc["DevicePolicy"] == "closed" and sc["PrivateDevices"] is False
         assert sc["SupplementaryGroups"] == groups
         assert sc["ProtectSystem"] == "strict" and sc["NoNewPrivileges"] is True
+        # GPU runtimes read /proc/driver/nvidia, /proc/meminfo …: not only /proc/<pid>.
+        assert sc["ProcSubset"] == "all" and sc["ProtectProc"] == "invisible"
         argv = exec_argv(sc["ExecStart"])
         assert argv[argv.index("--n-gpu-layers") + 1] == "999"
 
@@ -404,6 +490,72 @@ def test_acceleration_picks_the_build_and_the_devices(
 def test_cpu_build_disables_every_gpu_backend(default_system: dict[str, Any]) -> None:
     # override { cudaSupport = false; ... } also undoes a global nixpkgs.config.cudaSupport
     assert default_system["llamaPackage"].endswith("-llama-cpp")
+
+
+@needs_lib
+@pytest.mark.parametrize(
+    ("nixpkgs_config", "accel"),
+    [("", "cpu"), ("nixpkgs.config.allowUnfree = true;", "cpu"),
+     ("nixpkgs.config.cudaSupport = true;", "cuda"), ("nixpkgs.config.rocmSupport = true;", "rocm"),
+     ("nixpkgs.config = { cudaSupport = false; rocmSupport = true; };", "rocm")],
+)  # fmt: skip
+def test_acceleration_follows_nixpkgs_gpu_support(nixpkgs_config: str, accel: str) -> None:
+    result = evaluate_ok(MODELS, extra=nixpkgs_config)
+    suffix = "-llama-cpp" if accel == "cpu" else f"-llama-cpp-{accel}Support"
+    assert result["llamaPackage"].endswith(suffix)
+    sc = result["units"]["llama-meta"]["serviceConfig"]
+    assert sc["PrivateDevices"] is (accel == "cpu")
+    # An explicit choice wins: a CPU build even where nixpkgs builds for CUDA.
+    cpu = evaluate_ok(MODELS + ' llama-cpp.acceleration = "cpu";', extra=nixpkgs_config)
+    assert cpu["llamaPackage"].endswith("-llama-cpp")
+
+
+@needs_lib
+def test_gpu_build_on_cpu_acceleration_is_refused() -> None:
+    """A CUDA or ROCm llama-cpp with acceleration = "cpu" would get no devices and quietly
+    run on the CPU: an assertion says so. So does a build without the chosen backend."""
+    cuda = evaluate(MODELS + " llama-cpp.package = pkgs.llama-cpp.override { cudaSupport = true; };")
+    assert cuda["assertions"] == [
+        'services.ai-sysadmin.llama-cpp.package is built with cuda but llama-cpp.acceleration '
+        'is "cpu": the layers would get no GPU devices and run on the CPU. Set '
+        'llama-cpp.acceleration = "cuda" or use a CPU build of llama-cpp.'
+    ]
+    rocm = evaluate(MODELS + " llama-cpp.package = pkgs.llama-cpp.override { rocmSupport = true; };")
+    assert len(rocm["assertions"]) == 1 and "built with rocm" in rocm["assertions"][0]
+    without = evaluate(
+        MODELS + ' llama-cpp.acceleration = "rocm";'
+        " llama-cpp.package = pkgs.llama-cpp.override { cudaSupport = true; rocmSupport = false; };"
+    )
+    assert len(without["assertions"]) == 1
+    assert "built without rocm support" in without["assertions"][0]
+    # Matching builds, and builds that say nothing about their backends, are accepted.
+    evaluate_ok(MODELS + ' llama-cpp.acceleration = "cuda";'
+                " llama-cpp.package = pkgs.llama-cpp.override { cudaSupport = true; };")
+    evaluate_ok(MODELS + ' llama-cpp.acceleration = "cuda"; llama-cpp.package = pkgs.llama-cpp;')
+    evaluate_ok(MODELS + " llama-cpp.package = pkgs.llama-cpp.override { cudaSupport = false; };")
+    # Without local layers there is nothing to run on the wrong device.
+    evaluate_ok("llama-cpp.enable = false;"
+                " llama-cpp.package = pkgs.llama-cpp.override { cudaSupport = true; };")  # fmt: skip
+
+
+@needs_lib
+def test_capabilities_of_your_own_add_to_the_empty_set() -> None:
+    """The empty bounding set is a list that comes first: a definition of yours, a list or a
+    string, is added after it (a string "" conflicted with a string of yours, and an empty
+    assignment after yours would reset it)."""
+    extra = (
+        "systemd.services.ai-sysadmin-api.serviceConfig = {"
+        ' CapabilityBoundingSet = [ "CAP_NET_BIND_SERVICE" ];'
+        ' AmbientCapabilities = [ "CAP_NET_BIND_SERVICE" ]; };'
+        ' systemd.services.llama-meta.serviceConfig.CapabilityBoundingSet = "CAP_IPC_LOCK";'
+    )
+    result = evaluate_ok(MODELS, extra=extra)
+    api = result["units"]["ai-sysadmin-api"]["serviceConfig"]
+    assert api["CapabilityBoundingSet"] == api["AmbientCapabilities"] == [
+        "", "CAP_NET_BIND_SERVICE"]
+    meta = result["units"]["llama-meta"]["serviceConfig"]
+    assert meta["CapabilityBoundingSet"] == ["", "CAP_IPC_LOCK"]
+    assert result["units"]["ai-sysadmin-daemon"]["serviceConfig"]["CapabilityBoundingSet"] == [""]
 
 
 @needs_lib

@@ -81,6 +81,30 @@ def check_unit_name(value: str) -> str:
     return value
 
 
+_TEMPLATE_RE = re.compile(
+    r"[A-Za-z0-9_:][A-Za-z0-9_:.\-]*@\.(?:" + "|".join(UNIT_TYPES) + r")", re.ASCII
+)
+
+
+def normalise_protected_unit(value: str) -> str:
+    """A unit of ``actions.protected_units`` as written -> the exact name it protects.
+
+    A name without a unit type suffix means ``.service``, as ``systemctl restart
+    postgresql`` reads it: ``postgresql`` -> ``postgresql.service``, ``worker@`` ->
+    ``worker@.service`` (a template: protects every instance). Anything that is then
+    neither a unit name nor a template (globs, spaces, ...) is an error, never ignored."""
+    name = value
+    if "." not in name or name.rsplit(".", 1)[1] not in UNIT_TYPES:
+        name = f"{name}.service"
+    if (not name.isascii() or not name.isprintable() or len(name) > UNIT_NAME_MAX
+            or (_UNIT_RE.fullmatch(name) is None and _TEMPLATE_RE.fullmatch(name) is None)):
+        raise ValueError(
+            f"{value!r} is not a unit name: expected NAME[@INSTANCE][.TYPE] or a template "
+            "NAME@[.TYPE], exact (no globs); without .TYPE it means .service"
+        )  # fmt: skip
+    return name
+
+
 def unit_template(unit: str) -> str | None:
     """``getty@tty1.service`` -> ``getty@.service``; None for non-instance units."""
     m = _UNIT_RE.fullmatch(unit)
@@ -258,8 +282,14 @@ def _nix_gc(p: NixGcParams) -> list[str]:
     return ["--delete-older-than", f"{p.delete_older_than_days}d"]
 
 
+# The unit that performs nixos_rollback (defined by the NixOS module): a rollback rewrites
+# /etc, /boot and the system profile, which no sandbox of ours may do, so systemd runs it
+# as its own oneshot and reports its result (``--wait``). The dry run shows exactly that.
+ROLLBACK_UNIT = "ai-sysadmin-rollback.service"
+
+
 def _nixos_rollback(_: NoParams) -> list[str]:
-    return ["switch", "--rollback"]
+    return ["start", "--wait", "--", ROLLBACK_UNIT]
 
 
 # -- the catalog ----------------------------------------------------------------------
@@ -276,6 +306,8 @@ class ActionSpec:
     program: str
     build: Callable[[Any], list[str]]
     timeout: float
+    # Starts (or restarts) its unit: the never-start list applies (see policy.py).
+    starts_unit: bool = False
 
     @property
     def is_change(self) -> bool:
@@ -304,9 +336,11 @@ CATALOG: dict[str, ActionSpec] = {
         ActionSpec("reset_failed_unit", "Clear a unit's failed state (does not start it).",
                    Risk.LOW, UnitParams, "systemctl", _systemctl("reset-failed"), 30),
         ActionSpec("start_unit", "Start an inactive unit (a running one is left alone).",
-                   Risk.LOW, RestartableUnitParams, "systemctl", _systemctl("start"), 60),
+                   Risk.LOW, RestartableUnitParams, "systemctl", _systemctl("start"), 60,
+                   starts_unit=True),
         ActionSpec("restart_unit", "Restart a unit (interrupts it while it restarts).",
-                   Risk.MEDIUM, RestartableUnitParams, "systemctl", _systemctl("restart"), 60),
+                   Risk.MEDIUM, RestartableUnitParams, "systemctl", _systemctl("restart"), 60,
+                   starts_unit=True),
         ActionSpec("terminate_process", "Send TERM (or INT/HUP) to one process.",
                    Risk.MEDIUM, TerminateProcessParams, "kill", _terminate, 10),
         ActionSpec("journal_vacuum", "Delete archived journal files beyond a size or age.",
@@ -314,7 +348,7 @@ CATALOG: dict[str, ActionSpec] = {
         ActionSpec("nix_gc", "Delete unreachable Nix store paths (and old generations if asked).",
                    Risk.MEDIUM, NixGcParams, "nix-collect-garbage", _nix_gc, 1800),
         ActionSpec("nixos_rollback", "Switch the system back to the previous NixOS generation.",
-                   Risk.HIGH, NoParams, "nixos-rebuild", _nixos_rollback, 1800),
+                   Risk.HIGH, NoParams, "systemctl", _nixos_rollback, 1800),
     )
 }  # fmt: skip
 

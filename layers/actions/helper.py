@@ -20,6 +20,12 @@ The helper trusts nothing in it. It
 
 There is no "run this command" request and no way to name a program: the helper can
 only do what the catalog can do.
+
+``nixos_rollback`` rewrites /etc, /boot and the system profile, which the helper's own
+sandbox forbids: its catalog argv starts the unit that does it (``systemctl start --wait
+-- ai-sysadmin-rollback.service``, defined by the NixOS module), and the helper answers
+with that job's result. No other action may change that unit: starting it by name would
+be a rollback without the high-risk approval.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from layers.actions.catalog import Refusal, plan, program_path
+from layers.actions.catalog import ROLLBACK_UNIT, PlannedAction, Refusal, plan, program_path
 from layers.actions.executor import ExecResult, run_argv
 from layers.actions.policy import MemoryRunLedger, Policy, UnitInventory
 from layers.config import Settings
@@ -58,6 +64,14 @@ class HelperRequest(BaseModel):
 
 class HelperRefused(Refusal):
     """The helper refused the request (its code says why)."""
+
+
+def refuse_rollback_unit(planned: PlannedAction) -> None:
+    """Only nixos_rollback may start the rollback unit: a change to it by name would be a
+    rollback without the high-risk approval — even where protected_units forgot it."""
+    if (planned.name != "nixos_rollback" and planned.spec.is_change
+            and ROLLBACK_UNIT in planned.params.units()):
+        raise Refusal("protected_unit", f"{ROLLBACK_UNIT} runs nixos_rollback only")
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -94,6 +108,7 @@ class Helper:
             if UnitInventory.enabled(self.settings):
                 inventory = UnitInventory(self.settings, program_path("systemctl", self.settings))
             policy = Policy(self.settings, self.ledger, inventory)
+            refuse_rollback_unit(planned)
             async with self._lock:  # screen + count + record atomically under a burst
                 await policy.screen(planned)
                 await policy.check_rate(planned)

@@ -16,9 +16,12 @@ Entry point for the pipeline's meta stage::
 exactly ``action``, ``params``, ``rationale``). Each one ends in exactly one of:
 
 - ``refused`` — unknown action, malformed or extra params, a risk claim, protected
-  unit, not allowlisted, kill switch, rate limit (the reason is in the audit log);
+  unit, a unit never started, not allowlisted, kill switch, rate limit (the reason is in
+  the audit log);
 - ``pending`` — waits for an admin (``approve``/``reject``), expires after
-  ``actions.approval_ttl``; an identical pending proposal absorbs it (merge count);
+  ``actions.approval_ttl``; an identical pending proposal absorbs it (merge count). A
+  change that the autonomy level would run waits too when it is not about the
+  incident's own units (``incident_scope``: from the events' recorded unit fields);
 - ``succeeded`` / ``failed`` — ran under the autonomy level; a failure re-opens the
   incident. Results go to the proposal record, the incident timeline, the audit log and
   ``on_result`` (the memory hook).
@@ -39,7 +42,14 @@ from pydantic import BaseModel
 
 from layers.actions.catalog import PlannedAction, Refusal, plan, program_path
 from layers.actions.executor import ExecResult, execute
-from layers.actions.policy import Policy, UnitInventory, Verdict
+from layers.actions.policy import (
+    NO_SCOPE,
+    IncidentScope,
+    Policy,
+    UnitInventory,
+    Verdict,
+    evidence_units,
+)
 from layers.config import Settings
 from layers.events import ActionResult, Proposal, ProposalStatus, ProposedAction
 from layers.store import Store
@@ -84,6 +94,23 @@ def _policy(store: Store, settings: Settings) -> Policy:
         except Refusal:
             inventory = None
     return Policy(settings, store, inventory)
+
+
+async def incident_scope(store: Store, incident_id: str | None) -> IncidentScope:
+    """The units the incident's stored events tie it to (see ``evidence_units``); the
+    model's words, the incident's title and the log lines' text play no part."""
+    if incident_id is None:
+        return NO_SCOPE
+    detail = await store.get_incident(incident_id)
+    if detail is None:
+        return IncidentScope(incident_id, frozenset())
+    ids = list(dict.fromkeys(
+        str(t.detail["id"]) for t in detail.timeline if t.kind == "event" and t.detail.get("id")
+    ))  # fmt: skip
+    units: set[str] = set()
+    for at in range(0, len(ids), 500):
+        units |= evidence_units(await store.get_events(ids[at:at + 500]))
+    return IncidentScope(incident_id, frozenset(units))
 
 
 def _jsonable(value: Any) -> Any:
@@ -150,14 +177,16 @@ async def handle_proposals(
 ) -> list[Proposal]:
     """Screen, decide and (where the autonomy level allows) run each proposal."""
     await expire_due(store)
+    scope = await incident_scope(store, incident_id)
     out: list[Proposal] = []
     for item in proposals:
-        out.append(await _handle_one(incident_id, item, store, settings, on_result))
+        out.append(await _handle_one(incident_id, scope, item, store, settings, on_result))
     return out
 
 
 async def _handle_one(
     incident_id: str | None,
+    scope: IncidentScope,
     item: Proposal | ProposedAction | Mapping[str, Any],
     store: Store,
     settings: Settings,
@@ -203,7 +232,7 @@ async def _handle_one(
         return await _refuse(store, stored, refusal, "policy")
 
     async with _run_lock():
-        decision = await policy.decide(planned)
+        decision = await policy.decide(planned, scope)
         if stored is None:
             if decision.verdict is Verdict.WAIT:
                 stored = await store.add_proposal(
@@ -232,12 +261,14 @@ async def _handle_one(
         if decision.verdict is Verdict.REFUSE:
             return await _refuse(store, stored, Refusal(decision.code, decision.reason), "policy")
         if decision.verdict is Verdict.WAIT:
-            await _audit(store, "policy", "pending", stored, reason=decision.reason,
+            await _audit(store, "policy", "pending", stored, code=decision.code,
+                         reason=decision.reason,
                          expires_in=settings.actions.approval_ttl)  # fmt: skip
             if stored.incident_id:
                 await store.add_timeline(stored.incident_id, "action_pending",
                                          {"proposal": stored.id, "action": planned.name,
-                                          "dry_run": planned.dry_run})  # fmt: skip
+                                          "dry_run": planned.dry_run, "code": decision.code,
+                                          "reason": decision.reason})  # fmt: skip
             return await store.get_proposal(stored.id) or stored
         actor = "policy:" + decision.reason.rsplit(" ", 1)[-1]
         if stored.status == "pending":
@@ -334,8 +365,9 @@ async def approve(store: Store, settings: Settings, proposal_id: str, approver: 
     """Approve a pending proposal and run it (waiting up to ``wait`` seconds for it).
 
     The proposal is planned and screened again first: the catalog, protected units,
-    allowlist, kill switch and rate limits apply to approved actions too; only the
-    autonomy level is what the approval overrides."""
+    units never started, allowlist, kill switch and rate limits apply to approved
+    actions too; the autonomy level and the incident's scope are what the approval
+    overrides."""
     p = await _pending(store, proposal_id)
     actor = f"admin:{approver}"
     try:

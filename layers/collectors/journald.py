@@ -45,6 +45,21 @@ def _text(value: Any) -> str | None:
     return str(value)
 
 
+def _about_unit(entry: dict[str, Any]) -> str | None:
+    """The unit a service manager's message is about. systemd's messages about a unit
+    carry it in ``UNIT`` (pid 1) or ``USER_UNIT`` (a user's manager); a service's own
+    output in ``_SYSTEMD_UNIT``, which journald sets from the sender's cgroup. Any local
+    process can write ``UNIT=`` into its own entries, so it counts only from a manager —
+    else a forged line would open an incident "about" postgresql.service."""
+    pid, comm = _text(entry.get("_PID")), _text(entry.get("_COMM"))
+    if pid == "1":
+        return _text(entry.get("UNIT"))
+    own = _text(entry.get("_SYSTEMD_UNIT")) or ""
+    if comm == "systemd" and own.startswith("user@"):
+        return _text(entry.get("USER_UNIT"))
+    return None
+
+
 def parse_entry(entry: dict[str, Any], default_host: str) -> Event | None:
     """One ``journalctl --output=json`` object → an Event (None when it has no message)."""
     message = _text(entry.get("MESSAGE"))
@@ -59,13 +74,7 @@ def parse_entry(entry: dict[str, Any], default_host: str) -> Event | None:
         ts = int(_text(entry.get("__REALTIME_TIMESTAMP")) or 0) / 1e6
     except ValueError:
         ts = 0.0
-    # systemd's messages about a unit carry it in UNIT/USER_UNIT; a service's own
-    # output in _SYSTEMD_UNIT.
-    unit = (
-        _text(entry.get("UNIT"))
-        or _text(entry.get("USER_UNIT"))
-        or _text(entry.get("_SYSTEMD_UNIT"))
-    )
+    unit = _about_unit(entry) or _text(entry.get("_SYSTEMD_UNIT"))
     if unit in ("init.scope",):
         unit = None
     fields = {k: (_text(entry[k]) or "")[:4096] for k in KEPT_FIELDS if k in entry}

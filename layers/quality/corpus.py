@@ -168,7 +168,11 @@ def _entry(t: Template, values: dict[str, str], rng: random.Random, ts: float,
         "MESSAGE": message,
     }
     if t.transport != "kernel":
-        entry["_PID"] = _fill("{pid}", values, rng, ())
+        pid = _fill("{pid}", values, rng, ())
+        # systemd's messages about a unit come from pid 1 (the collector trusts their
+        # UNIT field from pid 1 only); the draw is made all the same, to keep the seed's
+        # sequence — and so every line — the same.
+        entry["_PID"] = "1" if t.ident == "systemd" else pid
     if t.unit is not None:
         unit = _fill(t.unit, values, rng, t.services)
         entry["UNIT" if t.ident == "systemd" else "_SYSTEMD_UNIT"] = unit

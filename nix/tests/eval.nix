@@ -39,6 +39,7 @@ let
       requires
       environment
       serviceConfig
+      restartIfChanged
       ;
     path = map toString s.path;
     restartTriggers = map toString s.restartTriggers;

@@ -1,11 +1,17 @@
 # The few packages module.nix reads, as derivation-shaped attribute sets with fixed store
 # paths: evaluation needs their paths, never their builds. `override` records the flags
-# in the name, so a test can see which llama-cpp build an acceleration picked.
+# in the name, so a test can see which llama-cpp build an acceleration picked, and in
+# `cmakeFlags` the way nixpkgs' llama-cpp renders them (`cmakeBool "GGML_CUDA" cudaSupport`).
 { lib }:
 
 let
-  fake =
-    name:
+  cmakeNames = {
+    cudaSupport = "GGML_CUDA";
+    rocmSupport = "GGML_HIP";
+    vulkanSupport = "GGML_VULKAN";
+  };
+  fakeWith =
+    extra: name:
     {
       type = "derivation";
       inherit name;
@@ -13,12 +19,20 @@ let
       meta.mainProgram = name;
       override =
         args:
-        fake (
-          lib.concatStringsSep "-" (
-            [ name ] ++ lib.sort lib.lessThan (lib.attrNames (lib.filterAttrs (_: v: v == true) args))
-          )
-        );
-    };
+        fakeWith
+          {
+            cmakeFlags = lib.mapAttrsToList (
+              flag: on: "-D${cmakeNames.${flag}}:BOOL=${if on then "TRUE" else "FALSE"}"
+            ) (lib.filterAttrs (flag: _: cmakeNames ? ${flag}) args);
+          }
+          (
+            lib.concatStringsSep "-" (
+              [ name ] ++ lib.sort lib.lessThan (lib.attrNames (lib.filterAttrs (_: v: v == true) args))
+            )
+          );
+    }
+    // extra;
+  fake = fakeWith { };
 
   # What pkgs.formats.toml accepts; rendering is a build, so `generate` returns a file-shaped
   # value that carries the data for inspection.

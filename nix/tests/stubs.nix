@@ -15,8 +15,22 @@ let
     types.path
     types.package
   ];
-  # Like NixOS' unitOption: a value or a list of values; lists from several modules concatenate.
-  unitValue = types.either atom (types.listOf atom);
+  # NixOS' unitOption (nixos/lib/systemd-unit-options.nix): a value or a list of values;
+  # when any definition is a list, all of them concatenate (in mkOrder order), else they
+  # must be equal.
+  unitValue = lib.mkOptionType {
+    name = "systemd option";
+    check = v: atom.check v || (builtins.isList v && lib.all atom.check v);
+    merge =
+      loc: defs:
+      let
+        defs' = lib.filterOverrides defs;
+      in
+      if lib.any (def: builtins.isList def.value) defs' then
+        lib.concatMap (def: lib.toList def.value) defs'
+      else
+        lib.mergeEqualOption loc defs';
+  };
 
   serviceModule = {
     options = {
@@ -59,6 +73,10 @@ let
       serviceConfig = mkOption {
         type = types.attrsOf unitValue;
         default = { };
+      };
+      restartIfChanged = mkOption {
+        type = types.bool;
+        default = true;
       };
     };
   };
@@ -106,6 +124,12 @@ in
     environment.systemPackages = mkOption {
       type = types.listOf types.package;
       default = [ ];
+    };
+
+    # The merged nixpkgs configuration (cudaSupport, rocmSupport, allowUnfree …).
+    nixpkgs.config = mkOption {
+      type = loose;
+      default = { };
     };
 
     nix.package = mkOption {
