@@ -198,7 +198,8 @@ async def test_hostile_decision_stored_by_pipeline_is_screened(tmp_path: Path, s
     assert stored is not None and all(p.status == "pending" for p in stored)
     out = await service.handle_proposals(incident, stored, store, settings)
     assert [p.status for p in out] == ["refused", "refused", "refused", "succeeded", "pending"]
-    assert out[4].risk == "high" and out[4].dry_run and "systemctl start --wait -- ai-sysadmin-rollback.service" in out[4].dry_run
+    assert out[4].risk == "high" and out[4].dry_run
+    assert "systemctl start --wait -- ai-sysadmin-rollback.service" in out[4].dry_run
     assert out[4].expires_at is not None
     assert_nothing_escaped(st, Path(S))
     detail = await store.get_incident(incident)
