@@ -652,13 +652,45 @@ let
   # Every action of the catalog (layers/actions/catalog.py).
   catalogActions = [
     "unit_status" "journal_tail" "disk_usage" "list_failed_units" "memory_usage"
-    "journal_disk_usage" "process_status" "start_unit" "restart_unit" "reset_failed_unit"
+    "journal_disk_usage" "process_status" "unit_show" "unit_cat" "kernel_log" "list_timers"
+    "nixos_generations" "nixos_closure_diff" "start_unit" "restart_unit" "reset_failed_unit"
     "terminate_process" "journal_vacuum" "nix_gc" "nixos_rollback"
   ];
+
+  # Notification kinds (layers/config.py NOTIFY_KINDS; a test keeps them equal).
+  notifyKinds = [
+    "incident.opened" "incident.escalated" "incident.resolved" "approval.pending"
+    "action.succeeded" "action.failed" "action.refused"
+  ];
+  # Where systemd puts a notification channel's URL for the gateway (LoadCredential).
+  notifyCredential = name: "/run/credentials/ai-sysadmin-api.service/notify-${name}";
 
   # pkgs.formats.toml's value type: nested definitions merge key by key, and a conflicting
   # value (say a different layer port) is an error instead of a silent override.
   tomlValue = settingsFormat.type;
+
+  # Alertmanager's side of the webhook (docs/alertmanager.md). The key reaches Alertmanager
+  # as a systemd credential of its own unit, readable by its DynamicUser, never the store.
+  alertmanagerKeyPath = "/run/credentials/alertmanager.service/ai-sysadmin-key";
+  alertmanagerReceiver = {
+    name = "ai-sysadmin";
+    webhook_configs = [
+      (
+        {
+          url = "http://${apiClientHost}:${toString cfg.api.port}/v1/alertmanager";
+          send_resolved = true;
+          # The gateway refuses a notification of more alerts (413, no retry).
+          max_alerts = cfg.settings.pipeline.max_batch_events or 1000;
+        }
+        // lib.optionalAttrs (cfg.alertmanager.keyFile != null) {
+          http_config.authorization = {
+            type = "Bearer";
+            credentials_file = alertmanagerKeyPath;
+          };
+        }
+      )
+    ];
+  };
 in
 {
   options.services.ai-sysadmin = {
@@ -872,6 +904,115 @@ in
         ];
         default = "embedded";
         description = "`embedded`: ChromaDB inside the gateway, in the state directory; `chromadb`: enable and use `services.chromadb`.";
+      };
+    };
+
+    alertmanager = {
+      enable = mkOption {
+        type = types.bool;
+        default = false;
+        description = ''
+          Feed Prometheus Alertmanager's alerts into the pipeline (`POST /v1/alertmanager`):
+          firing alerts open incidents, resolved ones resolve them. The gateway gets
+          `alertmanager.keyFile` as its webhook key; when this machine runs
+          `services.prometheus.alertmanager`, its unit gets the same key as a credential and,
+          unless you set `services.prometheus.alertmanager.configuration` yourself, a
+          configuration that routes every alert to `alertmanager.receiver`. With your own
+          configuration, add `config.services.ai-sysadmin.alertmanager.receiver` to its
+          `receivers` and route to `"ai-sysadmin"`.
+        '';
+      };
+      keyFile = mkOption {
+        type = types.nullOr secretPath;
+        default = null;
+        example = "/run/secrets/ai-sysadmin-alertmanager-key";
+        description = ''
+          File holding the webhook's bearer key (one line), good for `POST /v1/alertmanager`
+          only. Read by systemd (LoadCredential) for the gateway and for
+          `alertmanager.service`; it never enters the Nix store. Needed when the API has keys
+          (`api.apiKeysFile`); without any key the API serves loopback clients only, and a local
+          Alertmanager posts without one.
+        '';
+      };
+      receiver = mkOption {
+        type = types.attrs;
+        readOnly = true;
+        default = alertmanagerReceiver;
+        defaultText = literalExpression ''
+          { name = "ai-sysadmin"; webhook_configs = [ { url = "http://127.0.0.1:8083/v1/alertmanager"; send_resolved = true; … } ]; }
+        '';
+        description = "The Alertmanager receiver that posts to this gateway (read-only; splice it into your own `receivers`).";
+      };
+    };
+
+    notifications = {
+      channels = mkOption {
+        type = types.listOf (
+          types.submodule {
+            options = {
+              name = mkOption {
+                type = types.strMatching "[a-z0-9][a-z0-9_-]{0,31}";
+                example = "pager";
+                description = "Channel name, shown in the API and `ai-sysadmin notify test`.";
+              };
+              urlFile = mkOption {
+                type = secretPath;
+                example = "/run/secrets/ai-sysadmin-ntfy-url";
+                description = ''
+                  File whose first line is the channel's apprise URL (`ntfys://…`,
+                  `mailtos://…`, `matrixs://…`, `json://…`): it holds tokens or passwords, so
+                  the gateway gets it as a systemd credential (LoadCredential); it never
+                  enters the Nix store or the rendered configuration.
+                '';
+              };
+              kinds = mkOption {
+                type = types.nullOr (types.listOf (types.enum notifyKinds));
+                default = null;
+                example = [ "incident.opened" "approval.pending" ];
+                description = "Kinds of notification this channel gets; null: all.";
+              };
+              minSeverity = mkOption {
+                type = types.nullOr (types.enum [ "info" "warning" "critical" ]);
+                default = null;
+                description = "Least severity this channel gets; null: `warning` (the gateway's default).";
+              };
+              maxPerHour = mkOption {
+                type = types.nullOr types.ints.unsigned;
+                default = null;
+                description = "Rate limit of this channel (0: none); null: 30.";
+              };
+              quietHours = mkOption {
+                type = types.nullOr (types.strMatching "([01][0-9]|2[0-3]):[0-5][0-9]-([01][0-9]|2[0-3]):[0-5][0-9]");
+                default = null;
+                example = "22:00-07:00";
+                description = "Local time when only critical notifications are sent; null: none.";
+              };
+              quietAction = mkOption {
+                type = types.nullOr (types.enum [ "hold" "drop" ]);
+                default = null;
+                description = "Non-critical notifications during quiet hours: sent when they end (`hold`, the default) or never (`drop`).";
+              };
+            };
+          }
+        );
+        default = [ ];
+        example = literalExpression ''
+          [
+            { name = "pager"; urlFile = "/run/secrets/ntfy-url"; minSeverity = "critical"; }
+            { name = "mail"; urlFile = "/run/secrets/smtp-url"; quietHours = "22:00-07:00"; }
+          ]
+        '';
+        description = ''
+          Where incidents, pending approvals and actions are announced (docs/notifications.md):
+          apprise URLs, each read from a file by systemd and handed to the gateway, which
+          delivers from the store's outbox with retries.
+        '';
+      };
+      dashboardUrl = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "https://ops.example.org/ai-sysadmin/";
+        description = "Dashboard address put in notifications; null: the API's own address.";
       };
     };
 
@@ -1329,5 +1470,76 @@ in
     (mkIf chromaService {
       services.chromadb.enable = true;
     })
+
+    (mkIf (cfg.notifications.channels != [ ] || cfg.notifications.dashboardUrl != null) (
+      let
+        channels = cfg.notifications.channels;
+        names = map (c: c.name) channels;
+      in
+      {
+        assertions = [
+          {
+            assertion = lib.length names == lib.length (lib.unique names);
+            message = "services.ai-sysadmin.notifications.channels: names must be unique (${lib.concatStringsSep ", " names}).";
+          }
+        ];
+        services.ai-sysadmin.settings.notify = {
+          channels = map (
+            c:
+            {
+              inherit (c) name;
+              url_file = notifyCredential c.name;
+            }
+            // lib.optionalAttrs (c.kinds != null) { inherit (c) kinds; }
+            // lib.optionalAttrs (c.minSeverity != null) { min_severity = c.minSeverity; }
+            // lib.optionalAttrs (c.maxPerHour != null) { max_per_hour = c.maxPerHour; }
+            // lib.optionalAttrs (c.quietHours != null) { quiet_hours = c.quietHours; }
+            // lib.optionalAttrs (c.quietAction != null) { quiet_action = c.quietAction; }
+          ) channels;
+        }
+        // lib.optionalAttrs (cfg.notifications.dashboardUrl != null) {
+          dashboard_url = cfg.notifications.dashboardUrl;
+        };
+        # Only the gateway delivers notifications: only its unit gets the URLs.
+        systemd.services.ai-sysadmin-api.serviceConfig.LoadCredential = map (
+          c: "notify-${c.name}:${c.urlFile}"
+        ) channels;
+      }
+    ))
+
+    (mkIf cfg.alertmanager.enable (mkMerge [
+      {
+        assertions = [
+          {
+            assertion = cfg.alertmanager.keyFile != null || cfg.api.apiKeysFile == null;
+            message = "services.ai-sysadmin.alertmanager.enable: the API has keys (api.apiKeysFile), so Alertmanager needs one too; set services.ai-sysadmin.alertmanager.keyFile.";
+          }
+        ];
+        services.prometheus.alertmanager.configuration = lib.mkDefault {
+          route = {
+            receiver = alertmanagerReceiver.name;
+            group_by = [
+              "alertname"
+              "instance"
+            ];
+            group_wait = "30s";
+            group_interval = "5m";
+            repeat_interval = "4h";
+          };
+          receivers = [ alertmanagerReceiver ];
+        };
+      }
+      (mkIf (cfg.alertmanager.keyFile != null) {
+        systemd.services.ai-sysadmin-api = {
+          environment.AI_SYSADMIN_ALERTMANAGER__API_KEYS_FILE = "%d/alertmanager-key";
+          serviceConfig.LoadCredential = [ "alertmanager-key:${cfg.alertmanager.keyFile}" ];
+        };
+      })
+      (mkIf (cfg.alertmanager.keyFile != null && config.services.prometheus.alertmanager.enable) {
+        systemd.services.alertmanager.serviceConfig.LoadCredential = [
+          "ai-sysadmin-key:${cfg.alertmanager.keyFile}"
+        ];
+      })
+    ]))
   ]);
 }

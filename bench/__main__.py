@@ -20,12 +20,12 @@ from bench import report
 from bench.procs import REPO
 from bench.suites import OPTIONAL, PROXIES, Options, SuiteResult, say
 
-SUITES = ("stub", "open_streams", "real", "pipeline", "threads", "detection")
+SUITES = ("stub", "open_streams", "real", "pipeline", "threads", "detection", "notify")
 # Where each suite's ``suite_<name>(opts)`` lives.
 SUITE_MODULES = {
     "stub": "bench.suites", "open_streams": "bench.suites", "real": "bench.suites",
     "pipeline": "bench.pipeline", "threads": "bench.threads", "detection": "bench.detection",
-    "first_run": "bench.first_run",
+    "first_run": "bench.first_run", "notify": "bench.notify",
 }
 # Not in the default run (``--first-run``): builds llama-server from scratch, 10-20 min.
 OPT_IN = ("first_run",)
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                         "README's first request (10-20 min; alone unless --suites is given); "
                         "the page keeps the other suites' figures from the last run")
     parser.add_argument("--figures", type=Path, default=FIGURES,
-                        help="the saved figures of the last run, merged with an opt-in run")
+                        help="the saved figures of the last run: suites not measured now keep theirs")
     parser.add_argument("--paths", default=",".join(PROXIES),
                         help="proxies to compare with direct: passthrough,lean,gateway,litellm")
     parser.add_argument("--reps", type=int, default=None, help="rounds per figure (3; quick 2)")
@@ -190,10 +190,14 @@ def main(argv: list[str] | None = None) -> int:
         command, elapsed = meta.get("command", command), meta.get("elapsed", 0.0)
         date = meta.get("date", date)
     else:
-        plots = [] if args.no_plots else _plots(results, args.plots)
         saved, _ = _load(args.figures)
-        # Opt-in figures from an earlier run stay on the page (with their own date).
-        results.update({k: v for k, v in saved.items() if k in OPT_IN and k not in results})
+        # Suites this run did not measure keep the last run's figures on the page (a run
+        # of some suites refreshes those, and loses nothing of the others).
+        kept = [k for k in saved if k not in results]
+        results.update({k: saved[k] for k in kept})
+        if kept:
+            say(f"the page keeps the last run's figures of: {', '.join(kept)}")
+        plots = [] if args.no_plots else _plots(results, args.plots)
     page = report.render(results, versions, plots, command, elapsed, date=date)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(page)

@@ -364,7 +364,8 @@ def render(results: dict[str, SuiteResult], versions: dict[str, str], plots: lis
         "- `--suites stub,open_streams,real,pipeline,threads,detection`: choose suites "
         "(`threads`: the three layers busy at once for several CPU thread splits; "
         "`detection`: event → verdict with and without streaming chats, and a trigger burst, "
-        "on the supervisor's stack);",
+        "on the supervisor's stack); the suites not run keep their figures from the last run "
+        "that measured them (`docs/bench/figures.json`), each with its own load average;",
         "- `--first-run`: on its own, `make run` in a fresh clone with an empty cache and the "
         "README's first request (10–20 min: it builds llama-server); its figures are added "
         "to this page and kept by later runs until it is measured again;",

@@ -8,7 +8,19 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from gateway.errors import install_error_handlers
-from gateway.routes import actions, dashboard, events, health, incidents, layers, openai, schema
+from gateway.routes import (
+    actions,
+    alertmanager,
+    dashboard,
+    events,
+    health,
+    incidents,
+    layers,
+    notify,
+    openai,
+    responses,
+    schema,
+)
 from gateway.state import GatewayState
 from layers.config import Settings
 
@@ -32,8 +44,11 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(health.router)
     app.include_router(schema.router)
     app.include_router(openai.router)
+    app.include_router(responses.router)  # POST /v1/responses
     app.include_router(actions.router)
     events.install(app)  # the pipeline: store, trigger stage, /v1/events
+    alertmanager.install(app)  # POST /v1/alertmanager, after the pipeline (its store)
+    notify.install(app)  # the notification outbox's delivery worker (uses that store)
     app.include_router(incidents.router)
     app.include_router(layers.router)
     app.include_router(dashboard.router)

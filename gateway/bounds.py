@@ -29,7 +29,7 @@ def cap_output(body: dict[str, Any], layer: LayerConfig) -> int:
     """Give the request its output cap; returns it.
 
     The length the layer would have used is read as llama-server reads it; none means the
-    layer's ``max_tokens``; more than ``max_tokens_ceiling`` (or ``n_predict: -1``,
+    layer's output cap (``max_tokens``); more than ``max_tokens_ceiling`` (or ``n_predict: -1``,
     unlimited) is lowered to the ceiling — clamped, not refused: frontends send large
     defaults meant for big hosted models, and the answer's ``finish_reason: "length"``
     says where it was cut. The result is written to the field the client used
@@ -42,7 +42,7 @@ def cap_output(body: dict[str, Any], layer: LayerConfig) -> int:
             asked, field = value, name
             break
     if asked is None:
-        cap = layer.max_tokens
+        cap = layer.output_cap()
     elif asked < 0:
         cap = layer.max_tokens_ceiling
     else:

@@ -7,6 +7,11 @@ answer itself once the detector fires: the answer's id, the latest ``timings`` (
 gateway asks for ``timings_per_token`` when usage will be needed, so the token counts at
 the cut are llama-server's own), and — for a client that asked for a non-streamed answer,
 which the gateway then reads as a stream — the text, to build the ``chat.completion``.
+
+Only text is watched. Chunks without text (the first one with ``role``, ``tool_calls``
+fragments, the finishing chunk, the usage chunk with ``choices: []``, ``: ping`` comments)
+are read for what they carry and never changed: a stream is relayed as the layer sent it,
+and a collected answer keeps the tool calls, merged by ``index`` as a client merges them.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ class ChatWatch:
         self.text_events = 0
         # (field, text) in the order generated, when collecting a whole answer.
         self.parts: list[tuple[str, str]] = []
+        # Tool calls of a collected answer by index: id, type, name, arguments so far.
+        self.tool_calls: dict[int, dict[str, Any]] = {}
 
     def scan(self, events: bytes) -> bool:
         """Take whole events; True when the answer repeats itself and should end now."""
@@ -71,6 +78,9 @@ class ChatWatch:
         delta = choice.get("delta")
         if not isinstance(delta, dict):
             return False
+        calls = delta.get("tool_calls")
+        if self.collect and isinstance(calls, list):
+            self._merge_calls(calls)
         for key in _TEXT_KEYS:
             text = delta.get(key)
             if not isinstance(text, str) or not text:
@@ -82,6 +92,24 @@ class ChatWatch:
                 self.found = self.detector.found
                 return True
         return False
+
+    def _merge_calls(self, calls: list[Any]) -> None:
+        """Fragments of streamed tool calls: ``id``, ``type`` and ``name`` come with a
+        call's first fragment, ``arguments`` as pieces of a string to join."""
+        for frag in calls:
+            if not isinstance(frag, dict) or not isinstance(frag.get("index"), int):
+                continue
+            call = self.tool_calls.setdefault(
+                frag["index"], {"id": None, "type": "function", "name": "", "arguments": ""})
+            for key in ("id", "type"):
+                if isinstance(frag.get(key), str):
+                    call[key] = frag[key]
+            fn = frag.get("function")
+            if isinstance(fn, dict):
+                if isinstance(fn.get("name"), str):
+                    call["name"] += fn["name"]
+                if isinstance(fn.get("arguments"), str):
+                    call["arguments"] += fn["arguments"]
 
     # -- ending the answer ---------------------------------------------------------------
 
@@ -122,6 +150,12 @@ class ChatWatch:
             text = "".join(t for k, t in parts if k == key)
             if text or key == "content":
                 message[key] = text
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {"type": c["type"], "function": {"name": c["name"], "arguments": c["arguments"]},
+                 "id": c["id"]}
+                for _, c in sorted(self.tool_calls.items())
+            ]
         finish = "stop" if self.found is not None else (self.finish_reason or "length")
         body: dict[str, Any] = {
             "choices": [{"finish_reason": finish, "index": 0, "message": message}],

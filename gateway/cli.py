@@ -422,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     __import__("gateway.cli_actions").cli_actions.register(sub, add)
     __import__("gateway.cli_pipeline").cli_pipeline.register(sub, add)
     __import__("gateway.cli_eval").cli_eval.register(sub, add)
+    __import__("gateway.cli_notify").cli_notify.register(sub, add)
     return parser
 
 

@@ -9,6 +9,7 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.auth import check_bind
+from gateway.cors import with_cors
 from gateway.fastpath import FastPaths
 from gateway.protocol import HttpProtocol
 from layers.config import Settings
@@ -28,7 +29,7 @@ def make_server(settings: Settings, supervisor: Supervisor | None = None) -> uvi
     app = create_app(settings)
     app.state.gw.supervisor = supervisor
     config = uvicorn.Config(
-        FastPaths(app),
+        with_cors(FastPaths(app), settings.gateway),  # CORS for every answer, fast path too
         host=settings.gateway.host,
         port=settings.gateway.port,
         log_level=settings.gateway.log_level if settings.gateway.log_level != "debug" else "info",

@@ -30,6 +30,11 @@ from layers.deadline import Deadline, DeadlineRule, Speed, Work
 
 log = logging.getLogger("ai_sysadmin.client")
 
+# Sampling temperature of a request asked again because its answer was unusable
+# (truncated, invalid, or refused as degenerate by the stages): at temperature 0 the same
+# prompt gives the same answer (a fresh nonce alone barely changes it).
+RETRY_TEMPERATURE = 0.5
+
 M = TypeVar("M", bound=BaseModel)
 Flavor = Literal["llama-server", "llama-cpp-python", "openai"]
 EndpointHealth = Literal["ready", "loading", "down", "unknown"]
@@ -510,8 +515,10 @@ class LayerPool:
         retries: int = 1,
     ) -> M:
         """A JSON-schema constrained completion, validated. Truncated output
-        (``finish_reason: length``) or output that does not validate is retried, then
-        raised as :class:`StructuredOutputError` — the caller must never assume health."""
+        (``finish_reason: length``) or output that does not validate is retried — with
+        at least ``RETRY_TEMPERATURE``: at temperature 0 the same request gives the same
+        answer, so an identical resend would be work repeated for nothing — then raised
+        as :class:`StructuredOutputError` — the caller must never assume health."""
         body = {
             "model": self.name,
             "messages": messages,
@@ -526,7 +533,9 @@ class LayerPool:
         work = Work(prompt_chars=sum(len(str(m.get("content") or "")) for m in messages),
                     max_tokens=max_tokens)
         error: StructuredOutputError | None = None
-        for _ in range(retries + 1):
+        for attempt in range(retries + 1):
+            if attempt:
+                body["temperature"] = max(temperature, RETRY_TEMPERATURE)
             data = await self.chat(body, work=work)
             try:
                 choice = data["choices"][0]

@@ -23,6 +23,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -73,6 +74,13 @@ class EndpointConfig(Section):
     )
 
 
+# Output cap of a client request that names none (``LayerConfig.max_tokens`` unset): the
+# packaged base model's answers are no answers (it proves the plumbing), and at ~40 tok/s
+# on two cores 128 tokens end in about 3 s; an instruct model's answers need room.
+PACKAGED_MODEL_MAX_TOKENS = 128
+DEFAULT_MAX_TOKENS = 512
+
+
 class LayerConfig(Section):
     """One pipeline layer: a local llama-server the supervisor runs, plus optional endpoints."""
 
@@ -111,11 +119,14 @@ class LayerConfig(Section):
     max_queue: int = Field(
         32, ge=0, description="Requests that may wait for a slot before new ones get 429."
     )
-    max_tokens: int = Field(
-        512, ge=1,
+    max_tokens: int | None = Field(
+        None, ge=1,
         description="Output tokens of a client's chat or completion request to this layer "
         "(or to `ai-sysadmin`, when this layer answers it) that sets no `max_tokens` / "
-        "`max_completion_tokens`. Pipeline calls set their own (`pipeline.*_max_tokens`).",
+        "`max_completion_tokens`. Empty: 128 for the packaged default model (a base model: "
+        "it rarely ends its turn, and what it writes is no answer — it proves the plumbing, "
+        "in a few seconds), 512 for any other model. Pipeline calls set their own "
+        "(`pipeline.*_max_tokens`).",
     )
     max_tokens_ceiling: int = Field(
         2048, ge=1,
@@ -144,12 +155,18 @@ class LayerConfig(Section):
 
     @model_validator(mode="after")
     def _ceiling_above_default(self) -> LayerConfig:
-        if self.max_tokens_ceiling < self.max_tokens:
+        if self.max_tokens_ceiling < self.output_cap():
             raise ValueError(
                 f"max_tokens_ceiling ({self.max_tokens_ceiling}) is below max_tokens "
-                f"({self.max_tokens})"
+                f"({self.output_cap()})"
             )
         return self
+
+    def output_cap(self) -> int:
+        """Output tokens of a client request that names none (see ``max_tokens``)."""
+        if self.max_tokens is not None:
+            return self.max_tokens
+        return PACKAGED_MODEL_MAX_TOKENS if self.model is None else DEFAULT_MAX_TOKENS
 
     def endpoint_list(self) -> list[EndpointConfig]:
         """Endpoints in the order they are tried: the local server first (when it is
@@ -362,6 +379,36 @@ class GatewayConfig(Section):
         "info",
         description="Gateway log level. Prompts and log text are logged only at `debug`.",
     )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Origins (`scheme://host[:port]`, as a browser sends them) whose pages "
+        "may call the API from the browser, e.g. Open WebUI's direct connections "
+        "(docs/openwebui.md). Matched exactly; `*`: any origin (never with credentials). "
+        "Empty: no cross-origin access at all (preflights are refused with 403).",
+    )
+    cors_allow_credentials: bool = Field(
+        False,
+        description="Send `Access-Control-Allow-Credentials: true` to allowed origins "
+        "(cookies, HTTP auth). API keys travel in `Authorization` headers, which need no "
+        "credentials mode. Refused together with `*` in `cors_origins`.",
+    )
+
+    @field_validator("cors_origins", mode="after")
+    @classmethod
+    def _exact_origins(cls, value: list[str]) -> list[str]:
+        try:
+            return list(dict.fromkeys(normalise_origin(v) for v in value))
+        except ValueError as exc:
+            raise PydanticCustomError("origin", "{problem}", {"problem": str(exc)}) from None
+
+    @model_validator(mode="after")
+    def _no_credentials_for_any_origin(self) -> GatewayConfig:
+        if self.cors_allow_credentials and "*" in self.cors_origins:
+            raise ValueError(
+                "cors_allow_credentials cannot be used with cors_origins = [\"*\"]: any "
+                "site could then act with the browser's credentials; list the origins"
+            )
+        return self
 
     def resolved_api_keys(self) -> list[str]:
         keys = list(self.api_keys)
@@ -381,6 +428,64 @@ def _read_secret_lines(path: Path) -> list[str]:
     return [
         line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")
     ]
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def normalise_origin(value: str) -> str:
+    """An origin as browsers serialise it in the ``Origin`` header (lower-case scheme and
+    host, no default port, no path), or ``*``; anything else is a ValueError."""
+    from urllib.parse import urlsplit
+
+    text = value.strip()
+    if text == "*":
+        return text
+    if text.lower() == "null":
+        raise ValueError("'null' is the origin of sandboxed frames and local files; "
+                         "list the page's real origin")
+    try:
+        parts = urlsplit(text.removesuffix("/"))
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"{value!r}: not an origin ({exc})") from None
+    if (parts.scheme not in _DEFAULT_PORTS or not parts.hostname or parts.path
+            or parts.query or parts.fragment or parts.username or parts.password
+            or "*" in parts.netloc):
+        raise ValueError(f"{value!r}: an origin is scheme://host[:port] (http or https, "
+                         "no path, no wildcards), e.g. http://127.0.0.1:3000")
+    host = parts.hostname.lower()
+    if ":" in host:
+        host = f"[{host}]"
+    if port is not None and port != _DEFAULT_PORTS[parts.scheme]:
+        host = f"{host}:{port}"
+    return f"{parts.scheme}://{host}"
+
+
+class AlertmanagerConfig(Section):
+    """Prometheus Alertmanager's webhook: `POST /v1/alertmanager` (docs/alertmanager.md)."""
+
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="Bearer keys that may post to the webhook and nothing else (the "
+        "gateway's API keys are accepted too). Prefer `api_keys_file`.",
+    )
+    api_keys_file: Path | None = Field(
+        None,
+        description="File with one webhook key per line (`#` comments allowed); give "
+        "Alertmanager the same key with `http_config.authorization.credentials_file`.",
+    )
+    default_host: str | None = Field(
+        None, min_length=1, max_length=255,
+        description="Host put on alerts without an `instance` (or `host`, `hostname`, "
+        "`nodename`) label; empty: `collectors.hostname`, else this machine's name.",
+    )
+
+    def resolved_api_keys(self) -> list[str]:
+        keys = list(self.api_keys)
+        if self.api_keys_file is not None:
+            keys += _read_secret_lines(self.api_keys_file)
+        return [k for k in keys if k]
 
 
 class StoreConfig(Section):
@@ -578,6 +683,30 @@ class PipelineConfig(Section):
     )
     review_max_tokens: int = Field(320, ge=64, description="Output tokens of a review.")
     meta_max_tokens: int = Field(400, ge=64, description="Output tokens of a meta decision.")
+    evidence_steps: int = Field(
+        3, ge=0, le=16, description="Reads the meta layer may make before it decides: each "
+        "step is one read-only catalog action (docs/pipeline.md, \"Evidence\"); 0: no evidence "
+        "loop, the meta layer decides from the incident alone.",
+    )
+    evidence_seconds: float = Field(
+        180.0, gt=0, description="Wall-clock budget of the evidence loop (model steps and "
+        "reads); when it is spent the meta layer must decide.",
+    )
+    evidence_context_share: float = Field(
+        0.5, gt=0, le=0.9, description="Share of one meta slot's context "
+        "(`context_size / parallel` of the meta layer) that all evidence together may take "
+        "in the prompt (the token budget; about 3 characters a token). When it is spent the "
+        "meta layer must decide.",
+    )
+    evidence_result_chars: int = Field(
+        0, ge=0, description="Longest output of one read in the prompt, in characters "
+        "(head and tail kept); 0: the evidence budget divided by `evidence_steps`.",
+    )
+    evidence_switch_window: float = Field(
+        1800.0, ge=0, description="An incident whose first event comes within this many "
+        "seconds after the last NixOS generation switch is correlated with it: the fact and "
+        "the closure diff of the switch go into the evidence. 0: no correlation.",
+    )
     layer_retries: int = Field(
         1, ge=0, description="Retries of truncated or invalid layer output before giving up "
         "(the incident is then marked `unreviewed`, never healthy).",
@@ -615,6 +744,142 @@ class PipelineConfig(Section):
     )
 
 
+NotifyKind = Literal[
+    "incident.opened", "incident.escalated", "incident.resolved", "approval.pending",
+    "action.succeeded", "action.failed", "action.refused",
+]
+NOTIFY_KINDS: tuple[NotifyKind, ...] = (
+    "incident.opened", "incident.escalated", "incident.resolved", "approval.pending",
+    "action.succeeded", "action.failed", "action.refused",
+)
+NotifySeverity = Literal["info", "warning", "critical"]
+_CHANNEL_NAME = r"^[a-z0-9][a-z0-9_-]{0,31}$"
+_QUIET_HOURS = r"^([01][0-9]|2[0-3]):[0-5][0-9]-([01][0-9]|2[0-3]):[0-5][0-9]$"
+
+
+class NotifyChannelConfig(Section):
+    """One notification channel: an apprise URL and what it wants to hear about."""
+
+    name: str = Field(
+        pattern=_CHANNEL_NAME,
+        description="Channel name (lowercase letters, digits, `-`, `_`): shown in the API and "
+        "`ai-sysadmin notify test`, and the key its deliveries are kept under.",
+    )
+    url: SecretStr | None = Field(
+        None,
+        description="apprise URL (`ntfys://…`, `mailtos://…`, `matrixs://…`, `json://…`). "
+        "It holds secrets: prefer `url_file`. Never logged or shown.",
+    )
+    url_file: Path | None = Field(
+        None,
+        description="File whose first line (`#` comments skipped) is the apprise URL, e.g. a "
+        "systemd credential. Read when the gateway starts.",
+    )
+    enabled: bool = Field(True, description="Deliver through this channel.")
+    kinds: list[NotifyKind] | None = Field(
+        None, description="Kinds this channel gets; empty: `notify.kinds`."
+    )
+    min_severity: NotifySeverity | None = Field(
+        None, description="Least severity this channel gets; empty: `notify.min_severity`."
+    )
+    max_per_hour: int | None = Field(
+        None, ge=0,
+        description="Rate limit of this channel; empty: `notify.max_per_hour`.",
+    )
+    quiet_hours: str | None = Field(
+        None, pattern=_QUIET_HOURS,
+        description="`HH:MM-HH:MM` local time; empty: `notify.quiet_hours`.",
+    )
+    quiet_action: Literal["hold", "drop"] | None = Field(
+        None, description="During quiet hours; empty: `notify.quiet_action`."
+    )
+
+    @model_validator(mode="after")
+    def _one_url(self) -> NotifyChannelConfig:
+        if (self.url is None) == (self.url_file is None):
+            raise ValueError(f"channel {self.name!r}: set exactly one of url and url_file")
+        return self
+
+
+class NotifyConfig(Section):
+    """Notifications of incidents, approvals and actions through apprise URLs (docs/notifications.md)."""
+
+    enabled: bool = Field(
+        True, description="Run the delivery worker in the gateway (when channels exist)."
+    )
+    channels: list[NotifyChannelConfig] = Field(
+        default_factory=list, description="Channels (`[[notify.channels]]` tables)."
+    )
+    channels_file: Path | None = Field(
+        None,
+        description="File of further channels, one per line: `NAME=URL` or a bare URL "
+        "(named `file1`, `file2`, …); `#` comments allowed. They take the defaults below. "
+        "Read when the gateway starts.",
+    )
+    kinds: list[NotifyKind] = Field(
+        default_factory=lambda: list(NOTIFY_KINDS),
+        description="Kinds a channel gets unless it sets its own `kinds`.",
+    )
+    min_severity: NotifySeverity = Field(
+        "warning",
+        description="Least severity a channel gets unless it sets its own. Incidents carry "
+        "theirs; approvals and failed actions count as at least `warning`; actions that ran "
+        "or were refused as `info`.",
+    )
+    dedupe_window: float = Field(
+        900.0, ge=0,
+        description="Seconds within which a notification of the same kind and subject "
+        "(incident or action) is not sent again on a channel, unless it is more severe.",
+    )
+    max_per_hour: int = Field(
+        30, ge=0,
+        description="Notifications a channel sends per rolling hour; beyond, they are dropped "
+        "and the next one sent says how many. 0: no limit.",
+    )
+    quiet_hours: str | None = Field(
+        None, pattern=_QUIET_HOURS,
+        description="`HH:MM-HH:MM` (local time, may wrap midnight) when only critical "
+        "notifications are sent; empty: none.",
+    )
+    quiet_action: Literal["hold", "drop"] = Field(
+        "hold",
+        description="Non-critical notifications during quiet hours: `hold` sends them when "
+        "quiet hours end, `drop` never sends them.",
+    )
+    timeout: float = Field(
+        15.0, gt=0, le=300, description="Seconds one delivery attempt may take."
+    )
+    retry_initial: float = Field(
+        5.0, gt=0, description="Seconds before the first retry of a failed delivery (doubles)."
+    )
+    retry_max: float = Field(600.0, gt=0, description="Longest wait between retries.")
+    give_up_after: float = Field(
+        86400.0, gt=0,
+        description="Seconds after which an undelivered notification is marked failed.",
+    )
+    concurrency: int = Field(
+        4, ge=1, le=32, description="Deliveries in flight at once (one per channel at a time)."
+    )
+    poll_interval: float = Field(
+        1.0, gt=0,
+        description="Seconds between outbox polls for notifications other processes (the "
+        "daemon) wrote.",
+    )
+    dashboard_url: str | None = Field(
+        None,
+        description="Dashboard address put in notifications; empty: the gateway's own "
+        "(`http://<gateway.host>:<gateway.port>/`).",
+    )
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> NotifyConfig:
+        names = [c.name for c in self.channels]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"channel names must be unique: {', '.join(dup)}")
+        return self
+
+
 class Settings(BaseSettings):
     """The whole configuration of ai-sysadmin."""
 
@@ -636,7 +901,9 @@ class Settings(BaseSettings):
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
     actions: ActionsConfig = Field(default_factory=ActionsConfig)
     collectors: CollectorsConfig = Field(default_factory=CollectorsConfig)
+    alertmanager: AlertmanagerConfig = Field(default_factory=AlertmanagerConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    notify: NotifyConfig = Field(default_factory=NotifyConfig)
 
     @field_validator("state_dir", mode="after")
     @classmethod
@@ -748,6 +1015,7 @@ def check_consistency(settings: Settings) -> list[str]:
     for path_field, value in (
         ("gateway.api_keys_file", settings.gateway.api_keys_file),
         ("gateway.admin_key_file", settings.gateway.admin_key_file),
+        ("alertmanager.api_keys_file", settings.alertmanager.api_keys_file),
     ):
         if value is not None and not value.is_file():
             problems.append(f"{path_field}: {value}: not found")

@@ -125,6 +125,10 @@ class Decision(BaseModel):
     diagnosis: str = Field(max_length=800)
     proposals: list[ProposedAction] = Field(max_length=5)
     rollback_plan: str = Field(max_length=400)
+    evidence: list[int] = Field(
+        default_factory=list, max_length=32,
+        description="steps of the incident's evidence (timeline `evidence` entries) the "
+        "diagnosis rests on; empty when none was gathered or cited")
 
 
 # -- stored records -------------------------------------------------------------------
@@ -165,7 +169,7 @@ class Verdict(BaseModel):
 
 class TimelineEntry(BaseModel):
     ts: float
-    kind: str  # event | verdict | review | decision | status | unreviewed | note
+    kind: str  # event | verdict | review | decision | status | unreviewed | note | evidence
     detail: dict[str, Any]
 
 

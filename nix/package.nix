@@ -18,6 +18,7 @@ let
       pydantic-settings
       prometheus-client
       psutil
+      apprise
       # The `postgres` and `memory` extras: PostgreSQL store and ChromaDB memory.
       psycopg
       chromadb

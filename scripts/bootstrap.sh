@@ -22,6 +22,10 @@ if [ "$purpose" = test ]; then
   ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
   have_cmd chromium || need+=(chromium)
   have_cmd nix-instantiate || need+=(nix-bin)
+  # Alertmanager intake tests (tests/test_alertmanager_prometheus.py): the real thing.
+  [ -x /usr/bin/prometheus ] || need+=(prometheus)
+  [ -x /usr/bin/prometheus-alertmanager ] || need+=(prometheus-alertmanager)
+  [ -x /usr/bin/prometheus-node-exporter ] || need+=(prometheus-node-exporter)
 fi
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && have_cmd apt-get; then

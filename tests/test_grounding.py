@@ -266,7 +266,9 @@ Answer = Callable[[dict[str, Any]], dict[str, Any]]
 @dataclass
 class AdversarialLayer(FakeUpstream):
     """A layer that answers valid, schema-conforming JSON with degenerate content, chosen
-    per schema name (``TriggerBatch``, ``ReviewOut``, ``MetaDecision``)."""
+    per schema name (``TriggerBatch``, ``ReviewOut``, ``MetaDecision``; a step of the
+    meta stage's evidence loop, ``EvidenceStep``, decides at once with the
+    ``MetaDecision`` answer unless it has an answer of its own)."""
 
     answers: dict[str, Answer] = field(default_factory=dict)
     bodies: list[dict[str, Any]] = field(default_factory=list)
@@ -280,7 +282,10 @@ class AdversarialLayer(FakeUpstream):
         request = json.loads(body)
         self.bodies.append(request)
         name = request["response_format"]["json_schema"]["name"]
-        content = json.dumps(self.answers[name](request))
+        if name == "EvidenceStep" and name not in self.answers:
+            content = json.dumps({"decide": self.answers["MetaDecision"](request)})
+        else:
+            content = json.dumps(self.answers[name](request))
         payload = json.dumps({
             "id": "chatcmpl-adv", "object": "chat.completion", "created": 0, "model": "fake",
             "choices": [{"index": 0, "finish_reason": "stop",

@@ -35,6 +35,7 @@ class FakeUpstream:
     finish_reason: str = "stop"
     port: int = field(default_factory=free_port)
     calls: int = 0
+    temperatures: list[float] = field(default_factory=list)
 
     def app(self) -> FastAPI:
         app = FastAPI()
@@ -45,7 +46,7 @@ class FakeUpstream:
 
         @app.post("/v1/chat/completions")
         async def chat(request: Request) -> dict[str, Any]:
-            await request.json()
+            self.temperatures.append((await request.json()).get("temperature"))
             self.calls += 1
             return {"id": "x", "object": "chat.completion", "model": "fake",
                     "choices": [{"index": 0, "finish_reason": self.finish_reason,
@@ -104,6 +105,9 @@ async def test_trigger_garbage_fake_upstream_keeps_rule_verdict_unreviewed(
     finally:
         await clients.aclose()
     assert fake.calls == 2  # first try + one retry
+    # The retry samples (at temperature 0 the same prompt gives the same answer): never an
+    # identical resend of work that already failed.
+    assert fake.temperatures == [0.0, 0.5]
     (v,) = await store.verdicts_after(0)
     # Never healthy: the rule's critical floor stands, flagged as not classified by a model.
     assert v.anomaly and v.severity == "critical" and v.unreviewed and v.rule == "oom_kill"

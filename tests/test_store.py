@@ -46,11 +46,11 @@ async def classify_all(store: Store, anomaly: bool = True, unit: str | None = No
 
 
 async def test_migrations_are_versioned_and_reopen_is_a_noop(store: Store, tmp_path: Path) -> None:
-    assert await store.schema_version() == 3
+    assert await store.schema_version() == 4
     await store.add_events([ev(1)])
     # Re-running the migrations on an opened store changes nothing and keeps the data.
     await store._migrate()  # type: ignore[attr-defined]
-    assert await store.schema_version() == 3
+    assert await store.schema_version() == 4
     assert [e.id for e in await store.get_events(["e1"])] == ["e1"]
 
 

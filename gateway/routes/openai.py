@@ -8,6 +8,10 @@ Every chat and completion gets the layer's output cap and stop strings and a pla
 ``gateway.max_concurrent_chats`` (gateway/bounds.py); a chat answer that degenerates into
 repetition is ended (gateway/chat_watch.py). A non-streamed chat that is watched is read
 from the layer as a stream, so that ending it also ends the generation.
+
+Client tools (``tools``, ``tool_choice``, ``functions``) go to the pass-through models
+only, and their streamed ``tool_calls`` reach the client exactly as the layer sent them;
+the sysadmin refuses them (it investigates with its own read-only catalog).
 """
 
 from __future__ import annotations
@@ -171,6 +175,44 @@ async def route_chat(gw: GatewayState, body: dict[str, Any]) -> tuple[LayerPool,
     return gw.layers["meta"], b"meta"
 
 
+# Fields by which a client hands the model tools to call (``functions`` and
+# ``function_call``: OpenAI's older names).
+TOOL_FIELDS = ("tools", "functions", "tool_choice", "function_call")
+# Values that ask for no tool at all: harmless without tools, dropped for the sysadmin.
+_NO_TOOL_CHOICE = (None, "none", "auto")
+
+
+def uses_client_tools(body: dict[str, Any]) -> bool:
+    """The request gives the model tools of the client's (or forces a call of one)."""
+    return bool(body.get("tools") or body.get("functions")) or any(
+        body.get(k) not in _NO_TOOL_CHOICE for k in ("tool_choice", "function_call"))
+
+
+def refuse_client_tools(body: dict[str, Any], model: str = SYSADMIN_MODEL) -> None:
+    """The sysadmin takes no client tools: a 400 naming the field and where tools go.
+
+    An empty ``tools`` list and ``tool_choice: "none"``/``"auto"`` ask for nothing and
+    are dropped (some frontends send them with every chat)."""
+    for field in TOOL_FIELDS:
+        value = body.get(field)
+        if field in ("tools", "functions") and value in (None, []):
+            body.pop(field, None)
+            continue
+        if field in ("tool_choice", "function_call") and value in _NO_TOOL_CHOICE:
+            body.pop(field, None)
+            continue
+        raise OpenAIError(
+            400,
+            f"{field}: model '{model}' does not call client tools: the sysadmin "
+            f"investigates with its own read-only action catalog and proposes changes for "
+            f"an admin to approve. Send tools to a pass-through model "
+            f"({', '.join(LAYER_NAMES)}), served by a llama-server with --jinja and a chat "
+            f"template that supports tools.",
+            param=field,
+            code="tools_not_supported",
+        )
+
+
 def _chat_gate(gw: GatewayState) -> ChatGate:
     gate: ChatGate | None = getattr(gw, "chat_gate", None)
     if gate is None:
@@ -194,7 +236,7 @@ def chat_watch(gw: GatewayState, pool: LayerPool, body: dict[str, Any],
     calls, endpoints that are not llama-server (``timings_per_token`` is llama-server's),
     and a non-streamed answer with logprobs (it is not rebuilt from a stream)."""
     rep = gw.settings.gateway.repetition
-    if not rep.enabled or constrained(body) or body.get("tools"):
+    if not rep.enabled or constrained(body) or uses_client_tools(body):
         return None
     if any(e.flavor != "llama-server" for e in pool.endpoints):
         return None
@@ -231,6 +273,8 @@ async def chat_completions(request: Request) -> Response:
     t0 = time.perf_counter()
     req, body = await read_model(request, ChatCompletionRequest, gw.settings.gateway.max_body_bytes)
     requested = req.model
+    if requested == SYSADMIN_MODEL:
+        refuse_client_tools(body)
     pool, layer_name = await route_chat(gw, body)
     body.pop("metadata", None)
     headers = bound_generation(pool, body)
@@ -262,6 +306,39 @@ async def forward(
     holds one of the gate's places until its answer is complete (for a stream: until the
     relay ends). With ``watch``, a chat is watched for repetition; a non-streamed one
     (sent to the layer as a stream by :func:`chat_watch`) is then collected here."""
+    upstream = await open_upstream(gw, pool, path, body, model, route=route, gate=gate)
+    extra = {LAYER_HEADER: pool.name, **(headers or {})}
+    # Metrics are recorded once the layer's answer is in (a stream's after its last event):
+    # on an idle gateway their code is cold, and before the first token it would cost the
+    # client time.
+    overhead = upstream.started - t0
+    if stream:
+        return EventStreamResponse(
+            relay(gw, upstream, model, rename, t0, route, overhead, gate=gate, watch=watch),
+            headers={**STREAM_HEADERS, **extra},
+        )
+    raw = await read_answer(gw, upstream, model, t0, route, overhead, gate=gate, watch=watch)
+    if rename is not None:
+        raw = raw.replace(rename[0], rename[1], 1)
+    return Response(raw, media_type="application/json", headers=extra)
+
+
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+async def open_upstream(
+    gw: GatewayState,
+    pool: LayerPool,
+    path: str,
+    body: dict[str, Any],
+    model: str,
+    *,
+    route: str,
+    gate: ChatGate | None = None,
+) -> Upstream:
+    """A place at the gate (``429`` when there is none), then the layer's answer head;
+    a layer that refuses or fails is the client's error in OpenAI's shape. On success the
+    gate's place is held until :func:`relay` or :func:`read_answer` releases it."""
     m = gw.metrics
     if gate is not None:
         try:
@@ -270,7 +347,7 @@ async def forward(
             m.requests.labels(route, model, "429").inc()
             raise
     try:
-        upstream = await pool.open(path, body)
+        return await pool.open(path, body)
     except LayerError as exc:
         if gate is not None:
             gate.release()
@@ -280,16 +357,24 @@ async def forward(
         if gate is not None:
             gate.release()
         raise
-    extra = {LAYER_HEADER: pool.name, **(headers or {})}
-    # Metrics are recorded once the layer's answer is in (a stream's after its last event):
-    # on an idle gateway their code is cold, and before the first token it would cost the
-    # client time.
-    overhead = upstream.started - t0
-    if stream:
-        return EventStreamResponse(
-            relay(gw, upstream, model, rename, t0, route, overhead, gate=gate, watch=watch),
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **extra},
-        )
+
+
+async def read_answer(
+    gw: GatewayState,
+    upstream: Upstream,
+    model: str,
+    t0: float,
+    route: str,
+    overhead: float,
+    *,
+    gate: ChatGate | None = None,
+    watch: ChatWatch | None = None,
+) -> bytes:
+    """The layer's whole non-streamed answer (a JSON object), within the total timeout;
+    with ``watch``, collected from its stream and ended where it repeats. Closes the
+    upstream response and frees the gate's place."""
+    m = gw.metrics
+    pool = upstream.pool
     total = gw.settings.gateway.timeouts.total
     try:
         async with asyncio.timeout(max(0.001, total - (time.perf_counter() - t0))):
@@ -316,11 +401,9 @@ async def forward(
         m.requests.labels(route, model, "502").inc()
         raise OpenAIError(502, f"layer {pool.name} answered with invalid JSON",
                           code="upstream_error")
-    if rename is not None:
-        raw = raw.replace(rename[0], rename[1], 1)
     m.requests.labels(route, model, "200").inc()
     m.latency.labels(route, model).observe(time.perf_counter() - t0)
-    return Response(raw, media_type="application/json", headers=extra)
+    return raw
 
 
 async def collect(upstream: Upstream, watch: ChatWatch) -> bytes:
@@ -330,10 +413,10 @@ async def collect(upstream: Upstream, watch: ChatWatch) -> bytes:
     pending = b""
     async for chunk in upstream.response.aiter_raw():
         pending += chunk
-        cut = pending.rfind(b"\n\n")
-        if cut < 0:
+        cut = events_end(pending)
+        if not cut:
             continue
-        events, pending = pending[: cut + 2], pending[cut + 2 :]
+        events, pending = pending[:cut], pending[cut:]
         if watch.scan(events):
             _log_cut(upstream, watch)
             break
@@ -357,6 +440,20 @@ def _is_json_object(raw: bytes) -> bool:
         return isinstance(json.loads(raw), dict)
     except ValueError:
         return False
+
+
+def events_end(buf: bytes) -> int:
+    """Where the last whole server-sent event in ``buf`` ends; 0 when none has yet.
+
+    An event ends with a blank line: ``\\n\\n`` as llama-server writes it, or ``\\r\\n\\r\\n``
+    (servers built on sse-starlette, among others): a stream in either is relayed event
+    by event, never held back until it ends. Comment lines (``: ping``) are events too,
+    and pass as they came."""
+    cut = buf.rfind(b"\n\n")
+    if cut >= 0:
+        return cut + 2
+    cut = buf.rfind(b"\r\n\r\n")
+    return cut + 4 if cut >= 0 else 0
 
 
 def _sse_error(message: str, code: str) -> bytes:
@@ -393,13 +490,13 @@ async def relay(
             if time.perf_counter() > deadline:
                 raise http.ReadTimeout("total timeout exceeded")
             pending += chunk
-            cut = pending.rfind(b"\n\n")
-            if cut < 0:
+            cut = events_end(pending)
+            if not cut:
                 continue
-            out, pending = pending[: cut + 2], pending[cut + 2 :]
+            out, pending = pending[:cut], pending[cut:]
             if rename is not None:
                 out = out.replace(rename[0], rename[1])
-            if ttft is None:
+            if ttft is None and b"data:" in out:  # a ": ping" comment is no token
                 ttft = time.perf_counter() - t0
             if b"data: [DONE]" in out:
                 done = True

@@ -16,6 +16,7 @@ exactly what runs.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
@@ -222,6 +223,27 @@ class NixGcParams(ActionParams):
     )
 
 
+class KernelLogParams(ActionParams):
+    lines: int = Field(100, ge=1, le=1000, strict=True, description="Kernel messages shown.")
+
+
+Generation = Annotated[int, Field(ge=1, le=1_000_000, strict=True)]
+
+
+class ClosureDiffParams(ActionParams):
+    from_generation: Generation | None = Field(
+        None, description="Older system generation; empty: the one before `to_generation`.")
+    to_generation: Generation | None = Field(
+        None, description="Newer system generation; empty: the current one.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ClosureDiffParams:
+        if (self.from_generation is not None and self.to_generation is not None
+                and self.from_generation >= self.to_generation):
+            raise ValueError("from_generation must be older (smaller) than to_generation")
+        return self
+
+
 # -- argv builders: each returns the arguments after the program, one element per value --
 
 
@@ -282,6 +304,111 @@ def _nix_gc(p: NixGcParams) -> list[str]:
     return ["--delete-older-than", f"{p.delete_older_than_days}d"]
 
 
+# Properties of `systemctl show` worth an investigation (the full list is some 250 lines
+# for a service: more than a small model's context can use).
+UNIT_SHOW_PROPERTIES = (
+    "Id", "Names", "Description", "LoadState", "ActiveState", "SubState", "Result",
+    "UnitFileState", "FragmentPath", "DropInPaths", "ActiveEnterTimestamp",
+    "InactiveEnterTimestamp", "StateChangeTimestamp", "MainPID", "ExecMainStartTimestamp",
+    "ExecMainStatus", "ExecMainCode", "NRestarts", "Restart", "Requires", "Wants", "After",
+    "Conflicts", "TriggeredBy", "Triggers", "User", "MemoryCurrent", "MemoryMax",
+)
+
+
+def _unit_show(p: UnitParams) -> list[str]:
+    return ["show", "--no-pager", "--property=" + ",".join(UNIT_SHOW_PROPERTIES), "--", p.unit]
+
+
+def _unit_cat(p: UnitParams) -> list[str]:
+    return ["cat", "--no-pager", "--", p.unit]
+
+
+def _kernel_log(p: KernelLogParams) -> list[str]:
+    return ["--no-pager", "--output=short-iso", "--dmesg", f"--lines={p.lines}"]
+
+
+def _list_timers(_: NoParams) -> list[str]:
+    return ["list-timers", "--all", "--no-pager"]
+
+
+# The NixOS system profile: ``system`` links to ``system-<N>-link``, which links to the
+# generation's store path. Reads resolve these links in code; nothing else is read there.
+SYSTEM_PROFILE = Path("/nix/var/nix/profiles/system")
+STORE_DIR = Path("/nix/store")
+_STORE_NAME = re.compile(r"[0-9a-df-np-sv-z]{32}-[A-Za-z0-9+._?=-]+", re.ASCII)
+
+
+def _generations(_: NoParams) -> list[str]:
+    return ["--list-generations", "--profile", str(SYSTEM_PROFILE)]
+
+
+def system_generations(profile: Path | None = None) -> tuple[dict[int, Path], int | None]:
+    """The profile's generation links by number, and the current generation's number
+    (None when the profile link does not name a generation link)."""
+    profile = profile or SYSTEM_PROFILE
+    pattern = re.compile(re.escape(profile.name) + r"-([0-9]{1,7})-link", re.ASCII)
+    links: dict[int, Path] = {}
+    try:
+        entries = list(profile.parent.iterdir())
+    except OSError:
+        entries = []
+    for entry in entries:
+        m = pattern.fullmatch(entry.name)
+        if m is not None:
+            links[int(m.group(1))] = entry
+    try:
+        m = pattern.fullmatch(Path(os.readlink(profile)).name)
+    except OSError:
+        m = None
+    return links, int(m.group(1)) if m else None
+
+
+def profile_generations(profile: Path | None = None) -> list[tuple[int, float, bool]]:
+    """(number, when its link was made, current) of each generation, read from the
+    profile's links themselves (no program, no lock): what ``nix-env --list-generations``
+    prints, for a caller that may not lock the profile."""
+    links, current = system_generations(profile)
+    out = []
+    for number, link in sorted(links.items()):
+        try:
+            made = link.lstat().st_mtime
+        except OSError:
+            continue
+        out.append((number, made, number == current))
+    return out
+
+
+def generation_store_path(link: Path) -> str:
+    """The store path a generation link resolves to, refused unless it is exactly a
+    top-level ``/nix/store/<hash>-<name>`` path."""
+    try:
+        target = os.path.realpath(link, strict=True)
+    except OSError as exc:
+        raise Refusal("no_generation", f"{link}: cannot resolve: {exc.strerror}") from None
+    path = Path(target)
+    if path.parent != STORE_DIR or _STORE_NAME.fullmatch(path.name) is None:
+        raise Refusal("no_generation", f"{link} does not resolve to a store path")
+    return target
+
+
+def _closure_diff(p: ClosureDiffParams) -> list[str]:
+    links, current = system_generations()
+    newer = p.to_generation if p.to_generation is not None else current
+    if newer is None or newer not in links:
+        raise Refusal("no_generation", f"system generation {newer}: no such generation link"
+                      if newer is not None else "no current system generation")
+    older = p.from_generation
+    if older is None:
+        below = [n for n in links if n < newer]
+        if not below:
+            raise Refusal("no_generation", f"no system generation before {newer}")
+        older = max(below)
+    if older not in links:
+        raise Refusal("no_generation", f"system generation {older}: no such generation link")
+    return ["--extra-experimental-features", "nix-command", "store", "diff-closures", "--",
+            generation_store_path(links[older]), generation_store_path(links[newer])]
+
+
 # The unit that performs nixos_rollback (defined by the NixOS module): a rollback rewrites
 # /etc, /boot and the system profile, which no sandbox of ours may do, so systemd runs it
 # as its own oneshot and reports its result (``--wait``). The dry run shows exactly that.
@@ -308,6 +435,8 @@ class ActionSpec:
     timeout: float
     # Starts (or restarts) its unit: the never-start list applies (see policy.py).
     starts_unit: bool = False
+    # The argv as docs/actions.md shows it, for builders that read the host (resolve links).
+    doc_argv: tuple[str, ...] = ()
 
     @property
     def is_change(self) -> bool:
@@ -332,6 +461,24 @@ CATALOG: dict[str, ActionSpec] = {
                    Risk.READ_ONLY, NoParams, "free", _memory, 10),
         ActionSpec("process_status", "One process: parent, user, state, age, CPU, memory.",
                    Risk.READ_ONLY, ProcessParams, "ps", _process_status, 10),
+        ActionSpec("unit_show", "A unit's state, result, restarts, timestamps and "
+                   "dependencies (systemctl show).",
+                   Risk.READ_ONLY, UnitParams, "systemctl", _unit_show, 20),
+        ActionSpec("unit_cat", "A unit's definition: its unit file and drop-ins.",
+                   Risk.READ_ONLY, UnitParams, "systemctl", _unit_cat, 20),
+        ActionSpec("kernel_log", "The last kernel messages of this boot.",
+                   Risk.READ_ONLY, KernelLogParams, "journalctl", _kernel_log, 30),
+        ActionSpec("list_timers", "Timers with their last and next run.",
+                   Risk.READ_ONLY, NoParams, "systemctl", _list_timers, 20),
+        ActionSpec("nixos_generations", "The NixOS system generations and when each was "
+                   "made; the current one is marked.",
+                   Risk.READ_ONLY, NoParams, "nix-env", _generations, 30),
+        ActionSpec("nixos_closure_diff", "What changed (packages, versions, sizes) between "
+                   "two system generations; default: the previous and the current one.",
+                   Risk.READ_ONLY, ClosureDiffParams, "nix", _closure_diff, 120,
+                   doc_argv=("--extra-experimental-features", "nix-command", "store",
+                             "diff-closures", "--", "/nix/store/…-nixos-system-…-<previous>",
+                             "/nix/store/…-nixos-system-…-<current>")),
         # changes
         ActionSpec("reset_failed_unit", "Clear a unit's failed state (does not start it).",
                    Risk.LOW, UnitParams, "systemctl", _systemctl("reset-failed"), 30),

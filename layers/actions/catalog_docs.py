@@ -27,6 +27,9 @@ EXAMPLES: dict[str, dict[str, Any]] = {
     "terminate_process": {"pid": 4242},
     "journal_vacuum": {"max_size_mb": 512},
     "nix_gc": {"delete_older_than_days": 30},
+    "unit_show": {"unit": "nginx.service"},
+    "unit_cat": {"unit": "nginx.service"},
+    "kernel_log": {"lines": 50},
 }
 
 
@@ -53,6 +56,8 @@ def _params_doc(spec: ActionSpec) -> str:
 
 
 def _argv_shape(spec: ActionSpec) -> str:
+    if spec.doc_argv:  # its builder reads the host (e.g. resolves generation links)
+        return "`" + shlex.join([spec.program, *spec.doc_argv]) + "`"
     params = spec.params.model_validate(EXAMPLES.get(spec.name, {}))
     return "`" + shlex.join([spec.program, *spec.build(params)]) + "`"
 

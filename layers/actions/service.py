@@ -36,18 +36,21 @@ import json
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from layers.actions.catalog import PlannedAction, Refusal, plan, program_path
+from layers.actions.catalog import CATALOG, PlannedAction, Refusal, Risk, lookup, plan, program_path
 from layers.actions.executor import ExecResult, execute
 from layers.actions.policy import (
     NO_SCOPE,
+    RUNS_AT,
     IncidentScope,
     Policy,
     UnitInventory,
     Verdict,
+    effective_autonomy,
     evidence_units,
 )
 from layers.config import Settings
@@ -164,6 +167,7 @@ async def _refuse(store: Store, p: Proposal, refusal: Refusal, actor: str) -> Pr
         await store.add_timeline(p.incident_id, "action_refused",
                                  {"proposal": p.id, "action": p.action, "code": refusal.code,
                                   "reason": refusal.message})  # fmt: skip
+    await store.notify_proposal(p.id, "refused", code=refusal.code, reason=refusal.message)
     return done or p
 
 
@@ -227,6 +231,8 @@ async def _handle_one(
                 await store.add_timeline(incident_id, "action_refused",
                                          {"proposal": stored.id, "code": refusal.code,
                                           "reason": refusal.message})  # fmt: skip
+            await store.notify_proposal(stored.id, "refused", code=refusal.code,
+                                        reason=refusal.message)
             return stored
         await _audit(store, actor, "proposed", stored, rationale=rationale)
         return await _refuse(store, stored, refusal, "policy")
@@ -269,6 +275,8 @@ async def _handle_one(
                                          {"proposal": stored.id, "action": planned.name,
                                           "dry_run": planned.dry_run, "code": decision.code,
                                           "reason": decision.reason})  # fmt: skip
+            await store.notify_proposal(stored.id, "pending", code=decision.code,
+                                        reason=decision.reason)
             return await store.get_proposal(stored.id) or stored
         actor = "policy:" + decision.reason.rsplit(" ", 1)[-1]
         if stored.status == "pending":
@@ -418,3 +426,68 @@ async def drain_background() -> None:
     """Wait for approved actions still running (shutdown, tests)."""
     if _background:
         await asyncio.gather(*list(_background), return_exceptions=True)
+
+
+# -- evidence reads (the meta stage's evidence loop) ------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReadOutcome:
+    """What one evidence read did: ran (``ok``/``failed``) or was refused (never ran)."""
+
+    status: Literal["ok", "failed", "refused"]
+    params: dict[str, Any]
+    dry_run: str | None = None
+    exit_code: int | None = None
+    output: str = ""
+    duration: float = 0.0
+    code: str | None = None
+    reason: str | None = None
+
+
+def runnable_reads(settings: Settings, *, installed: bool = True) -> list[str]:
+    """Read-only catalog actions the policy lets run without an admin: inside the
+    allowlist and at an autonomy level that runs read-only actions (not ``observe``);
+    with ``installed``, only those whose program is found (no ``nix-env`` off NixOS)."""
+    allow = settings.actions.allowlist
+    out = []
+    for name, spec in CATALOG.items():
+        if spec.is_change or (allow is not None and name not in allow):
+            continue
+        if Risk.READ_ONLY not in RUNS_AT[effective_autonomy(name, settings)]:
+            continue
+        if installed:
+            try:
+                program_path(spec.program, settings)
+            except Refusal:
+                continue
+        out.append(name)
+    return out
+
+
+async def run_read(store: Store, settings: Settings, incident_id: str | None, action: Any,
+                   params: Any) -> ReadOutcome:
+    """Run one read-only catalog action for an incident's evidence, through the catalog,
+    the policy (allowlist, unit check, autonomy, the incident's scope) and the executor.
+    A change is refused before anything is planned: evidence never changes the machine,
+    and a read is never left waiting for approval (it is refused instead)."""
+    raw = dict(params) if isinstance(params, Mapping) else {}
+    try:
+        spec = lookup(action)
+        if spec.is_change:
+            raise Refusal("not_read_only", f"{spec.name} is a {spec.risk} change: evidence "
+                          "is gathered with read-only actions only")
+        planned = _plan_checked(action, params, settings)
+    except Refusal as refusal:
+        return ReadOutcome("refused", raw, code=refusal.code, reason=refusal.message)
+    decision = await _policy(store, settings).decide(planned, await incident_scope(store, incident_id))
+    if decision.verdict is not Verdict.RUN:
+        return ReadOutcome("refused", planned.params_dict(), planned.dry_run, code=decision.code,
+                           reason=decision.reason)
+    try:
+        result = await execute(planned, settings)
+    except Exception as exc:  # noqa: BLE001 - an executor bug is a failed read, not a crash
+        result = ExecResult(exit_code=None, output="", duration=0.0, error=f"executor: {exc!r}")
+    output = result.output if result.error is None else f"{result.error}\n{result.output}"
+    return ReadOutcome("ok" if result.ok else "failed", planned.params_dict(), planned.dry_run,
+                       result.exit_code, output, result.duration)

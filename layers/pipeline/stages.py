@@ -26,16 +26,23 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psutil
 from pydantic import BaseModel
 
-from layers.client import LayerClients, LayerError, LayerPool, StructuredOutputError
+from layers.client import (
+    RETRY_TEMPERATURE,
+    LayerClients,
+    LayerError,
+    LayerPool,
+    StructuredOutputError,
+)
 from layers.config import Settings
 from layers.events import (
     SEVERITY_RANK,
+    Decision,
     Event,
     Incident,
     Proposal,
@@ -44,10 +51,13 @@ from layers.events import (
     Verdict,
 )
 from layers.memory import Memory
-from layers.pipeline import prompts, validate
+from layers.pipeline import evidence, prompts, validate
 from layers.pipeline.loop import work_loop
-from layers.pipeline.trigger import RETRY_TEMPERATURE, is_permanent
+from layers.pipeline.trigger import is_permanent
 from layers.store import Store
+
+if TYPE_CHECKING:
+    from layers.actions.service import ReadOutcome
 
 log = logging.getLogger("ai_sysadmin.pipeline.stages")
 
@@ -127,6 +137,7 @@ class IncidentWorker:
         *,
         memory: Memory | None = None,
         on_proposals: ProposalHandler | None = None,
+        reader: evidence.Reader | None = None,
     ) -> None:
         self.settings = settings
         self.cfg = settings.pipeline
@@ -136,6 +147,22 @@ class IncidentWorker:
         self.on_proposals = on_proposals
         self.wakeup = asyncio.Event()
         self.catalog = catalog_summaries()
+        # How evidence reads run: the real action path unless a harness answers them.
+        self.reader: evidence.Reader = reader or self.run_read
+        self.reads_here = reader is None
+
+    async def run_read(self, incident_id: str, action: str,
+                       params: dict[str, Any]) -> ReadOutcome:
+        from layers.actions.service import run_read
+
+        return await run_read(self.store, self.settings, incident_id, action, params)
+
+    def evidence_reads(self) -> list[str]:
+        """Read-only actions the evidence loop may run: those the policy runs unasked
+        (and, read here, whose program this machine has)."""
+        from layers.actions.service import runnable_reads
+
+        return runnable_reads(self.settings, installed=self.reads_here)
 
     def notify(self) -> None:
         self.wakeup.set()
@@ -200,30 +227,79 @@ class IncidentWorker:
                 raise
             except Exception as exc:  # memory is advice; its failure must not stop diagnosis
                 log.warning("memory recall failed: %s", exc)
-        def check(out: BaseModel, g: validate.Grounds) -> validate.Refusal | None:
-            return validate.decision(prompts.to_decision(out), g)
-
-        try:
-            out = await checked_json(
-                self.layers["meta"],
-                lambda nonce: prompts.meta_messages(inc, inc.review, verdicts, memories,
-                                                    self.catalog, nonce),
-                prompts.decision_schema(list(self.catalog)), check=check,
-                evidence=incident_evidence(inc, verdicts),
-                max_tokens=self.cfg.meta_max_tokens, retries=self.cfg.layer_retries,
-            )
-        except LayerError as exc:
-            if not is_permanent(exc):
-                raise
-            log.warning("incident %s undiagnosed (unreviewed): %s", inc.id, exc.message)
-            await self.store.record_decision(inc.id, None, error=exc.message)
-            return
-        decision = prompts.to_decision(out)
+        grounds = incident_evidence(inc, verdicts)
+        gathered: evidence.Evidence | None = None
+        reads = self.evidence_reads() if self.cfg.evidence_steps > 0 else []
+        if reads:  # the loop is on and the policy lets some read run unasked
+            gathered = await self.gather_evidence(inc, verdicts, memories, grounds, reads)
+        if gathered is not None and gathered.decision is not None:
+            decision = gathered.decision
+        else:
+            try:
+                decision = await self.decide(inc, verdicts, memories, grounds, gathered)
+            except LayerError as exc:
+                if not is_permanent(exc):
+                    raise
+                log.warning("incident %s undiagnosed (unreviewed): %s", inc.id, exc.message)
+                await self.store.record_decision(inc.id, None, error=exc.message)
+                return
         proposals = await self.store.record_decision(
             inc.id, decision, proposal_ttl=self.settings.actions.approval_ttl
         )
         if proposals and self.on_proposals is not None:
             await self.on_proposals(inc.id, proposals)
+
+    def meta_prompt(self, inc: Incident, verdicts: Sequence[Verdict],
+                    memories: Sequence[str]) -> evidence.Prompt:
+        def build(nonce: str, reads: Sequence[str] | None, reads_left: int,
+                  items: Sequence[Mapping[str, Any]], facts: Sequence[str]) -> list[dict[str, str]]:
+            return prompts.meta_messages(inc, inc.review, verdicts, memories, self.catalog, nonce,
+                                         reads=reads, reads_left=reads_left, evidence=items,
+                                         facts=facts)
+        return build
+
+    async def gather_evidence(self, inc: Incident, verdicts: Sequence[Verdict],
+                              memories: Sequence[str], grounds: Sequence[str],
+                              reads: Sequence[str]) -> evidence.Evidence:
+        """Read before deciding (layers/pipeline/evidence.py): bounded, read-only."""
+        loop = evidence.EvidenceLoop(
+            self.settings, self.store, self.layers, inc, reader=self.reader,
+            reads=reads, catalog_names=list(self.catalog),
+            prompt=self.meta_prompt(inc, verdicts, memories), grounds=grounds,
+            retry=checked_json, local_profile=self.reads_here,
+        )
+        return await loop.run()
+
+    async def decide(self, inc: Incident, verdicts: Sequence[Verdict], memories: Sequence[str],
+                     grounds: Sequence[str], gathered: evidence.Evidence | None) -> Decision:
+        """The decision: one-shot without evidence (as before the loop), else with the
+        evidence gathered, its citations constrained to the steps that ran."""
+        build = self.meta_prompt(inc, verdicts, memories)
+        if gathered is None:
+            schema = prompts.decision_schema(list(self.catalog))
+
+            def messages(nonce: str) -> list[dict[str, str]]:
+                return prompts.meta_messages(inc, inc.review, verdicts, memories, self.catalog,
+                                             nonce)
+            cited: list[int] = []
+        else:
+            cited = gathered.citable
+            schema = prompts.decision_schema(list(self.catalog), cited)
+            items, facts = gathered.items(), list(gathered.facts)
+            grounds = [*grounds, *gathered.texts()]
+
+            def messages(nonce: str) -> list[dict[str, str]]:
+                return build(nonce, [], 0, items, facts)
+
+        def check(out: BaseModel, g: validate.Grounds) -> validate.Refusal | None:
+            d = prompts.to_decision(out)
+            return validate.decision(d, g) or validate.cited_evidence(d, cited)
+
+        out = await checked_json(
+            self.layers["meta"], messages, schema, check=check, evidence=grounds,
+            max_tokens=self.cfg.meta_max_tokens, retries=self.cfg.layer_retries,
+        )
+        return prompts.to_decision(out)
 
     async def remember(self, inc: Incident) -> None:
         if self.memory is not None:

@@ -24,7 +24,13 @@ import contextlib
 import logging
 from collections.abc import Sequence
 
-from layers.client import LayerError, LayerPool, LayerTimeout, StructuredOutputError
+from layers.client import (
+    RETRY_TEMPERATURE,
+    LayerError,
+    LayerPool,
+    LayerTimeout,
+    StructuredOutputError,
+)
 from layers.config import Settings
 from layers.events import SEVERITY_RANK, StoredEvent, TriggerVerdict, Verdict, max_severity
 from layers.pipeline import prompts, validate
@@ -33,10 +39,6 @@ from layers.prefilter import Prefilter, Rule
 from layers.store import Prefiltered, Store, VerdictInput
 
 log = logging.getLogger("ai_sysadmin.pipeline.trigger")
-
-# A refused verdict is asked for again with some sampling temperature: at temperature 0
-# the same prompt gives the same degenerate answer (a fresh nonce alone barely changes it).
-RETRY_TEMPERATURE = 0.5
 
 # Batch caps of events whose batch timed out are kept in memory until their verdict; a
 # bound in case candidates vanish (retention) before one is recorded.

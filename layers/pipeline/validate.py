@@ -21,6 +21,8 @@ Checks (deterministic, no model):
 - ``repeated_finding``: the same finding (case and punctuation aside) twice.
 - ``catalog``: a proposal's params that its catalog entry's strict schema refuses
   (a missing unit, a unit name without its suffix, an unknown parameter).
+- ``evidence_cited``: a decision of the evidence loop citing a step that does not exist
+  or did not run (the schema allows only those; this holds for a layer ignoring it).
 - ``category_contradicts_rule``: a specific rule matched (``oom_kill`` → memory) and the
   layer's category is another one that no word of the event supports.
 
@@ -87,8 +89,9 @@ CATEGORY_WORDS: dict[str, tuple[str, ...]] = {
     "crash": ("segfault", "crash", "core", "dumped", "signal", "abort", "fault", "trap",
               "killed", "sigsegv", "sigabrt", "panic"),
 }
-# Rule categories too broad to contradict, and model categories too vague to contradict.
-GENERIC_CATEGORIES = frozenset({"error", "other"})
+# Rule categories too broad to contradict, and model categories too vague to contradict
+# ("alert": an Alertmanager alert's rule says where it came from, not what it is about).
+GENERIC_CATEGORIES = frozenset({"error", "other", "alert"})
 
 MIN_STEM = 4  # shortest word that matches its inflections
 INFLECTIONS = ("s", "es", "ed", "ing", "er", "ers", "ure", "ures", "ion", "ions")
@@ -358,4 +361,14 @@ def decision(d: Decision, g: Grounds) -> Refusal | None:
         if (ref := check_text(f"proposals[{i}].rationale", p.rationale, g,
                               grounded=False)) is not None:
             return ref
+    return None
+
+
+def cited_evidence(d: Decision, steps: Sequence[int]) -> Refusal | None:
+    """A decision of the evidence loop cites only evidence steps that exist and ran."""
+    missing = sorted(set(d.evidence) - set(steps))
+    if missing:
+        return Refusal("evidence", "evidence_cited",
+                       f"cites step {', '.join(map(str, missing))}, which "
+                       f"{'does' if len(missing) == 1 else 'do'} not exist or did not run")
     return None

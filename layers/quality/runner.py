@@ -11,7 +11,9 @@ layers, each run in a throwaway store (the admin's incidents are never touched).
   a scenario whose truth says "escalate" is sent to the meta layer whatever the review
   decided (so a review mistake does not hide the meta layer's quality); the review's own
   decision is what the escalation score counts. Proposals are never executed: read-only
-  ones are answered from the scenario's recordings, into the incident's timeline.
+  ones are answered from the scenario's recordings, into the incident's timeline. The
+  meta stage's evidence loop (``pipeline.evidence_steps``) runs as in the daemon, its reads
+  answered from the same recordings instead of run on this machine.
 """
 
 from __future__ import annotations
@@ -26,12 +28,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from layers.actions.catalog import Refusal, lookup, validate_params
+from layers.actions.service import ReadOutcome
 from layers.client import LayerClients, LayerError
 from layers.config import Settings
 from layers.events import Decision, Incident, Proposal, Review
 from layers.pipeline import stages as pipeline_stages
+from layers.pipeline.evidence import Reader
 from layers.pipeline.stages import IncidentWorker
 from layers.pipeline.trigger import TriggerStage, VerdictBus
+from layers.pipeline.validate import GENERIC_CATEGORIES
 from layers.prefilter import Prefilter, load_rules
 from layers.quality import corpus, floors
 from layers.quality.corpus import Line
@@ -50,8 +56,6 @@ from layers.store import Store, make_store
 
 Stage = Literal["trigger", "review", "meta", "all"]
 Say = Callable[[str], None]
-# Rule categories too generic to contradict (the priority rule names no category).
-GENERIC_CATEGORIES = frozenset({"error", "other"})
 
 
 class EvalError(Exception):
@@ -218,6 +222,13 @@ class IncidentResult:
     escalates: bool | None  # the pipeline's decision (review + severity floor)
     decision: Decision | None
     replayed: list[str] = field(default_factory=list)
+    evidence: list[dict[str, Any]] = field(default_factory=list)  # the timeline's entries
+
+    @property
+    def reads(self) -> list[str]:
+        """The evidence reads, ``action(by)`` where ai-sysadmin asked, not the model."""
+        return [d["read"] + ("" if d.get("by") == "model" else "*")
+                for d in self.evidence if "read" in d]
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -225,7 +236,7 @@ class IncidentResult:
             "status": self.status, "review": self.review.model_dump() if self.review else None,
             "review_escalates": self.review_escalates, "escalates": self.escalates,
             "decision": self.decision.model_dump() if self.decision else None,
-            "replayed": self.replayed,
+            "replayed": self.replayed, "evidence": self.evidence,
         }
 
 
@@ -293,6 +304,29 @@ def _events_of_kind(detail: Any, kind: str) -> list[dict[str, Any]]:
     return [t.detail for t in detail.timeline if t.kind == kind]
 
 
+def scenario_reader(sc: Scenario) -> Reader:
+    """Evidence reads answered from the scenario's recordings, never run here: a change is
+    refused, params are checked against the catalog as the action stage checks them."""
+
+    async def read(incident_id: str, action: str, params: dict[str, Any]) -> ReadOutcome:
+        try:
+            spec = lookup(action)
+            if spec.is_change:
+                raise Refusal("not_read_only", f"{spec.name} is a {spec.risk} change: evidence "
+                              "is gathered with read-only actions only")
+            validated = validate_params(spec, params).model_dump(mode="json")
+        except Refusal as refusal:
+            return ReadOutcome("refused", dict(params), code=refusal.code, reason=refusal.message)
+        output = sc.recording(action, params)
+        if output is None:
+            return ReadOutcome("refused", validated, code="no_recording",
+                               reason=f"scenario {sc.id} has no recording of {action}")
+        return ReadOutcome("ok", validated, dry_run=f"{action} (replayed from {sc.id})",
+                           exit_code=0, output=output)
+
+    return read
+
+
 async def run_scenario(settings: Settings, layers: LayerClients, sc: Scenario, *,
                        with_meta: bool, say: Say = _quiet) -> ScenarioResult:
     started = time.monotonic()
@@ -311,6 +345,7 @@ async def run_scenario(settings: Settings, layers: LayerClients, sc: Scenario, *
                         "replayed": p.action, "params": p.params, "output": output[:4000]})
 
         worker = ScenarioWorker(s, store, layers, memory=None, on_proposals=replay,
+                                reader=scenario_reader(sc),
                                 send_to_meta=with_meta and sc.truth.escalate)
         with scenario_metrics(sc.metrics_lines()):
             await drive(worker.step, f"{sc.id} review/meta", s, say)
@@ -326,7 +361,8 @@ async def run_scenario(settings: Settings, layers: LayerClients, sc: Scenario, *
                 if review else None,
                 escalates=worker.decided.get(inc.id), decision=detail.decision,
                 replayed=[d["replayed"] for d in _events_of_kind(detail, "note")
-                          if "replayed" in d]))
+                          if "replayed" in d],
+                evidence=_events_of_kind(detail, "evidence")))
     meta = None
     if with_meta and sc.truth.escalate:
         meta = score_meta(sc.truth, [r.decision for r in results])
@@ -392,6 +428,14 @@ class Report:
             "unreviewed_at_review": sum(
                 1 for r in self.scenarios if r.meta is not None
                 for i in r.incidents if i.review is None),
+            "evidence_reads": sum(len(i.reads) for r in self.scenarios if r.meta is not None
+                                  for i in r.incidents),
+            "evidence_reads_by_model": sum(
+                1 for r in self.scenarios if r.meta is not None for i in r.incidents
+                for d in i.evidence if "read" in d and d.get("by") == "model"),
+            "decisions_citing_evidence": sum(
+                1 for r in self.scenarios if r.meta is not None for i in r.incidents
+                if i.decision is not None and i.decision.evidence),
         }
 
     def as_dict(self) -> dict[str, Any]:

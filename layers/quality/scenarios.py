@@ -2,14 +2,17 @@
 per scenario under ``layers/quality/scenarios/`` holding
 
 - ``journal.jsonl`` — the journal excerpt, as ``journalctl --output=json`` prints it;
-- ``scenario.toml`` — the machine's state (units, metrics, processes), the ground truth
-  (``[truth]``: root-cause unit, category, escalate or not, expected, allowed and
-  forbidden actions) and optional ``[[recording]]`` outputs of read-only actions.
+- ``scenario.toml`` — the machine's state (units, metrics, processes, ``[nixos]``
+  generations and the closure diff of the last switch), the ground truth (``[truth]``:
+  root-cause unit, category, escalate or not, expected, allowed and forbidden actions)
+  and optional ``[[recording]]`` outputs of read-only actions.
 
 Every read-only catalog action has a recorded output for every scenario: given
 verbatim by a ``[[recording]]``, or rendered from the scenario's own state in the
-format the real program prints (``systemctl``, ``journalctl``, ``df``, ``free``, ``ps``),
-so what an investigation would show always agrees with the journal and metrics.
+format the real program prints (``systemctl``, ``journalctl``, ``df``, ``free``, ``ps``,
+``nix-env``, ``nix store diff-closures``), so what an investigation would show always
+agrees with the journal and metrics. Generations are printed in this machine's local
+time, as ``nix-env`` does, so the switch correlation reads them as it reads the real one.
 """
 
 from __future__ import annotations
@@ -63,6 +66,9 @@ class Scenario:
     truth: Truth
     processes: list[dict[str, Any]] = field(default_factory=list)
     recordings: list[Recording] = field(default_factory=list)
+    # [nixos]: generations = [[number, epoch seconds], ...] (the last is current) and
+    # closure_diff (what `nix store diff-closures` printed for previous → current).
+    nixos: dict[str, Any] = field(default_factory=dict)
 
     # -- what the collectors would post ----------------------------------------------
 
@@ -134,6 +140,19 @@ class Scenario:
 
     def unit_state(self, unit: str) -> UnitState | None:
         return next((u for u in self.units if u.unit == unit), None)
+
+    def first_timestamp(self) -> float:
+        return min((int(e.get("__REALTIME_TIMESTAMP", 0)) / 1e6 for e in self.journal),
+                   default=0.0)
+
+    def generations(self) -> list[tuple[int, float]]:
+        """(number, made at) of the system generations, oldest first; the last is current.
+        Default: two, made 40 and 12 days before the journal starts (no recent switch)."""
+        given = self.nixos.get("generations")
+        if given:
+            return [(int(n), float(t)) for n, t in given]
+        start = self.first_timestamp()
+        return [(86, start - 40 * 86400), (87, start - 12 * 86400)]
 
 
 # -- renderers of read-only outputs ---------------------------------------------------
@@ -236,6 +255,100 @@ def _render_process(sc: Scenario, p: dict[str, Any]) -> str:
         f"{proc.get('comm', '?')}")
 
 
+def _render_unit_show(sc: Scenario, p: dict[str, Any]) -> str:
+    unit = str(p["unit"])
+    u = sc.unit_state(unit)
+    if u is None:
+        return "\n".join([f"Id={unit}", f"Names={unit}", "LoadState=not-found",
+                          "ActiveState=inactive", "SubState=dead", "Result=success"])
+    own = [int(e.get("__REALTIME_TIMESTAMP", 0)) / 1e6 for e in sc.journal
+           if unit in (e.get("_SYSTEMD_UNIT"), e.get("UNIT"))]
+    since = _ts(u.since or max(own, default=sc.first_timestamp()), "%a %Y-%m-%d %H:%M:%S UTC")
+    failed = u.active == "failed"
+    return "\n".join([
+        f"Id={u.unit}", f"Names={u.unit}", f"Description={u.description}", "LoadState=loaded",
+        f"ActiveState={u.active}", f"SubState={u.sub}", f"Result={u.result}",
+        "UnitFileState=enabled", f"FragmentPath=/etc/systemd/system/{u.unit}",
+        f"{'InactiveEnterTimestamp' if failed else 'ActiveEnterTimestamp'}={since}",
+        f"MainPID={u.main_pid or 0}", f"ExecMainStatus={1 if failed else 0}",
+        f"NRestarts={5 if failed and u.result == 'exit-code' else 0}",
+        "Restart=on-failure", "Requires=sysinit.target", "Wants=network-online.target",
+        "After=network-online.target sysinit.target",
+    ])
+
+
+def _store_hash(name: str) -> str:
+    alphabet = "0123456789abcdfghijklmnpqrsvwxyz"
+    digits = [ord(c) for c in name] or [0]
+    return "".join(alphabet[(digits[i % len(digits)] * (i + 7)) % 32] for i in range(32))
+
+
+def _render_unit_cat(sc: Scenario, p: dict[str, Any]) -> str:
+    unit = str(p["unit"])
+    u = sc.unit_state(unit)
+    if u is None:
+        return f"No files found for {unit}."
+    name = unit.rsplit(".", 1)[0]
+    kind = unit.rsplit(".", 1)[1].capitalize()
+    lines = [f"# /etc/systemd/system/{unit}", "[Unit]", f"Description={u.description}",
+             "After=network-online.target", "", f"[{kind}]"]
+    if kind == "Service":
+        lines += [f"ExecStart=/nix/store/{_store_hash(unit)}-unit-script-{name}-start/bin/"
+                  f"{name}-start", "Restart=on-failure"]
+    return "\n".join(lines)
+
+
+def _render_kernel_log(sc: Scenario, p: dict[str, Any]) -> str:
+    rows = [row for e, row in zip(sc.journal, _journal_rows_all(sc), strict=True)
+            if e.get("_TRANSPORT") == "kernel" or e.get("SYSLOG_IDENTIFIER") == "kernel"]
+    rows = rows[-int(p.get("lines", 100)):]
+    return "\n".join(rows) if rows else "-- No entries --"
+
+
+def _journal_rows_all(sc: Scenario) -> list[str]:
+    out = []
+    for e in sc.journal:
+        ev = parse_entry(e, sc.host)
+        ident = e.get("SYSLOG_IDENTIFIER", "?")
+        pid = f"[{e['_PID']}]" if "_PID" in e and ident != "kernel" else ""
+        ts = ev.timestamp if ev is not None else int(e.get("__REALTIME_TIMESTAMP", 0)) / 1e6
+        msg = ev.message if ev is not None else str(e.get("MESSAGE", ""))
+        out.append(f"{_ts(ts, '%Y-%m-%dT%H:%M:%S+0000')} {sc.host} {ident}{pid}: {msg}")
+    return out
+
+
+def _render_list_timers(sc: Scenario, _: dict[str, Any]) -> str:
+    timers = [u for u in sc.units if u.unit.endswith(".timer")]
+    if not timers:
+        return "0 timers listed.\nPass --all to see loaded but inactive timers, too."
+    rows = ["NEXT LEFT LAST PASSED UNIT ACTIVATES"]
+    for u in timers:
+        rows.append(f"- - - - {u.unit} {u.unit.rsplit('.', 1)[0]}.service")
+    rows.append(f"\n{len(timers)} timers listed.")
+    return "\n".join(rows)
+
+
+def _render_generations(sc: Scenario, _: dict[str, Any]) -> str:
+    """As nix-env prints them: local time, the current one marked."""
+    gens = sc.generations()
+    return "\n".join(
+        f"{n:>5}   {datetime.fromtimestamp(t).strftime('%Y-%m-%d %H:%M:%S')}   "
+        + ("(current)" if i == len(gens) - 1 else "")
+        for i, (n, t) in enumerate(gens))
+
+
+def _render_closure_diff(sc: Scenario, p: dict[str, Any]) -> str:
+    numbers = [n for n, _ in sc.generations()]
+    newer = p.get("to_generation") or numbers[-1]
+    older = p.get("from_generation") or max((n for n in numbers if n < newer), default=None)
+    if newer not in numbers or older not in numbers:
+        return f"error: system generation {newer if newer not in numbers else older} not found"
+    if (older, newer) == (numbers[-2], numbers[-1]):
+        return str(sc.nixos.get("closure_diff", "nix: 2.24.11 → 2.24.12, +0.1 KiB\n"
+                                                "tzdata: 2024b → 2025a"))
+    return "nix: 2.24.10 → 2.24.12, +0.3 KiB"
+
+
 _RENDER = {
     "journal_tail": _render_journal_tail,
     "unit_status": _render_unit_status,
@@ -244,6 +357,12 @@ _RENDER = {
     "disk_usage": _render_disk,
     "journal_disk_usage": _render_journal_disk,
     "process_status": _render_process,
+    "unit_show": _render_unit_show,
+    "unit_cat": _render_unit_cat,
+    "kernel_log": _render_kernel_log,
+    "list_timers": _render_list_timers,
+    "nixos_generations": _render_generations,
+    "nixos_closure_diff": _render_closure_diff,
 }
 assert set(_RENDER) == {n for n, s in CATALOG.items() if s.risk is Risk.READ_ONLY}, \
     "every read-only catalog action needs a renderer"
@@ -277,6 +396,7 @@ def _load_one(path: Path) -> Scenario:
             processes=list(data.get("processes", [])),
             recordings=[Recording(r["action"], dict(r.get("params", {})), r["output"])
                         for r in data.get("recording", [])],
+            nixos=dict(data.get("nixos", {})),
         )
     except (KeyError, TypeError, Refusal) as exc:
         raise ScenarioError(f"scenario {path.name}: {exc}") from exc

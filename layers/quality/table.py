@@ -91,10 +91,15 @@ def render(report: Report) -> str:
                 f"{m['valid_decisions']}, invalid {m['invalid_decisions']}, unreviewed "
                 f"{m['unreviewed']} ({m['unreviewed_at_review']} of them at the review: "
                 "never reached the meta layer)"]
+        out.append(f"  evidence reads {m['evidence_reads']} ({m['evidence_reads_by_model']} "
+                   f"asked by the model), decisions citing evidence "
+                   f"{m['decisions_citing_evidence']}")
         out.append(f"  {'scenario':<24} {'status':<11} proposals")
         for r in report.scenarios:
             if r.meta is not None:
                 props = ", ".join(r.meta.proposals) or "-"
-                out.append(f"  {r.scenario.id:<24} {r.meta.status:<11} {props[:70]}")
+                reads = ", ".join(x for i in r.incidents for x in i.reads)
+                shown = props[:70] + (f"  [read: {reads[:80]}]" if reads else "")
+                out.append(f"  {r.scenario.id:<24} {r.meta.status:<11} {shown}")
     out += ["", f"total {report.seconds:.0f}s"]
     return "\n".join(out)

@@ -166,4 +166,48 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE incidents ADD COLUMN rule TEXT",
         ),
     ),
+    Migration(
+        4,
+        "notification outbox: notifications and their per-channel deliveries",
+        (
+            # One row per fact worth telling (incident opened, approval pending, …), written
+            # in the transaction of the fact itself (or keyed so a retry cannot double it).
+            """CREATE TABLE notifications (
+                seq {serial},
+                id TEXT NOT NULL UNIQUE,
+                kind TEXT NOT NULL,
+                subject TEXT NOT NULL,
+                severity TEXT NOT NULL,
+                severity_rank INTEGER NOT NULL,
+                detail TEXT NOT NULL,
+                created_at {float} NOT NULL,
+                routed_at {float}
+            )""",
+            "CREATE INDEX notifications_unrouted ON notifications (routed_at, seq)",
+            "CREATE INDEX notifications_created ON notifications (created_at)",
+            # One row per notification and channel: the delivery worker's queue. ``state``:
+            # pending (due at ``next_at``; a claimed one is leased until then) → delivered |
+            # failed (gave up); dropped (duplicate, rate limit, quiet hours) with ``reason``.
+            """CREATE TABLE notification_deliveries (
+                seq {serial},
+                notification_id TEXT NOT NULL,
+                channel TEXT NOT NULL,
+                dedupe_key TEXT NOT NULL,
+                severity_rank INTEGER NOT NULL,
+                state TEXT NOT NULL,
+                reason TEXT,
+                suppressed INTEGER NOT NULL DEFAULT 0,
+                attempts INTEGER NOT NULL DEFAULT 0,
+                next_at {float} NOT NULL,
+                last_error TEXT,
+                created_at {float} NOT NULL,
+                updated_at {float} NOT NULL,
+                delivered_at {float},
+                UNIQUE (notification_id, channel)
+            )""",
+            "CREATE INDEX deliveries_due ON notification_deliveries (state, next_at)",
+            "CREATE INDEX deliveries_channel ON notification_deliveries (channel, created_at)",
+            "CREATE INDEX deliveries_dedupe ON notification_deliveries (channel, dedupe_key, created_at)",
+        ),
+    ),
 )

@@ -66,4 +66,8 @@ in
     };
   };
   chromadb = config.services.chromadb.enable;
+  alertmanager = {
+    inherit (config.services.prometheus.alertmanager) enable configuration;
+    receiver = config.services.ai-sysadmin.alertmanager.receiver;
+  };
 }

@@ -175,6 +175,18 @@ in
       };
     };
 
+    services.prometheus.alertmanager = {
+      enable = mkOption {
+        type = types.bool;
+        default = false;
+      };
+      # NixOS declares it `nullOr attrs`: definitions replace each other, they do not merge.
+      configuration = mkOption {
+        type = types.nullOr types.attrs;
+        default = null;
+      };
+    };
+
     services.chromadb = {
       enable = mkOption {
         type = types.bool;

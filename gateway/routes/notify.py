@@ -1,0 +1,83 @@
+"""Notifications: the channels (redacted: scheme and host only) with their delivery
+counts, the recent notifications with where each went, and a test send (admin).
+
+Thin: ``layers.notify`` does the work; its delivery worker starts with the gateway.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from gateway.auth import require_admin, require_key
+from gateway.errors import OpenAIError
+from gateway.state import GatewayState
+from layers.notify.worker import NotifyService
+from layers.store import Store
+
+router = APIRouter(tags=["notifications"])
+
+
+def install(app: FastAPI) -> None:
+    """Start the delivery worker on the gateway's store (after the pipeline opened it)."""
+    gw: GatewayState = app.state.gw
+    service = NotifyService(gw.settings)
+    app.state.notify = service
+
+    async def start() -> None:
+        await service.start(_store(gw))
+
+    gw.on_start.append(start)
+    gw.on_close.append(service.close)
+    app.include_router(router)
+
+
+def _store(gw: GatewayState) -> Store:
+    store: Store | None = getattr(gw, "store", None)
+    if store is None:
+        raise RuntimeError("notify: the pipeline's store is not open")
+    return store
+
+
+def _service(request: Request) -> NotifyService:
+    service: NotifyService = request.app.state.notify
+    return service
+
+
+@router.get("/v1/notify/channels", dependencies=[Depends(require_key)])
+async def channels(request: Request) -> dict[str, Any]:
+    service = _service(request)
+    data = await service.channel_view(_store(request.app.state.gw))
+    return {"object": "list", "data": [{"object": "notify.channel", **c} for c in data],
+            "problems": service.problems}
+
+
+@router.get("/v1/notifications", dependencies=[Depends(require_key)])
+async def notifications(
+    request: Request, limit: Annotated[int, Query(ge=1, le=500)] = 50
+) -> dict[str, Any]:
+    items = await _store(request.app.state.gw).recent_notifications(limit)
+    return {"object": "list", "data": [{"object": "notification", **n} for n in items]}
+
+
+class TestBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    channel: str | None = Field(None, max_length=32, description="only this channel")
+
+
+@router.post("/v1/notify/test", dependencies=[Depends(require_admin)])
+async def test(request: Request, body: TestBody | None = None) -> dict[str, Any]:
+    """Send a test notification through each channel now (not via the outbox)."""
+    service = _service(request)
+    only = body.channel if body else None
+    if service.worker is None:
+        raise OpenAIError(409, "notifications are off (notify.enabled = false)",
+                          code="notify_disabled")
+    if only is not None and only not in {c.name for c in service.channels}:
+        raise OpenAIError(404, f"no notification channel {only!r}", param="channel",
+                          code="channel_not_found")
+    results = await service.worker.send_probe(only)
+    return {"object": "list", "data": results, "problems": service.problems}
