@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.notify_support import WebhookReceiver
 from tests.reliability_support import AUTH, Gateway, gateway_data, metric, wait_until
 from tests.support import Proc, free_port, llama_server, write_toml
 
@@ -86,13 +87,25 @@ def trigger_layer(tmp_path_factory: pytest.TempPathFactory, llama_server_bin: Pa
 
 
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory, trigger_layer: int) -> Iterator[Gateway]:
+def hook() -> Iterator[WebhookReceiver]:
+    """Where the admin's notifications go: a JSON webhook on loopback (apprise json://)."""
+    rx = WebhookReceiver(free_port()).start()
+    yield rx
+    rx.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory, trigger_layer: int,
+            hook: WebhookReceiver) -> Iterator[Gateway]:
     tmp = tmp_path_factory.mktemp("am-gateway")
     port = free_port()
     data = gateway_data(
         tmp, dict.fromkeys(("trigger", "review", "meta"), trigger_layer), port,
         memory={"enabled": False},
         alertmanager={"api_keys": [INTAKE_KEY]},
+        notify={"channels": [{"name": "hook", "url": f"json://127.0.0.1:{hook.port}/in",
+                              "kinds": ["incident.opened", "incident.resolved"]}],
+                "poll_interval": 0.2},
         # One try per verdict: the alert rule's critical floor makes the incident whatever
         # the model answers; a retry of a refused answer would only double the wait.
         pipeline={"poll_interval": 0.2, "layer_retries": 0},
@@ -175,7 +188,7 @@ def incident(gw: Gateway, incident_id: str) -> dict[str, Any]:
 
 
 def test_a_prometheus_alert_opens_an_incident_and_its_resolution_resolves_it(
-    gateway: Gateway, monitoring: Monitoring
+    gateway: Gateway, monitoring: Monitoring, hook: WebhookReceiver
 ) -> None:
     assert alert_incidents(gateway) == []
     monitoring.set_metric(1)
@@ -196,6 +209,8 @@ def test_a_prometheus_alert_opens_an_incident_and_its_resolution_resolves_it(
     assert len(events) == 1 and detail["verdict_count"] == 1
     assert events[0]["detail"]["id"].startswith("alertmanager:")
     assert len(alert_incidents(gateway)) == 1
+    # The admin hears of it where they look: one notification, however often it repeats.
+    assert wait_until(lambda: f"incident.opened:{opened['id']}" in hook.refs(), 30, 0.3)
 
     monitoring.set_metric(0)  # the unit recovers: the rule stops firing
     assert wait_until(lambda: incident(gateway, opened["id"])["status"] == "resolved", 60, 0.3), (
@@ -205,3 +220,9 @@ def test_a_prometheus_alert_opens_an_incident_and_its_resolution_resolves_it(
     [note] = [t["detail"] for t in done["timeline"] if t["kind"] == "note"]
     assert note["alertname"] == "DemoUnitFailed" and note["ends_at"]
     assert len(alert_incidents(gateway)) == 1  # the resolved notice opened nothing new
+    def resolved_notice() -> bool:
+        return any("Incident resolved" in str(r.body.get("title")) and
+                   opened["id"] in str(r.body.get("message")) for r in hook.received)
+
+    assert wait_until(resolved_notice, 30, 0.3), [r.body.get("title") for r in hook.received]
+    assert hook.refs().count(f"incident.opened:{opened['id']}") == 1
