@@ -119,3 +119,14 @@ async def require_key_for_models(request: Request) -> None:
     """Dependency for the model list, which may be configured public."""
     if not _keyring(request).public_models:
         authenticate(request)
+
+
+def key_name(request: Request) -> str:
+    """Who sent an authenticated request, as the audit log records it: ``admin`` (the
+    admin key), ``key`` (an API key), or ``loopback`` (no keys configured). Keys are
+    never written down."""
+    ring = _keyring(request)
+    presented = _bearer(request)
+    if presented is not None and ring.is_admin(presented):
+        return "admin"
+    return "key" if presented is not None and ring.is_key(presented) else "loopback"

@@ -31,7 +31,6 @@ from layers.provision.model import ModelError
 from layers.supervisor import Supervisor, SupervisorError, port_is_free, read_status
 
 PROG = "ai-sysadmin"
-EXIT_USAGE = 2
 EXIT_FAILURE = 1
 
 class CliError(Exception):
@@ -50,7 +49,6 @@ USER_ERRORS: tuple[type[Exception], ...] = (
 
 
 Handler = Callable[[argparse.Namespace], int]
-_commands: dict[str, Handler] = {}
 
 
 def _setup_logging(level: str) -> None:

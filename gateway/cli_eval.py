@@ -43,6 +43,9 @@ def register(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--limit", type=_positive, default=None,
                    help="at most N corpus lines and N scenarios (a quick look; every class "
                    "and both escalation outcomes are still sampled)")
+    p.add_argument("--scenario", action="append", default=None, metavar="ID",
+                   help="only this incident scenario (its directory name or number, e.g. "
+                   "17_port_taken_nginx or 17); repeatable")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.add_argument("--report", type=Path, default=None, metavar="PATH",
                    help="also write the full JSON report to PATH (to compare models later)")
@@ -54,6 +57,24 @@ def _cli() -> Any:
     import gateway.cli as cli
 
     return cli
+
+
+def _chosen(wanted: list[str] | None) -> list[Any] | None:
+    """The scenarios named by ``--scenario`` (None: all); an unknown name is an error."""
+    if not wanted:
+        return None
+    from layers.quality import scenarios as scenario_files
+
+    cli = _cli()
+    every = scenario_files.load()
+    out = []
+    for name in wanted:
+        hit = [sc for sc in every if sc.id == name or sc.id.split("_", 1)[0] == name.zfill(2)]
+        if not hit:
+            raise cli.CliError(f"eval: no scenario {name!r} (one of: "
+                               f"{', '.join(sc.id for sc in every)})")
+        out += [sc for sc in hit if sc not in out]
+    return out
 
 
 def _needed(stage: str) -> list[str]:
@@ -81,6 +102,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     cli = _cli()
     settings: Settings = cli._settings(args)
+    chosen = _chosen(args.scenario)
     cli._setup_logging("warning")
     logging.getLogger("ai_sysadmin.supervisor").setLevel(logging.WARNING)
 
@@ -112,7 +134,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 say("layers ready")
             layers = LayerClients(settings)
             try:
-                report = await evaluate(settings, layers, args.stage, args.limit, say)
+                report = await evaluate(settings, layers, args.stage, args.limit, say,
+                                        scenarios=chosen)
             finally:
                 await layers.aclose()
         except (EvalError, ScenarioError, RuleError) as exc:

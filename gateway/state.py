@@ -16,6 +16,7 @@ from gateway.metrics import GatewayMetrics
 from layers.client import LayerClients
 from layers.config import Settings
 from layers.context import ContextSource, HostFacts
+from layers.store import Store, open_store
 from layers.supervisor import Supervisor
 
 log = logging.getLogger("ai_sysadmin.gateway")
@@ -37,6 +38,10 @@ class GatewayState:
         self.on_start: list[Callable[[], Awaitable[None]]] = []
         self.on_close: list[Callable[[], Awaitable[None]]] = []
         self._tasks: list[asyncio.Task[None]] = []
+        # The store: the pipeline's when a stage attached one (``store``), else one opened
+        # on first use by :func:`store_of` (``actions_store``).
+        self.store: Store | None = None
+        self.actions_store: Store | None = None
 
     async def start(self) -> None:
         if self.keys.open_to_loopback:
@@ -76,3 +81,21 @@ class GatewayState:
             except Exception:
                 log.exception("layer probe failed")
             await asyncio.sleep(interval)
+
+
+_open_lock = asyncio.Lock()
+
+
+async def store_of(gw: GatewayState) -> Store:
+    """The gateway's store: the one a stage attached, else opened here once (and closed
+    with the gateway)."""
+    existing = gw.store or gw.actions_store
+    if existing is not None:
+        return existing
+    async with _open_lock:
+        if gw.actions_store is None:
+            opened = await open_store(gw.settings)
+            gw.actions_store = opened
+            gw.on_close.append(opened.close)
+    assert gw.actions_store is not None
+    return gw.actions_store

@@ -103,7 +103,14 @@ class Breaker:
             return "half-open"
         return "open"
 
+    def available(self) -> bool:
+        """Whether a request may be sent now, as :meth:`allow` says, without taking a
+        half-open breaker's one trial (an endpoint listed is not yet an endpoint tried)."""
+        state = self.state
+        return state == "closed" or (state == "half-open" and not self.trial_in_flight)
+
     def allow(self) -> bool:
+        """Whether this request may be sent now; in half-open, it takes the one trial."""
         state = self.state
         if state == "closed":
             return True
@@ -115,6 +122,11 @@ class Breaker:
     def success(self) -> None:
         self.failures = 0
         self.opened_at = None
+        self.trial_in_flight = False
+
+    def abandon(self) -> None:
+        """A request sent through this breaker ended without a verdict (cancelled): a
+        trial it held decided nothing, and the next request may try again."""
         self.trial_in_flight = False
 
     def failure(self) -> None:
@@ -302,13 +314,14 @@ class LayerPool:
 
     def candidates(self) -> list[Endpoint]:
         """Replicas with the most free slots first, then fallbacks in configured order;
-        endpoints whose breaker is open are left out (a half-open one gets one trial)."""
+        endpoints whose breaker is open are left out. A half-open one is listed; the
+        request that tries it takes its one trial (``Breaker.allow`` in ``_open``)."""
         replicas = sorted(
             (e for e in self.endpoints if e.role == "replica"),
             key=lambda e: (e.health == "down", e.inflight - e.slots),
         )
         fallbacks = [e for e in self.endpoints if e.role == "fallback"]
-        return [e for e in replicas + fallbacks if e.breaker.allow()]
+        return [e for e in replicas + fallbacks if e.breaker.available()]
 
     def retry_after(self) -> float:
         waits = [e.breaker.seconds_until_trial() for e in self.endpoints]
@@ -355,7 +368,14 @@ class LayerPool:
                 retry_after=self.retry_after(),
             )
         last: LayerError | None = None
-        for endpoint in candidates[: self.retries + 1]:
+        tries = 0
+        for endpoint in candidates:
+            if tries > self.retries:
+                break
+            trial = endpoint.breaker.state == "half-open"
+            if not endpoint.breaker.allow():
+                continue  # opened, or its trial taken, while earlier endpoints were tried
+            tries += 1
             payload = translate_chat_body(dict(body), endpoint) if "chat" in path else dict(body)
             if endpoint.model and "chat" not in path:
                 payload["model"] = endpoint.model
@@ -382,6 +402,10 @@ class LayerPool:
             except http.TimeoutException:
                 last = await self._timed_out(endpoint, timeout.read, deadline)
                 continue
+            except BaseException:
+                if trial:  # cancelled: the trial decided nothing and must not stay taken
+                    endpoint.breaker.abandon()
+                raise
             if response.status_code < 400:
                 endpoint.breaker.success()
                 endpoint.health = "ready"
@@ -396,7 +420,11 @@ class LayerPool:
                 last = error
                 continue
             raise error  # a 4xx: the request itself is wrong; retrying cannot help
-        assert last is not None
+        if last is None:  # every candidate was taken or opened by other requests meanwhile
+            raise LayerError(
+                503, f"layer {self.name} is down (circuit open)", code="layer_unavailable",
+                retry_after=self.retry_after(),
+            )
         raise last
 
     async def _timed_out(

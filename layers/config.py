@@ -162,11 +162,16 @@ class LayerConfig(Section):
             )
         return self
 
+    @property
+    def packaged_model(self) -> bool:
+        """Serves the packaged default model (a base model: see ``max_tokens``)."""
+        return self.model is None
+
     def output_cap(self) -> int:
         """Output tokens of a client request that names none (see ``max_tokens``)."""
         if self.max_tokens is not None:
             return self.max_tokens
-        return PACKAGED_MODEL_MAX_TOKENS if self.model is None else DEFAULT_MAX_TOKENS
+        return PACKAGED_MODEL_MAX_TOKENS if self.packaged_model else DEFAULT_MAX_TOKENS
 
     def endpoint_list(self) -> list[EndpointConfig]:
         """Endpoints in the order they are tried: the local server first (when it is
@@ -375,6 +380,21 @@ class GatewayConfig(Section):
         description="Seconds a chat waits in that queue before it is answered `429`.",
     )
     repetition: RepetitionConfig = Field(default_factory=RepetitionConfig)
+    chat_evidence_steps: int | None = Field(
+        None, ge=0, le=16,
+        description="Reads the `ai-sysadmin` chat model may make before it answers: each step "
+        "is one schema-constrained meta call that reads a read-only catalog action, proposes "
+        "a change the message asks for (it waits for an admin), or answers (docs/gateway.md, "
+        "\"Investigation\"). Units the question names are read first by ai-sysadmin itself. "
+        "Empty: 2, and none for the packaged default model (a base model picks no useful "
+        "read, and each step costs seconds on a small CPU; the named units are still read). "
+        "0: no investigation; the chat answers from the context snapshot alone.",
+    )
+    chat_evidence_seconds: float = Field(
+        45.0, gt=0,
+        description="Wall-clock budget of a chat's investigation (its steps and reads); when "
+        "it is spent the chat answers with what was read.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info",
         description="Gateway log level. Prompts and log text are logged only at `debug`.",
@@ -391,6 +411,21 @@ class GatewayConfig(Section):
         description="Send `Access-Control-Allow-Credentials: true` to allowed origins "
         "(cookies, HTTP auth). API keys travel in `Authorization` headers, which need no "
         "credentials mode. Refused together with `*` in `cors_origins`.",
+    )
+    fast_protocol: bool = Field(
+        True,
+        description="Serve with the gateway's own HTTP/1.1 protocol (gateway/protocol.py, "
+        "uvicorn's httptools protocol with held writes): an answer's head leaves in one "
+        "write with its body or a stream's first event, not as a segment of its own. "
+        "false: uvicorn's own protocol, as it comes (for a uvicorn whose internals it does "
+        "not fit). Without httptools installed uvicorn's default is used either way.",
+    )
+    fast_paths: bool = Field(
+        True,
+        description="Serve `POST /v1/chat/completions` (and `/chat/completions`) past "
+        "FastAPI's router and dependency solving (gateway/fastpath.py): the same handler "
+        "and key check, about 0.4 ms less per chat. false: every request goes through "
+        "FastAPI.",
     )
 
     @field_validator("cors_origins", mode="after")
@@ -924,15 +959,6 @@ class Settings(BaseSettings):
         if path is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
         return tuple(sources)
-
-    def ports_in_use(self) -> dict[int, str]:
-        """Every port the managed stack will bind, to the name of its owner."""
-        ports: dict[int, str] = {}
-        for name, layer in self.layers.items():
-            if layer.managed:
-                ports[layer.port] = f"layer {name}"
-        ports[self.gateway.port] = "gateway"
-        return ports
 
 
 _config_path_override: Path | None = None

@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 
+from layers.actions.service import handle_proposals
 from layers.client import LayerClients
 from layers.collectors.journald import JournaldCollector
 from layers.collectors.metrics import MetricsCollector
@@ -61,17 +62,6 @@ async def sse_events(response: httpx.Response) -> AsyncIterator[dict[str, str]]:
             current[name] = value
 
 
-async def _handle_proposals(
-    settings: Settings, store: Store, incident_id: str, proposals: Sequence[Proposal]
-) -> None:
-    try:
-        from layers.actions.service import handle_proposals
-    except ImportError:
-        log.info("no action stage installed: %d proposals stay pending", len(proposals))
-        return
-    await handle_proposals(incident_id, proposals, store, settings)
-
-
 class Daemon:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -94,7 +84,7 @@ class Daemon:
                            retry_wait_max=s.pipeline.retry_wait_max)
 
         async def on_proposals(incident_id: str, proposals: Sequence[Proposal]) -> None:
-            await _handle_proposals(s, store, incident_id, proposals)
+            await handle_proposals(incident_id, proposals, store, s)
 
         worker = IncidentWorker(s, store, layers, memory=memory, on_proposals=on_proposals)
         c = s.collectors

@@ -19,6 +19,18 @@ from layers.store import Store, make_store
 from tests.reliability_support import fakes, gateways  # noqa: F401
 from tests.support import Proc, cli, free_port, layer_config, write_toml
 
+# Fixtures that build or find llama-server, assemble the real model, or start the real stack:
+# a test that uses one (directly or through a fixture of its own) is `slow`. Tests that start
+# llama-server otherwise (`ai-sysadmin run` / `layers serve` on the default engine) carry the
+# mark themselves. `make test-fast` (pytest -m "not slow") runs the rest.
+SLOW_FIXTURES = frozenset({"stack", "llama_server_bin", "model_path"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[Store]:

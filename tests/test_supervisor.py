@@ -60,6 +60,7 @@ def test_status_file_lists_every_layer_with_pid_and_model(stack: Stack, model_pa
         assert layer["model"] == str(model_path)
 
 
+@pytest.mark.slow  # real llama-server layers, started by the CLI
 def test_layers_start_status_kill_restart_stop(tmp_path: Path) -> None:
     """`layers start` backgrounds the supervisor; a layer killed with SIGKILL is
     restarted and healthy again while the other never stops; `layers stop` leaves no
@@ -119,6 +120,7 @@ def test_layers_start_status_kill_restart_stop(tmp_path: Path) -> None:
         assert not pid_alive(pid), f"pid {pid} survived `layers stop`"
 
 
+@pytest.mark.slow  # real llama-server layers, started by the CLI
 def test_sigkill_of_supervisor_leaves_no_layer_behind(tmp_path: Path) -> None:
     port = free_port()
     cfg = write_toml(
@@ -244,6 +246,7 @@ def test_missing_config_file_is_one_line(tmp_path: Path) -> None:
     assert r.stderr.strip() == f"ai-sysadmin: config: config file {tmp_path / 'absent.toml'}: not found"
 
 
+@pytest.mark.slow  # real llama-server layers, started by the CLI
 def test_run_serves_the_stack_and_sigterm_leaves_nothing(tmp_path: Path) -> None:
     """`ai-sysadmin run` (what `make run` starts): layers, gateway and collector; it prints
     where the gateway listens, answers a chat, and SIGTERM stops every process."""

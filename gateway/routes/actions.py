@@ -5,7 +5,6 @@ Thin: every decision is made by ``layers.actions.service``.
 
 from __future__ import annotations
 
-import asyncio
 import re
 from typing import Annotated, Any, Literal
 
@@ -14,29 +13,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gateway.auth import require_admin, require_key
 from gateway.errors import OpenAIError
-from gateway.state import GatewayState
+from gateway.state import GatewayState, store_of
 from layers.actions import service
 from layers.events import Proposal, ProposalStatus
-from layers.store import Store, open_store
+from layers.store import Store
 
 router = APIRouter(tags=["actions"])
-_open_lock = asyncio.Lock()
 
 
 async def _store(request: Request) -> Store:
-    """The gateway's store (``gw.store`` when a stage attached one, else opened here once)."""
-    gw: GatewayState = request.app.state.gw
-    existing = getattr(gw, "store", None) or getattr(gw, "actions_store", None)
-    if existing is not None:
-        store: Store = existing
-        return store
-    async with _open_lock:
-        if getattr(gw, "actions_store", None) is None:
-            opened = await open_store(gw.settings)
-            gw.actions_store = opened  # type: ignore[attr-defined]
-            gw.on_close.append(opened.close)
-    store = gw.actions_store  # type: ignore[attr-defined]
-    return store
+    return await store_of(request.app.state.gw)
 
 
 async def _incident(store: Store, incident_id: str | None) -> dict[str, Any] | None:

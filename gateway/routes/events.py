@@ -44,7 +44,7 @@ def install(app: FastAPI) -> None:
 
     async def start() -> None:
         await service.start()
-        gw.store = service.store  # type: ignore[attr-defined]  # shared with other stages
+        gw.store = service.store  # shared with other stages
         gw.context_sources.append(IncidentContext(service.store))
 
     gw.on_start.append(start)

@@ -35,7 +35,7 @@ def install(app: FastAPI) -> None:
 
 
 def _store(gw: GatewayState) -> Store:
-    store: Store | None = getattr(gw, "store", None)
+    store = gw.store
     if store is None:
         raise RuntimeError("notify: the pipeline's store is not open")
     return store

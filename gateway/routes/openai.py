@@ -1,7 +1,8 @@
 """OpenAI-compatible routes: models, chat completions, completions, embeddings.
 
 Model ``ai-sysadmin`` is the sysadmin: the meta layer with live system context in its
-system prompt. Models ``trigger``, ``review`` and ``meta`` pass straight through to
+system prompt, which investigates with read-only actions before it answers
+(gateway/investigate.py). Models ``trigger``, ``review`` and ``meta`` pass straight through to
 that layer. Streams are relayed event by event as the layer sends them.
 
 Every chat and completion gets the layer's output cap and stop strings and a place among
@@ -27,7 +28,8 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from gateway.auth import require_key, require_key_for_models
+from gateway import investigate
+from gateway.auth import key_name, require_key, require_key_for_models
 from gateway.body import read_model
 from gateway.bounds import ChatGate, add_stops, cap_output, constrained
 from gateway.chat_watch import ChatWatch
@@ -277,11 +279,18 @@ async def chat_completions(request: Request) -> Response:
         refuse_client_tools(body)
     pool, layer_name = await route_chat(gw, body)
     body.pop("metadata", None)
+    inv = None
+    if requested == SYSADMIN_MODEL and layer_name == b"meta":
+        inv = await investigate.prepare(gw, pool, body, key_name(request))
     headers = bound_generation(pool, body)
     include_usage = req.stream_options is not None and req.stream_options.include_usage
     watch = chat_watch(gw, pool, body, req.stream, include_usage)
     if gw.settings.gateway.log_level == "debug":
         log.debug("chat %s → %s: %s", requested, pool.name, json.dumps(body)[:2000])
+    if inv is not None:
+        return await investigate.respond(gw, inv, pool, body, stream=req.stream, model=requested,
+                                         t0=t0, rename=_renamer(layer_name), gate=_chat_gate(gw),
+                                         watch=watch, headers=headers)
     return await forward(gw, pool, "/chat/completions", body, req.stream, requested,
                          _renamer(layer_name), t0, route="chat", gate=_chat_gate(gw),
                          watch=watch, headers=headers)

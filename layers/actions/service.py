@@ -178,13 +178,17 @@ async def handle_proposals(
     settings: Settings,
     *,
     on_result: ResultHook | None = None,
+    actor: str = "pipeline",
 ) -> list[Proposal]:
-    """Screen, decide and (where the autonomy level allows) run each proposal."""
+    """Screen, decide and (where the autonomy level allows) run each proposal.
+    ``actor`` is who proposed (the audit log's first entry): the pipeline, or ``chat:…``
+    for a change asked for in a chat (incident-less: it always waits for an admin)."""
     await expire_due(store)
     scope = await incident_scope(store, incident_id)
     out: list[Proposal] = []
     for item in proposals:
-        out.append(await _handle_one(incident_id, scope, item, store, settings, on_result))
+        out.append(await _handle_one(incident_id, scope, item, store, settings, on_result,
+                                     actor))
     return out
 
 
@@ -195,8 +199,8 @@ async def _handle_one(
     store: Store,
     settings: Settings,
     on_result: ResultHook | None,
+    actor: str = "pipeline",
 ) -> Proposal:
-    actor = "pipeline"
     if isinstance(item, Proposal):
         stored: Proposal | None = item
         action, params, rationale = item.action, item.params, item.rationale

@@ -56,9 +56,10 @@ from layers.store import Store
 
 log = logging.getLogger("ai_sysadmin.pipeline.evidence")
 
-# (incident id, action, params) -> what the read did. The daemon's reader is the action
-# service's run_read; the quality harness answers from a scenario's recordings.
-Reader = Callable[[str, str, dict[str, Any]], Awaitable[ReadOutcome]]
+# (incident id or None for a chat, action, params) -> what the read did. The daemon's
+# reader is the action service's run_read; the quality harness answers from a scenario's
+# recordings.
+Reader = Callable[[str | None, str, dict[str, Any]], Awaitable[ReadOutcome]]
 # (nonce, reads still allowed, evidence items, facts) -> the prompt of one step.
 Prompt = Callable[[str, Sequence[str] | None, int, Sequence[Mapping[str, Any]], Sequence[str]],
                   list[dict[str, str]]]
@@ -221,32 +222,34 @@ def switch_fact(generations: Sequence[Generation], started: float | None, window
 # -- the loop -------------------------------------------------------------------------------
 
 
-class EvidenceLoop:
-    """Gathers one incident's evidence (see the module docstring)."""
+# A step's record -> None: where records go besides the audit log (an incident's timeline).
+Timeline = Callable[[dict[str, Any]], Awaitable[None]]
 
-    def __init__(self, settings: Settings, store: Store, layers: LayerClients, inc: Incident,
-                 *, reader: Reader, reads: Sequence[str], catalog_names: Sequence[str],
-                 prompt: Prompt, grounds: Sequence[str],
-                 retry: Callable[..., Awaitable[Any]], local_profile: bool = False) -> None:
+
+class Reads:
+    """Read-only catalog reads under one budget: the guard against repeats, the step,
+    character and time budgets, and the records of every step (audit log, and a timeline
+    where there is one). The meta stage's loop and the chat's investigation
+    (layers/pipeline/investigation.py) both read through it."""
+
+    def __init__(self, settings: Settings, store: Store, *, reader: Reader,
+                 reads: Sequence[str], subject: str, incident_id: str | None,
+                 actor: str, timeline: Timeline | None = None,
+                 budget: Budget | None = None) -> None:
         self.settings = settings
-        self.cfg = settings.pipeline
         self.store = store
-        self.layers = layers
-        self.inc = inc
         self.reader = reader
         self.reads = [r for r in reads if r in catalog.CATALOG
                       and not catalog.CATALOG[r].is_change]
-        self.catalog_names = list(catalog_names)
-        self.prompt = prompt
-        self.grounds = list(grounds)
-        self.checked_json = retry
-        # Reads run on this machine: its own system profile may stand in for a failed read.
-        self.local_profile = local_profile
-        self.budget = Budget.of(settings)
+        self.subject = subject
+        self.incident_id = incident_id
+        self.actor = actor
+        self.timeline = timeline
+        self.budget = budget or Budget.of(settings)
         self.evidence = Evidence()
         self.seen: dict[str, int] = {}
         self.chars = 0
-        self.deadline = 0.0
+        self.deadline = time.monotonic() + self.budget.seconds
 
     # -- budgets --
 
@@ -259,12 +262,13 @@ class EvidenceLoop:
     # -- records --
 
     async def _audit(self, kind: str, detail: dict[str, Any], step: int | None = None) -> None:
-        subject = f"{self.inc.id}#e{step}" if step is not None else self.inc.id
-        await self.store.append_audit("meta:evidence", kind, subject,
-                                      {"incident": self.inc.id, **detail})
+        subject = f"{self.subject}#e{step}" if step is not None else self.subject
+        extra = {"incident": self.incident_id} if self.incident_id else {}
+        await self.store.append_audit(self.actor, kind, subject, {**extra, **detail})
 
     async def _timeline(self, detail: dict[str, Any]) -> None:
-        await self.store.add_timeline(self.inc.id, "evidence", detail)
+        if self.timeline is not None:
+            await self.timeline(detail)
 
     async def fact(self, text: str, steps: Sequence[int]) -> None:
         self.evidence.facts.append(text)
@@ -303,7 +307,7 @@ class EvidenceLoop:
         else:
             self.seen[key] = sid
             try:
-                outcome = await asyncio.wait_for(self.reader(self.inc.id, action, raw),
+                outcome = await asyncio.wait_for(self.reader(self.incident_id, action, raw),
                                                  timeout=max(self.remaining(), 0.001))
             except TimeoutError:
                 step.status, step.code = "timed_out", "time_budget"
@@ -322,6 +326,35 @@ class EvidenceLoop:
         await self._timeline(record)
         await self._audit("evidence", {**record, "output": step.output[:1000]}, sid)
         return step
+
+    def offered(self) -> list[str]:
+        """Reads the next step's schema offers: not one without params already made (it
+        could only be the same read again; a repeat is refused anyway)."""
+        return [n for n in self.reads
+                if catalog.CATALOG[n].params.model_fields or self._key(n, {}) not in self.seen]
+
+
+class EvidenceLoop(Reads):
+    """Gathers one incident's evidence (see the module docstring)."""
+
+    def __init__(self, settings: Settings, store: Store, layers: LayerClients, inc: Incident,
+                 *, reader: Reader, reads: Sequence[str], catalog_names: Sequence[str],
+                 prompt: Prompt, grounds: Sequence[str],
+                 retry: Callable[..., Awaitable[Any]], local_profile: bool = False) -> None:
+        async def timeline(detail: dict[str, Any]) -> None:
+            await store.add_timeline(inc.id, "evidence", detail)
+
+        super().__init__(settings, store, reader=reader, reads=reads, subject=inc.id,
+                         incident_id=inc.id, actor="meta:evidence", timeline=timeline)
+        self.cfg = settings.pipeline
+        self.layers = layers
+        self.inc = inc
+        self.catalog_names = list(catalog_names)
+        self.prompt = prompt
+        self.grounds = list(grounds)
+        self.checked_json = retry
+        # Reads run on this machine: its own system profile may stand in for a failed read.
+        self.local_profile = local_profile
 
     # -- the deterministic part --
 
@@ -364,12 +397,6 @@ class EvidenceLoop:
         await self.fact(text, steps)
 
     # -- the model's steps --
-
-    def offered(self) -> list[str]:
-        """Reads the next step's schema offers: not one without params already made (it
-        could only be the same read again; a repeat is refused anyway)."""
-        return [n for n in self.reads
-                if catalog.CATALOG[n].params.model_fields or self._key(n, {}) not in self.seen]
 
     async def step(self, reads_left: int, offered: Sequence[str]) -> prompts.EvidenceStep:
         ids = self.evidence.citable

@@ -365,3 +365,109 @@ def meta_messages(
         else:
             parts.append("The evidence budget is spent: decide now.")
     return [{"role": "system", "content": system}, {"role": "user", "content": "\n".join(parts)}]
+
+
+# -- the chat's investigation (layers/pipeline/investigation.py) -----------------------------
+
+
+class ChatStep(BaseModel):
+    """One step of the chat's investigation: ``read`` a read-only action, ``propose`` one
+    change the administrator asked for, or ``answer``. Parsed leniently like
+    :class:`EvidenceStep` (the investigation refuses what may not run or be proposed);
+    :attr:`strict_schema` is what the layer is asked to write."""
+
+    model_config = ConfigDict(extra="forbid")
+    strict_schema: ClassVar[dict[str, Any]] = {}
+
+    read: str | None = Field(None, max_length=64)
+    params: dict[str, Any] = Field(default_factory=dict)
+    propose: str | None = Field(None, max_length=64)
+    rationale: str = Field("", max_length=160)
+    answer: bool | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> ChatStep:
+        if sum(x is not None for x in (self.read, self.propose, self.answer)) != 1:
+            raise ValueError("answer exactly one of read, propose or answer")
+        return self
+
+    @classmethod
+    def model_json_schema(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return cls.strict_schema or super().model_json_schema(*args, **kwargs)
+
+
+def _params_variant(key: str, name: str, params: type[BaseModel],
+                    defs: dict[str, Any], extra: Mapping[str, Any] | None = None,
+                    ) -> dict[str, Any]:
+    ps = params.model_json_schema()
+    defs.update(ps.pop("$defs", {}))
+    ps.pop("title", None)
+    props: dict[str, Any] = {key: {"const": name}, "params": ps, **(extra or {})}
+    return {"type": "object", "additionalProperties": False, "properties": props,
+            "required": list(props)}
+
+
+def chat_step_schema(reads: Mapping[str, type[BaseModel]],
+                     changes: Mapping[str, type[BaseModel]]) -> type[ChatStep]:
+    """``{"read": name, "params": {...}}`` per read-only action in ``reads``,
+    ``{"propose": name, "params": {...}, "rationale": "..."}`` per change in ``changes``
+    (those the administrator's message asks for), or ``{"answer": true}``."""
+    defs: dict[str, Any] = {}
+    variants = [_params_variant("read", n, p, defs) for n, p in reads.items()]
+    rationale = {"rationale": {"type": "string", "maxLength": 160}}
+    variants += [_params_variant("propose", n, p, defs, rationale) for n, p in changes.items()]
+    variants.append({"type": "object", "additionalProperties": False,
+                     "properties": {"answer": {"const": True}}, "required": ["answer"]})
+    strict: dict[str, Any] = {"title": "ChatStep", "anyOf": variants}
+    if defs:
+        strict["$defs"] = defs
+    model = create_model("ChatStep", __base__=ChatStep)
+    model.strict_schema = strict
+    return model
+
+
+def chat_step_messages(question: str, nonce: str, *, reads: Sequence[str],
+                       changes: Sequence[str], reads_left: int,
+                       evidence: Sequence[Mapping[str, Any]], facts: Sequence[str],
+                       ) -> list[dict[str, str]]:
+    """One step of the chat's investigation: the administrator's question, what was read
+    so far (fenced: untrusted), and what may be read or proposed next."""
+    may = [f"read: one read-only action below with its params ({reads_left} reads left; "
+           "its output comes back in the next prompt; a read already made is not run again)"]
+    if changes:
+        may.append("propose: one change below that the administrator asked for, with its "
+                   "params and a rationale; it is not run — it waits for an administrator's "
+                   "approval")
+    may.append("answer: true, when the evidence suffices to answer")
+    system = (
+        "You investigate an administrator's question about this Linux (NixOS) machine "
+        "before it is answered. Answer one JSON object: " + "; or ".join(may) + ". "
+        + _untrusted_note(nonce) + " " + _evidence_note(nonce)
+    )
+    parts = ["The administrator asks:", question.strip()[:2000],
+             "Evidence gathered so far (step, read, output):",
+             fence("EVIDENCE", list(evidence), nonce)]
+    if facts:
+        parts += ["Facts (computed by ai-sysadmin, not by a model):",
+                  fence("FACTS", list(facts), nonce)]
+    if reads:
+        parts += ["Read-only actions (name(params, ? optional): what it shows):",
+                  "\n".join(reads)]
+    if changes:
+        parts += ["Changes the administrator's message asks for (proposed, never run "
+                  "here):", "\n".join(changes)]
+    return [{"role": "system", "content": system}, {"role": "user", "content": "\n".join(parts)}]
+
+
+def chat_evidence_note(evidence: Sequence[Mapping[str, Any]], facts: Sequence[str],
+                       nonce: str) -> str:
+    """What the answer's system prompt gains from the investigation."""
+    parts = [
+        "Before this answer, ai-sysadmin read the machine with read-only actions. Ground "
+        "the answer in this evidence: quote the lines that show the cause, and say plainly "
+        "when the evidence does not show it. " + _evidence_note(nonce),
+        fence("EVIDENCE", list(evidence), nonce),
+    ]
+    if facts:
+        parts.append(fence("FACTS", list(facts), nonce))
+    return "\n".join(parts)

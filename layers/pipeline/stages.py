@@ -121,10 +121,8 @@ def metrics_snapshot() -> list[str]:
 
 def catalog_summaries() -> dict[str, str]:
     """Action names the meta layer may propose (the action stage checks them again)."""
-    try:
-        from layers.actions.catalog import CATALOG
-    except ImportError:  # the action stage is optional for the pipeline itself
-        return {}
+    from layers.actions.catalog import CATALOG
+
     return {name: spec.summary for name, spec in CATALOG.items()}
 
 
@@ -151,7 +149,7 @@ class IncidentWorker:
         self.reader: evidence.Reader = reader or self.run_read
         self.reads_here = reader is None
 
-    async def run_read(self, incident_id: str, action: str,
+    async def run_read(self, incident_id: str | None, action: str,
                        params: dict[str, Any]) -> ReadOutcome:
         from layers.actions.service import run_read
 

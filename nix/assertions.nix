@@ -1,0 +1,144 @@
+# What a configuration must get right, checked at evaluation (`assertions`, as NixOS
+# prints them), and what it had better not do (`warnings`). A part of module.nix
+# (nix/common.nix); the notification and Alertmanager checks are in nix/alerting.nix.
+{
+  lib,
+  config,
+  cfg,
+  layers,
+  enabledLayers,
+  accel,
+  chromaService,
+  isLoopback,
+  ...
+}:
+
+let
+  # The GPU backends a llama-cpp build says it has, from nixpkgs' cmakeFlags
+  # (`cmakeBool "GGML_CUDA" cudaSupport` renders -DGGML_CUDA:BOOL=TRUE; older builds used
+  # LLAMA_CUBLAS=ON …). A package without cmakeFlags says nothing, so nothing is assumed.
+  backendFlags = {
+    cuda = [
+      "GGML_CUDA"
+      "LLAMA_CUDA"
+      "LLAMA_CUBLAS"
+    ];
+    rocm = [
+      "GGML_HIP"
+      "GGML_HIPBLAS"
+      "LLAMA_HIPBLAS"
+    ];
+    vulkan = [
+      "GGML_VULKAN"
+      "LLAMA_VULKAN"
+    ];
+  };
+  packageFlags =
+    let
+      tried = builtins.tryEval (
+        let
+          flags = cfg.llama-cpp.package.cmakeFlags or [ ];
+        in
+        builtins.deepSeq flags flags
+      );
+    in
+    if tried.success && builtins.isList tried.value then
+      lib.filter builtins.isString tried.value
+    else
+      [ ];
+  flagIs =
+    values: backend:
+    lib.any (
+      name: lib.any (value: lib.elem "-D${name}${value}" packageFlags) values
+    ) backendFlags.${backend};
+  backendOn = flagIs [
+    ":BOOL=TRUE"
+    ":BOOL=ON"
+    "=ON"
+    "=1"
+    "=TRUE"
+  ];
+  backendOff = flagIs [
+    ":BOOL=FALSE"
+    ":BOOL=OFF"
+    "=OFF"
+    "=0"
+    "=FALSE"
+  ];
+  packageBackends = lib.filter backendOn (lib.attrNames backendFlags);
+in
+{
+  assertions =
+    map (name: {
+      assertion = layers.${name}.model != null;
+      message = "services.ai-sysadmin.llama-cpp.models.${name}.model must be set: the ${name} layer is enabled but has no GGUF model (use a path or pkgs.fetchurl, or set llama-cpp.models.${name}.enable = false).";
+    }) enabledLayers
+    ++ (
+      let
+        claims =
+          map (name: {
+            who = "llama-cpp.models.${name}.port";
+            port = layers.${name}.port;
+          }) enabledLayers
+          ++ [
+            {
+              who = "api.port";
+              port = cfg.api.port;
+            }
+          ]
+          ++ lib.optional chromaService {
+            who = "services.chromadb.port";
+            port = config.services.chromadb.port;
+          }
+          # Open WebUI also defaults to 8080, the trigger layer's port.
+          ++ lib.optional (config.services.open-webui.enable or false) {
+            who = "services.open-webui.port";
+            port = config.services.open-webui.port;
+          };
+        clash =
+          a: b:
+          lib.optional (a.port == b.port) {
+            assertion = false;
+            message = "services.ai-sysadmin: ${a.who} and ${b.who} are both ${toString a.port}; every layer and the API need their own port.";
+          };
+        pairs = lib.concatLists (
+          lib.imap0 (i: a: lib.concatMap (b: clash a b) (lib.drop (i + 1) claims)) claims
+        );
+      in
+      pairs
+    )
+    ++ [
+      {
+        # A GPU build with acceleration = "cpu" gets PrivateDevices and no device nodes, and
+        # quietly runs on the CPU (or fails to start); the other way round, a build that
+        # says it lacks the chosen backend runs on the CPU with GPU devices opened for nothing.
+        assertion =
+          !cfg.llama-cpp.enable
+          || enabledLayers == [ ]
+          || (if accel == "cpu" then packageBackends == [ ] else !(backendOff accel));
+        message =
+          if accel == "cpu" then
+            "services.ai-sysadmin.llama-cpp.package is built with ${lib.concatStringsSep " and " packageBackends} but llama-cpp.acceleration is \"cpu\": the layers would get no GPU devices and run on the CPU. Set llama-cpp.acceleration = \"${lib.head (packageBackends ++ [ "cpu" ])}\" or use a CPU build of llama-cpp."
+          else
+            "services.ai-sysadmin.llama-cpp.package is built without ${accel} support but llama-cpp.acceleration is \"${accel}\": the layers would run on the CPU. Use a llama-cpp built with ${accel} support, or leave llama-cpp.package at its default.";
+      }
+      {
+        assertion = cfg.autonomyLevel != "auto-full" || cfg.allowAutoFull;
+        message = "services.ai-sysadmin.autonomyLevel = \"auto-full\" runs medium-risk actions without approval; confirm with services.ai-sysadmin.allowAutoFull = true.";
+      }
+      {
+        assertion = !cfg.api.openFirewall || !(isLoopback cfg.api.host);
+        message = "services.ai-sysadmin.api.openFirewall opens port ${toString cfg.api.port}, but api.host is ${cfg.api.host}, which only loopback clients reach; set api.host (e.g. \"0.0.0.0\") or leave the firewall closed.";
+      }
+      {
+        assertion = cfg.database.type != "postgresql" || cfg.database.createLocally || cfg.database.url != null || cfg.api.environmentFile != null;
+        message = "services.ai-sysadmin.database: PostgreSQL without createLocally needs database.url or AI_SYSADMIN_STORE__URL in api.environmentFile.";
+      }
+    ];
+
+  warnings =
+    map (
+      name: "services.ai-sysadmin.llama-cpp.models.${name}.host is ${layers.${name}.host}: llama-server has no authentication, so anyone who reaches that address can use the ${name} layer; keep it on loopback unless a firewall or VPN guards it."
+    ) (lib.filter (name: !(isLoopback layers.${name}.host)) enabledLayers)
+    ++ lib.optional (!(isLoopback cfg.api.host) && cfg.api.apiKeysFile == null && cfg.api.environmentFile == null) "services.ai-sysadmin.api.host is ${cfg.api.host} but no api.apiKeysFile is set; the API will refuse every non-loopback client until keys are configured.";
+}
