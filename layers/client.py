@@ -34,6 +34,18 @@ log = logging.getLogger("ai_sysadmin.client")
 # (truncated, invalid, or refused as degenerate by the stages): at temperature 0 the same
 # prompt gives the same answer (a fresh nonce alone barely changes it).
 RETRY_TEMPERATURE = 0.5
+# Each try after the first also gets its own sampling seed: two retries at the same
+# temperature and seed would be identical work (the bench counted 4 of 84 requests so
+# before seeds: the second and third try of a truncated batch, both at 0.5).
+SEEDS_PER_ATTEMPT = 100
+
+
+def retry_sampling(attempt: int, temperature: float = 0.0, seed: int = 0) -> dict[str, Any]:
+    """Sampling fields of try ``attempt`` (0: the first): the first as asked, each later
+    one at least ``RETRY_TEMPERATURE`` with a seed of its own."""
+    if attempt == 0:
+        return {"temperature": temperature}
+    return {"temperature": max(temperature, RETRY_TEMPERATURE), "seed": seed + attempt}
 
 M = TypeVar("M", bound=BaseModel)
 Flavor = Literal["llama-server", "llama-cpp-python", "openai"]
@@ -541,11 +553,13 @@ class LayerPool:
         max_tokens: int,
         temperature: float = 0.0,
         retries: int = 1,
+        seed: int | None = None,
     ) -> M:
         """A JSON-schema constrained completion, validated. Truncated output
         (``finish_reason: length``) or output that does not validate is retried — with
-        at least ``RETRY_TEMPERATURE``: at temperature 0 the same request gives the same
-        answer, so an identical resend would be work repeated for nothing — then raised
+        at least ``RETRY_TEMPERATURE`` and a seed of its own (:func:`retry_sampling`): the
+        same request gives the same answer, so an identical resend would be work repeated
+        for nothing — then raised
         as :class:`StructuredOutputError` — the caller must never assume health."""
         body = {
             "model": self.name,
@@ -561,9 +575,11 @@ class LayerPool:
         work = Work(prompt_chars=sum(len(str(m.get("content") or "")) for m in messages),
                     max_tokens=max_tokens)
         error: StructuredOutputError | None = None
+        if seed is not None:
+            body["seed"] = seed
         for attempt in range(retries + 1):
             if attempt:
-                body["temperature"] = max(temperature, RETRY_TEMPERATURE)
+                body.update(retry_sampling(attempt, temperature, seed or 0))
             data = await self.chat(body, work=work)
             try:
                 choice = data["choices"][0]

@@ -36,6 +36,7 @@ class FakeUpstream:
     port: int = field(default_factory=free_port)
     calls: int = 0
     temperatures: list[float] = field(default_factory=list)
+    sampling: list[tuple[Any, Any]] = field(default_factory=list)
 
     def app(self) -> FastAPI:
         app = FastAPI()
@@ -46,7 +47,9 @@ class FakeUpstream:
 
         @app.post("/v1/chat/completions")
         async def chat(request: Request) -> dict[str, Any]:
-            self.temperatures.append((await request.json()).get("temperature"))
+            sent = await request.json()
+            self.temperatures.append(sent.get("temperature"))
+            self.sampling.append((sent.get("temperature"), sent.get("seed")))
             self.calls += 1
             return {"id": "x", "object": "chat.completion", "model": "fake",
                     "choices": [{"index": 0, "finish_reason": self.finish_reason,
@@ -92,6 +95,24 @@ async def classify(settings: Settings, store: Store, clients: LayerClients,
 
 
 OOM = Event(message="Out of memory: Killed process 4242 (java) total-vm:100kB", host="h1")
+
+
+async def test_every_retry_samples_differently_never_an_identical_resend_fake_upstream(
+    tmp_path: Path, store: Store, fake: FakeUpstream
+) -> None:
+    """Three tries of a truncated batch (layer_retries 2): each with its own temperature
+    or seed — two tries at 0.5 with no seed were identical work (the detection bench
+    counted 4 of 84 requests so)."""
+    fake.content, fake.finish_reason = '{"v": [', "length"
+    settings = settings_for(tmp_path, fake.port)
+    settings.pipeline.layer_retries = 2
+    clients = LayerClients(settings)
+    try:
+        await classify(settings, store, clients, [OOM])
+    finally:
+        await clients.aclose()
+    assert fake.calls >= 3
+    assert len(set(fake.sampling)) == len(fake.sampling), fake.sampling
 
 
 async def test_trigger_garbage_fake_upstream_keeps_rule_verdict_unreviewed(

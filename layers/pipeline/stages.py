@@ -33,11 +33,11 @@ import psutil
 from pydantic import BaseModel
 
 from layers.client import (
-    RETRY_TEMPERATURE,
     LayerClients,
     LayerError,
     LayerPool,
     StructuredOutputError,
+    retry_sampling,
 )
 from layers.config import Settings
 from layers.events import (
@@ -92,7 +92,7 @@ async def checked_json(
         try:
             out = await pool.chat_json(
                 messages, schema, max_tokens=max_tokens, retries=0,
-                temperature=RETRY_TEMPERATURE if attempt else 0.0,
+                **retry_sampling(attempt),
             )
         except StructuredOutputError as exc:
             error = exc

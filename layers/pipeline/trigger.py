@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 from layers.client import (
     RETRY_TEMPERATURE,
+    SEEDS_PER_ATTEMPT,
     LayerError,
     LayerPool,
     LayerTimeout,
@@ -223,6 +224,7 @@ class TriggerStage:
                 max_tokens=self.cfg.trigger_max_tokens * len(cands) + 32,
                 retries=self.cfg.layer_retries,
                 temperature=RETRY_TEMPERATURE if attempt else 0.0,
+                seed=attempt * SEEDS_PER_ATTEMPT if attempt else None,
             )
         except LayerTimeout as exc:
             await self._timed_out(cands, exc, attempt)
