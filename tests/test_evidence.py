@@ -628,7 +628,7 @@ async def test_where_nix_env_may_not_lock_the_profile_its_links_date_the_switch_
         "nix-env": {"rc": 1, "out": "error: opening lock file '/nix/var/nix/profiles/"
                     "system.lock': Permission denied\n"},
         "nix": {"out": "nginx: 1.26.2 → 1.27.4, +12.0 KiB\n"}})
-    settings = loop_settings(tmp_path, adversary.port, progs)
+    settings = loop_settings(tmp_path, adversary.port, progs, autonomy="auto-full")
     adversary.answers["EvidenceStep"] = lambda r: {"decide": decision(cites=[2])}
     incident = await escalated_incident(store, timestamp=now)
     await diagnose(settings, store)
@@ -638,6 +638,16 @@ async def test_where_nix_env_may_not_lock_the_profile_its_links_date_the_switch_
     (fact,) = [s["fact"] for s in entries if "fact" in s]
     assert "5 min after the switch to NixOS generation 143" in fact
     assert f"the links of {profile}" in fact and "Step 2 shows what the switch changed" in fact
+    # The model proposed nothing; the switch calls for the rollback all the same, as a
+    # fact of ai-sysadmin's with the diff as its rationale — and, high risk, it waits for
+    # an admin even at auto-full.
+    detail = await store.get_incident(incident)
+    assert detail is not None and detail.decision is not None
+    assert [(p.action, p.status) for p in detail.proposals] == [("nixos_rollback", "pending")]
+    assert "nginx: 1.26.2 → 1.27.4" in detail.proposals[0].rationale
+    assert detail.proposals[0].rationale.startswith("ai-sysadmin (fact")
+    assert 2 in detail.decision.evidence
+    assert [c[0] for c in progs.calls()] == ["nix-env", "nix"]  # nothing ran
 
 
 def test_clip_keeps_head_and_tail() -> None:

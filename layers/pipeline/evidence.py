@@ -50,7 +50,7 @@ from layers.actions import catalog
 from layers.actions.service import ReadOutcome
 from layers.client import LayerClients, LayerError, LayerTimeout
 from layers.config import Settings
-from layers.events import Decision, Incident
+from layers.events import Decision, Incident, ProposedAction
 from layers.pipeline import prompts, validate
 from layers.store import Store
 
@@ -121,6 +121,11 @@ class Evidence:
     decision: Decision | None = None  # decided during the loop (it passed the checks)
     spent: Spent | None = None
     seconds: float = 0.0
+    # The incident came soon after a NixOS switch: the fact, what the switch changed (the
+    # closure diff's head, when it was read), and the steps they rest on.
+    switch: str | None = None
+    switch_diff: str = ""
+    switch_steps: list[int] = field(default_factory=list)
 
     @property
     def citable(self) -> list[int]:
@@ -389,11 +394,16 @@ class EvidenceLoop(Reads):
                                        self.cfg.evidence_switch_window, source)
         if text is None:
             return
+        diff_text = ""
         if correlated and CLOSURE_DIFF in self.reads and self.remaining() > 0:
             diff = await self.read(CLOSURE_DIFF, {}, by="ai-sysadmin")
             if diff.status == "ok":
                 text += f" Step {diff.id} shows what the switch changed."
                 steps.append(diff.id)
+                diff_text = diff.output
+        if correlated:
+            self.evidence.switch, self.evidence.switch_diff = text, diff_text
+            self.evidence.switch_steps = list(steps)
         await self.fact(text, steps)
 
     # -- the model's steps --
@@ -473,3 +483,33 @@ class EvidenceLoop(Reads):
                               "model_reads": sum(s.by == "model" for s in ev.steps),
                               "chars": self.chars, "seconds": round(ev.seconds, 1)})
         return ev
+
+
+# -- the rollback a correlated switch calls for (deterministic) -----------------------------
+
+ROLLBACK = "nixos_rollback"
+_RATIONALE_CHARS = 300
+
+
+def with_switch_rollback(decision: Decision, ev: Evidence | None) -> Decision:
+    """An incident that came soon after a switch gets the rollback proposed — high risk,
+    so it always waits for an admin — with the switch and its closure diff as the
+    rationale: a fact of ai-sysadmin's, added whatever the model decided (unless it
+    proposed the rollback itself, or the decision has no room left)."""
+    if ev is None or ev.switch is None:
+        return decision
+    if any(p.action == ROLLBACK for p in decision.proposals) or len(decision.proposals) >= 5:
+        return decision
+    changed = " ".join(line.strip() for line in ev.switch_diff.splitlines()
+                       if line.strip())
+    why = "ai-sysadmin (fact, not a model's view): the incident began soon after the last " \
+          "switch"
+    if changed:
+        why += f"; it changed: {changed}"
+    rationale = why if len(why) <= _RATIONALE_CHARS else why[:_RATIONALE_CHARS - 1] + "…"
+    cited = list(dict.fromkeys([*decision.evidence, *ev.switch_steps]))[:32]
+    return decision.model_copy(update={
+        "proposals": [*decision.proposals,
+                      ProposedAction(action=ROLLBACK, params={}, rationale=rationale)],
+        "evidence": cited,
+    })

@@ -241,6 +241,7 @@ class IncidentWorker:
                 log.warning("incident %s undiagnosed (unreviewed): %s", inc.id, exc.message)
                 await self.store.record_decision(inc.id, None, error=exc.message)
                 return
+        decision = evidence.with_switch_rollback(decision, gathered)
         proposals = await self.store.record_decision(
             inc.id, decision, proposal_ttl=self.settings.actions.approval_ttl
         )
