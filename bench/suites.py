@@ -14,6 +14,7 @@ from typing import Any
 from bench import stack
 from bench.measure import Run, chat_body, measure, measure_interleaved, paired_difference
 from bench.procs import Server
+from layers.generation import TURN_MARKERS
 
 # lean (bench/lean_proxy.py) is a reference point: bare ASGI + a raw asyncio upstream client.
 PROXIES = ("passthrough", "lean", "gateway", "litellm")
@@ -192,6 +193,12 @@ def suite_real(opts: Options) -> SuiteResult:
         # server's prompt cache treats every path alike).
         sbody = chat_body(True, max_tokens=8, content="Name one Linux init system.")
         nbody = chat_body(False, max_tokens=16, content="Name one Linux init system.")
+        # Every path gets the stop strings the gateway adds for this model (Gemma's turn
+        # markers): without them the direct path streams past the end of the model's turn
+        # while the gateway's answer ends there — often before its first text, so its
+        # "first token" was the finish chunk and TTFT compared different generations.
+        for body in (sbody, nbody):
+            body["stop"] = list(TURN_MARKERS)
         _warm(paths, nbody)
         # Counted requests, not a duration: one answer takes ~0.2-2 s on two shared cores.
         # 6 × 60 streams a path: the TTFT of one stream varies by ±5 ms on two shared cores,

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from gateway.errors import install_error_handlers
 from gateway.routes import (
     actions,
+    agent,
     alertmanager,
     dashboard,
     events,
@@ -46,6 +47,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(openai.router)
     app.include_router(responses.router)  # POST /v1/responses
     app.include_router(actions.router)
+    app.include_router(agent.router)  # fleet agents: claim and report their host's actions
     events.install(app)  # the pipeline: store, trigger stage, /v1/events
     alertmanager.install(app)  # POST /v1/alertmanager, after the pipeline (its store)
     notify.install(app)  # the notification outbox's delivery worker (uses that store)

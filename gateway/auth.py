@@ -13,6 +13,7 @@ from fastapi import Request
 
 from gateway.errors import OpenAIError
 from layers.config import Settings
+from layers.store.hosts import PREFIX as HOST_KEY_PREFIX
 
 
 class KeyRing:
@@ -105,14 +106,65 @@ def authenticate(request: Request, *, admin: bool = False) -> None:
         raise OpenAIError(401, "invalid API key", code="invalid_api_key")
 
 
+async def _host_of(request: Request, presented: bytes | None) -> str | None:
+    """The fleet host whose key was presented (layers/store/hosts.py), or None."""
+    if presented is None or not presented.startswith(HOST_KEY_PREFIX.encode()):
+        return None
+    from gateway.state import host_keys
+
+    return await (await host_keys(request.app.state.gw)).lookup(presented.decode(errors="replace"))
+
+
 async def require_key(request: Request) -> None:
-    """Dependency: any configured API key (or the admin key)."""
-    authenticate(request)
+    """Dependency: any configured API key (or the admin key). A host key is refused
+    here (403): it may post its host's events and take its host's actions, nothing else."""
+    try:
+        authenticate(request)
+    except OpenAIError as exc:
+        if exc.status == 401 and await _host_of(request, _bearer(request)) is not None:
+            raise OpenAIError(403, "a host key may post its host's events and take its "
+                              "host's actions only (docs/fleet.md)",
+                              code="host_key_scope") from None
+        raise
+
+
+async def require_key_or_host(request: Request) -> None:
+    """Dependency: an API key, or a fleet host's key — then ``request.state.host`` names
+    the host it is scoped to (None for every other key)."""
+    request.state.host = None
+    try:
+        authenticate(request)
+    except OpenAIError as exc:
+        if exc.status != 401:
+            raise
+        host = await _host_of(request, _bearer(request))
+        if host is None:
+            raise
+        request.state.host = host
+
+
+async def require_host(request: Request) -> str:
+    """Dependency: a fleet host's key only (the agent routes); returns its host."""
+    host = await _host_of(request, _bearer(request))
+    if host is None:
+        if _bearer(request) is None:
+            raise OpenAIError(401, "missing host key: send 'Authorization: Bearer <key>'",
+                              code="missing_api_key")
+        raise OpenAIError(401, "invalid host key (revoked, or not a host key)",
+                          code="invalid_api_key")
+    request.state.host = host
+    return host
 
 
 async def require_admin(request: Request) -> None:
-    """Dependency: the admin key."""
-    authenticate(request, admin=True)
+    """Dependency: the admin key (a host key is refused with 403: hosts approve nothing)."""
+    try:
+        authenticate(request, admin=True)
+    except OpenAIError as exc:
+        if exc.status == 401 and await _host_of(request, _bearer(request)) is not None:
+            raise OpenAIError(403, "this route needs the admin key; a host key approves "
+                              "nothing", code="admin_key_required") from None
+        raise
 
 
 async def require_key_for_models(request: Request) -> None:

@@ -17,6 +17,7 @@ from layers.client import LayerClients
 from layers.config import Settings
 from layers.context import ContextSource, HostFacts
 from layers.store import Store, open_store
+from layers.store.hosts import Hosts
 from layers.supervisor import Supervisor
 
 log = logging.getLogger("ai_sysadmin.gateway")
@@ -42,6 +43,7 @@ class GatewayState:
         # on first use by :func:`store_of` (``actions_store``).
         self.store: Store | None = None
         self.actions_store: Store | None = None
+        self.hosts: Hosts | None = None  # fleet host keys, on the store (host_keys)
 
     async def start(self) -> None:
         if self.keys.open_to_loopback:
@@ -99,3 +101,10 @@ async def store_of(gw: GatewayState) -> Store:
             gw.on_close.append(opened.close)
     assert gw.actions_store is not None
     return gw.actions_store
+
+
+async def host_keys(gw: GatewayState) -> Hosts:
+    """The fleet's host keys, on the gateway's store."""
+    if gw.hosts is None:
+        gw.hosts = Hosts(await store_of(gw))
+    return gw.hosts

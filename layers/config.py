@@ -15,6 +15,7 @@ a typo must not silently fall back to a default on a machine the sysadmin touche
 from __future__ import annotations
 
 import os
+import socket
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -792,6 +793,51 @@ _CHANNEL_NAME = r"^[a-z0-9][a-z0-9_-]{0,31}$"
 _QUIET_HOURS = r"^([01][0-9]|2[0-3]):[0-5][0-9]-([01][0-9]|2[0-3]):[0-5][0-9]$"
 
 
+class FleetConfig(Section):
+    """One gateway and its layers for many hosts (docs/fleet.md)."""
+
+    role: Literal["both", "server", "agent"] = Field(
+        "both",
+        description="both: the single-machine default (server and agent in one process "
+        "tree); server: layers, gateway and pipeline, actions for other hosts go to their "
+        "agents; agent: this host's collectors and root helper, and a loop that runs the "
+        "actions meant for this host (`ai-sysadmin agent`).",
+    )
+    host: str | None = Field(
+        None, min_length=1, max_length=255,
+        description="This machine's host name in events and actions. Empty: the system's "
+        "host name. Actions of incidents on this host (or `localhost`) run here; those of "
+        "any other host wait for that host's agent.",
+    )
+    gateway_url: str | None = Field(
+        None, description="agent: the server's gateway, e.g. `https://ai.example.org:8083`.",
+    )
+    key_file: Path | None = Field(
+        None, description="agent: file holding this host's key (`ai-sysadmin hosts add`); "
+        "under systemd a `LoadCredential` path.",
+    )
+    lease_seconds: float = Field(
+        300.0, gt=0, description="How long an agent holds an action it claimed before it "
+        "must report; an action whose lease runs out is failed as `lease_expired` (never "
+        "run twice: its outcome is unknown).",
+    )
+    dispatch_ttl: float = Field(
+        3600.0, gt=0, description="Seconds an approved action for another host waits for "
+        "its agent to claim it; then it expires.",
+    )
+    poll_seconds: float = Field(
+        2.0, gt=0, description="agent: how long one claim request waits for work (long "
+        "poll) before the agent asks again.",
+    )
+
+    def local_host(self) -> str:
+        return self.host or socket.gethostname()
+
+    def is_local(self, host: str | None) -> bool:
+        """Whether an incident on ``host`` is this machine's (its actions run here)."""
+        return host is None or host in ("localhost", self.local_host())
+
+
 class NotifyChannelConfig(Section):
     """One notification channel: an apprise URL and what it wants to hear about."""
 
@@ -939,6 +985,7 @@ class Settings(BaseSettings):
     alertmanager: AlertmanagerConfig = Field(default_factory=AlertmanagerConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     notify: NotifyConfig = Field(default_factory=NotifyConfig)
+    fleet: FleetConfig = Field(default_factory=FleetConfig)
 
     @field_validator("state_dir", mode="after")
     @classmethod

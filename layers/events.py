@@ -260,6 +260,8 @@ class Proposal(BaseModel):
     decided_by: str | None = None
     result: ActionResult | None = None
     merge_count: int = 0
+    # The host it runs on: None for this machine, else that host's agent (docs/fleet.md).
+    host: str | None = None
 
 
 class AuditEntry(BaseModel):

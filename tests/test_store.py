@@ -3,6 +3,7 @@ PostgreSQL (a real server started by the ``pg_cluster`` fixture)."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 from collections.abc import AsyncIterator
@@ -12,6 +13,7 @@ import pytest
 
 from layers.events import ActionResult, Decision, Event, ProposedAction, Review
 from layers.store import Prefiltered, Store, VerdictInput, make_store
+from layers.store.migrations import MIGRATIONS
 from tests.postgres import PgCluster, pg_cluster  # noqa: F401
 
 _db_counter = itertools.count()
@@ -46,11 +48,11 @@ async def classify_all(store: Store, anomaly: bool = True, unit: str | None = No
 
 
 async def test_migrations_are_versioned_and_reopen_is_a_noop(store: Store, tmp_path: Path) -> None:
-    assert await store.schema_version() == 4
+    assert await store.schema_version() == len(MIGRATIONS) == 5
     await store.add_events([ev(1)])
     # Re-running the migrations on an opened store changes nothing and keeps the data.
     await store._migrate()  # type: ignore[attr-defined]
-    assert await store.schema_version() == 4
+    assert await store.schema_version() == len(MIGRATIONS) == 5
     assert [e.id for e in await store.get_events(["e1"])] == ["e1"]
 
 
@@ -209,3 +211,22 @@ async def test_retention_deletes_old_finished_rows_only(store: Store) -> None:
     assert await store.event_counts() == {"new": 1}
     # A deleted id may be accepted again (it is no longer known).
     assert (await store.add_events([ev(1)])).accepted == ["e1"]
+
+
+async def test_concurrent_claims_hand_each_approved_action_out_once_per_its_host(
+    store: Store,
+) -> None:
+    """Fleet: agents (or gateways) claiming at once get each approved action once, only
+    their own host's, on both backends (PostgreSQL: SKIP LOCKED)."""
+    ids = []
+    for i, host in enumerate(["a", "a", "a", "b"]):
+        p = await store.add_proposal("restart_unit", {"unit": f"u{i}.service"}, "r",
+                                     status="approved", host=host)
+        ids.append(p.id)
+    claims = await asyncio.gather(*(store.claim_proposal("a", f"agent:a#{n}", 60)
+                                    for n in range(6)))
+    got = [c.id for c in claims if c is not None]
+    assert sorted(got) == sorted(ids[:3]) and len(set(got)) == 3
+    assert all(c.status == "running" and c.host == "a" for c in claims if c is not None)
+    assert (await store.claim_proposal("b", "agent:b", 60)).id == ids[3]  # type: ignore[union-attr]
+    assert await store.claim_proposal("b", "agent:b", 60) is None

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from gateway.auth import require_admin, require_key
+from gateway.auth import require_admin, require_key_or_host
 from gateway.errors import OpenAIError
 from gateway.state import GatewayState, store_of
 from layers.actions import service
@@ -40,28 +40,38 @@ async def _view(store: Store, p: Proposal) -> dict[str, Any]:
     return {"object": "action", **p.model_dump(), "incident": await _incident(store, p.incident_id)}
 
 
-@router.get("/v1/actions", dependencies=[Depends(require_key)])
+@router.get("/v1/actions", dependencies=[Depends(require_key_or_host)])
 async def list_actions(
     request: Request,
     status: Annotated[ProposalStatus | None, Query(description="only this status")] = None,
     incident_id: Annotated[str | None, Query(max_length=128)] = None,
+    host: Annotated[str | None, Query(max_length=255, description="only this host's")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict[str, Any]:
     store = await _store(request)
     await service.expire_due(store)
+    scoped: str | None = request.state.host  # a host key reads its own host's only
+    if scoped is not None and host not in (None, scoped):
+        raise OpenAIError(403, f"this key is the host {scoped!r}'s: it reads that host's "
+                          "actions only", param="host", code="host_mismatch")
     items = await store.list_proposals(
-        status=[status] if status else None, incident_id=incident_id, limit=limit
+        status=[status] if status else None, incident_id=incident_id,
+        host=scoped or host, limit=limit,
     )
     return {"object": "list", "data": [await _view(store, p) for p in items]}
 
 
-@router.get("/v1/actions/{action_id}", dependencies=[Depends(require_key)])
+@router.get("/v1/actions/{action_id}", dependencies=[Depends(require_key_or_host)])
 async def get_action(request: Request, action_id: str) -> dict[str, Any]:
     store = await _store(request)
     await service.expire_due(store)
     p = await store.get_proposal(action_id)
     if p is None:
         raise OpenAIError(404, f"no action {action_id!r}", param="id", code="action_not_found")
+    scoped: str | None = request.state.host
+    if scoped is not None and p.host != scoped:
+        raise OpenAIError(403, f"this key is the host {scoped!r}'s; action {action_id} is "
+                          "not for it", param="id", code="host_mismatch")
     return await _view(store, p)
 
 

@@ -17,7 +17,7 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
 
-from gateway.auth import require_key
+from gateway.auth import require_key, require_key_or_host
 from gateway.body import read_model
 from gateway.errors import OpenAIError
 from gateway.state import GatewayState
@@ -25,7 +25,7 @@ from layers.events import Event
 from layers.pipeline.service import IncidentContext, PipelineService
 from layers.store import MAX_SEQ
 
-router = APIRouter(tags=["events"], dependencies=[Depends(require_key)])
+router = APIRouter(tags=["events"])
 
 SEQ_RE = re.compile(r"[0-9]{1,19}")
 
@@ -57,11 +57,12 @@ def pipeline(request: Request) -> PipelineService:
     return service
 
 
-@router.post("/v1/events")
+@router.post("/v1/events", dependencies=[Depends(require_key_or_host)])
 async def post_events(request: Request) -> dict[str, Any]:
     service = pipeline(request)
     cfg = service.settings.pipeline
     batch, _ = await read_model(request, EventBatch, cfg.max_batch_bytes)
+    scope_to_host(batch.events, request.state.host)
     if len(batch.events) > cfg.max_batch_events:
         raise OpenAIError(
             413, f"batch of {len(batch.events)} events exceeds the limit of "
@@ -76,7 +77,21 @@ async def post_events(request: Request) -> dict[str, Any]:
     }
 
 
-@router.get("/v1/events/stream")
+def scope_to_host(events: list[Event], host: str | None) -> None:
+    """A host key posts as its host only: an event without a host (``localhost``) becomes
+    the key's host's; one naming another host is refused, and nothing is stored (403)."""
+    if host is None:
+        return
+    for i, e in enumerate(events):
+        if e.host == "localhost":
+            e.host = host
+        elif e.host != host:
+            raise OpenAIError(403, f"events.{i}.host: this key is the host {host!r}'s; it "
+                              f"may not post events as {e.host!r}", param=f"events.{i}.host",
+                              code="host_mismatch")
+
+
+@router.get("/v1/events/stream", dependencies=[Depends(require_key)])
 async def stream(
     request: Request,
     min_severity: Literal["info", "warning", "critical"] | None = Query(None),

@@ -185,11 +185,28 @@ async def handle_proposals(
     for a change asked for in a chat (incident-less: it always waits for an admin)."""
     await expire_due(store)
     scope = await incident_scope(store, incident_id)
+    host = await _incident_host(store, incident_id)
     out: list[Proposal] = []
     for item in proposals:
         out.append(await _handle_one(incident_id, scope, item, store, settings, on_result,
-                                     actor))
+                                     actor, host))
     return out
+
+
+async def _incident_host(store: Store, incident_id: str | None) -> str | None:
+    """The host an incident's actions are for (None: no incident, this machine)."""
+    if incident_id is None:
+        return None
+    inc = await store.get_incident(incident_id)
+    return inc.host if inc is not None else None
+
+
+async def _dispatch(store: Store, settings: Settings, p: Proposal, actor: str) -> Proposal:
+    """An approved action for another host is left for that host's agent to claim
+    (docs/fleet.md): it never runs here."""
+    await _audit(store, actor, "dispatched", p, host=p.host,
+                 expires_in=settings.fleet.dispatch_ttl)
+    return p
 
 
 async def _handle_one(
@@ -200,6 +217,7 @@ async def _handle_one(
     settings: Settings,
     on_result: ResultHook | None,
     actor: str = "pipeline",
+    host: str | None = None,
 ) -> Proposal:
     if isinstance(item, Proposal):
         stored: Proposal | None = item
@@ -226,7 +244,7 @@ async def _handle_one(
             stored = await store.add_proposal(
                 name[:64], _jsonable(params) if isinstance(params, Mapping) else
                 {"unparseable": repr(params)[:500]}, rationale, incident_id=incident_id,
-                status="refused",
+                status="refused", host=host,
             )  # fmt: skip
             await _audit(store, actor, "proposed", stored, rationale=rationale)
             await _audit(store, "policy", "refused", stored, code=refusal.code,
@@ -248,7 +266,7 @@ async def _handle_one(
                 stored = await store.add_proposal(
                     planned.name, planned.params_dict(), rationale, incident_id=incident_id,
                     status="pending", risk=planned.risk.value, dry_run=planned.dry_run,
-                    expires_at=time.time() + settings.actions.approval_ttl,
+                    expires_at=time.time() + settings.actions.approval_ttl, host=host,
                 )
                 if stored.merge_count > 0:
                     await _audit(store, actor, "merged", stored, merge_count=stored.merge_count,
@@ -258,7 +276,7 @@ async def _handle_one(
                 stored = await store.add_proposal(
                     planned.name, planned.params_dict(), rationale, incident_id=incident_id,
                     status="approved" if decision.verdict is Verdict.RUN else "refused",
-                    risk=planned.risk.value, dry_run=planned.dry_run,
+                    risk=planned.risk.value, dry_run=planned.dry_run, host=host,
                 )
             await _audit(store, actor, "proposed", stored, rationale=rationale,
                          risk=planned.risk.value, dry_run=planned.dry_run)  # fmt: skip
@@ -287,6 +305,9 @@ async def _handle_one(
             await store.transition_proposal(stored.id, "approved", expected=("pending",),
                                             decided_by=actor)  # fmt: skip
         await _audit(store, actor, "approved", stored, reason=decision.reason)
+        if not settings.fleet.is_local(stored.host):
+            return await _dispatch(store, settings, await store.get_proposal(stored.id)
+                                   or stored, actor)
         running = await store.transition_proposal(stored.id, "running", expected=("approved",))
     if running is None:
         return await store.get_proposal(stored.id) or stored
@@ -400,6 +421,8 @@ async def approve(store: Store, settings: Settings, proposal_id: str, approver: 
         if approved is None:
             raise ActionError("not_pending", f"action {p.id} was decided meanwhile")
         await _audit(store, actor, "approved", approved, dry_run=planned.dry_run)
+        if not settings.fleet.is_local(approved.host):
+            return await _dispatch(store, settings, approved, actor)
         running = await store.transition_proposal(p.id, "running", expected=("approved",))
     if running is None:
         raise ActionError("not_pending", f"action {p.id} was decided meanwhile")

@@ -523,12 +523,15 @@ class Store(abc.ABC):
                 await self._timeline(tx, incident_id, "status", {"status": "unreviewed"}, now)
                 return []
             await self._timeline(tx, incident_id, "decision", decision.model_dump(), now)
+            # The actions are for the incident's host (its agent runs them, docs/fleet.md).
+            found = await tx.execute("SELECT host FROM incidents WHERE id = ?", (incident_id,))
+            host = found[0]["host"] if found else None
             proposals = []
             for p in decision.proposals:
                 proposals.append(
                     await self._add_proposal(
                         tx, incident_id, p.action, dict(p.params), p.rationale, now=now,
-                        expires_at=now + proposal_ttl if proposal_ttl else None,
+                        expires_at=now + proposal_ttl if proposal_ttl else None, host=host,
                     )
                 )
         return proposals
@@ -594,13 +597,14 @@ class Store(abc.ABC):
         risk: str | None = None,
         dry_run: str | None = None,
         expires_at: float | None = None,
+        host: str | None = None,
     ) -> Proposal:
-        """Add a proposal; a pending duplicate (same action and params) is merged into the
-        existing one (its ``merge_count`` grows) and returned instead."""
+        """Add a proposal; a pending duplicate (same action, params and host) is merged
+        into the existing one (its ``merge_count`` grows) and returned instead."""
         async with self.tx() as tx:
             return await self._add_proposal(
                 tx, incident_id, action, params, rationale, now=time.time(), status=status,
-                risk=risk, dry_run=dry_run, expires_at=expires_at,
+                risk=risk, dry_run=dry_run, expires_at=expires_at, host=host,
             )
 
     async def _add_proposal(
@@ -616,26 +620,28 @@ class Store(abc.ABC):
         risk: str | None = None,
         dry_run: str | None = None,
         expires_at: float | None = None,
+        host: str | None = None,
     ) -> Proposal:
         key = _params_key(params)
         if status == "pending":
             dup = await tx.execute(
                 "UPDATE proposals SET merge_count = merge_count + 1, updated_at = ? "
                 "WHERE id = (SELECT id FROM proposals WHERE action = ? AND params_key = ? "
-                "AND status = 'pending' ORDER BY created_at LIMIT 1) RETURNING *",
-                (now, action, key),
+                "AND status = 'pending' AND COALESCE(host, '') = ? ORDER BY created_at "
+                "LIMIT 1) RETURNING *",
+                (now, action, key, host or ""),
             )
             if dup:
                 return self._proposal(dup[0])
         unit = params.get("unit")
         rows = await tx.execute(
             "INSERT INTO proposals (id, incident_id, action, params, params_key, unit, rationale,"
-            " status, risk, dry_run, created_at, updated_at, expires_at, merge_count) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,0) RETURNING *",
+            " status, risk, dry_run, created_at, updated_at, expires_at, merge_count, host) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,0,?) RETURNING *",
             (
                 new_id("act"), incident_id, action, key, key,
                 unit if isinstance(unit, str) else None, rationale, status, risk, dry_run,
-                now, now, expires_at,
+                now, now, expires_at, host,
             ),
         )
         return self._proposal(rows[0])
@@ -650,6 +656,7 @@ class Store(abc.ABC):
         *,
         status: Sequence[ProposalStatus] | None = None,
         incident_id: str | None = None,
+        host: str | None = None,
         limit: int = 100,
     ) -> list[Proposal]:
         where: list[str] = ["1 = 1"]
@@ -660,6 +667,9 @@ class Store(abc.ABC):
         if incident_id is not None:
             where.append("incident_id = ?")
             params.append(incident_id)
+        if host is not None:
+            where.append("host = ?")
+            params.append(host)
         async with self.tx() as tx:
             rows = await tx.execute(
                 f"SELECT * FROM proposals WHERE {' AND '.join(where)} "
@@ -730,6 +740,53 @@ class Store(abc.ABC):
             if rows:
                 await self._notify_action(tx, rows[0], status, key=f"action.result:{proposal_id}")
         return self._proposal(rows[0]) if rows else None
+
+    async def claim_proposal(self, host: str, owner: str, lease: float) -> Proposal | None:
+        """An agent takes the oldest approved action for its ``host``: ``approved`` →
+        ``running`` under a lease, in one statement (two agents, or two gateways, never get
+        the same one)."""
+        now = time.time()
+        # PostgreSQL: a row another gateway is claiming is skipped, not waited for (SQLite
+        # writes one transaction at a time: the status check suffices).
+        skip = " FOR UPDATE SKIP LOCKED" if self.dialect == "postgres" else ""
+        async with self.tx() as tx:
+            rows = await tx.execute(
+                "UPDATE proposals SET status = 'running', lease_owner = ?, lease_until = ?,"
+                " updated_at = ? WHERE id = (SELECT id FROM proposals WHERE host = ? AND"
+                f" status = 'approved' ORDER BY decided_at, created_at LIMIT 1{skip})"
+                " AND status = 'approved' RETURNING *",
+                (owner, now + lease, now, host),
+            )
+        return self._proposal(rows[0]) if rows else None
+
+    async def lease_owner(self, proposal_id: str) -> tuple[str | None, float | None]:
+        async with self.tx() as tx:
+            rows = await tx.execute(
+                "SELECT lease_owner, lease_until FROM proposals WHERE id = ?", (proposal_id,))
+        return (rows[0]["lease_owner"], rows[0]["lease_until"]) if rows else (None, None)
+
+    async def expire_dispatch(self, *, local: Sequence[str], dispatch_ttl: float,
+                              now: float | None = None) -> list[Proposal]:
+        """Actions for other hosts that no agent took in time (approved → expired), and
+        those whose agent's lease ran out before it reported (running → failed: it may
+        have run; never run twice)."""
+        now = time.time() if now is None else now
+        marks = ",".join("?" * len(local))
+        async with self.tx() as tx:
+            late = await tx.execute(
+                "UPDATE proposals SET status = 'expired', updated_at = ? WHERE status ="
+                f" 'approved' AND host IS NOT NULL AND host NOT IN ({marks}) AND"
+                " decided_at IS NOT NULL AND decided_at < ? RETURNING *",
+                (now, *local, now - dispatch_ttl),
+            )
+            lost = await tx.execute(
+                "UPDATE proposals SET status = 'failed', output = ?, updated_at = ? WHERE"
+                " status = 'running' AND lease_until IS NOT NULL AND lease_until < ?"
+                " RETURNING *",
+                ("lease_expired: the agent did not report in time; the outcome is unknown",
+                 now, now),
+            )
+        return [self._proposal(r) for r in (*late, *lost)]
 
     async def expire_proposals(self, now: float | None = None) -> list[Proposal]:
         now = time.time() if now is None else now
@@ -1181,7 +1238,7 @@ class Store(abc.ABC):
             params=json.loads(r["params"]), rationale=r["rationale"], status=r["status"],
             risk=r["risk"], dry_run=r["dry_run"], created_at=r["created_at"],
             decided_at=r["decided_at"], expires_at=r["expires_at"], decided_by=r["decided_by"],
-            result=result, merge_count=r["merge_count"],
+            result=result, merge_count=r["merge_count"], host=r["host"],
         )
 
     @staticmethod

@@ -210,4 +210,25 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX deliveries_dedupe ON notification_deliveries (channel, dedupe_key, created_at)",
         ),
     ),
+    Migration(
+        5,
+        "fleet: host keys (hashed); the host an action is for, and its agent's lease",
+        (
+            # A host key is shown once; only its SHA-256 is kept (keys are 32 random bytes:
+            # a fast hash is enough, there is nothing to brute-force).
+            """CREATE TABLE hosts (
+                name TEXT PRIMARY KEY,
+                key_hash TEXT NOT NULL UNIQUE,
+                created_at {float} NOT NULL,
+                revoked_at {float},
+                last_seen {float}
+            )""",
+            # NULL: this machine (the single-machine default); else the host whose agent
+            # runs it. An agent holds a claimed action until ``lease_until``.
+            "ALTER TABLE proposals ADD COLUMN host TEXT",
+            "ALTER TABLE proposals ADD COLUMN lease_owner TEXT",
+            "ALTER TABLE proposals ADD COLUMN lease_until {float}",
+            "CREATE INDEX proposals_dispatch ON proposals (host, status, created_at)",
+        ),
+    ),
 )
