@@ -48,11 +48,11 @@ async def classify_all(store: Store, anomaly: bool = True, unit: str | None = No
 
 
 async def test_migrations_are_versioned_and_reopen_is_a_noop(store: Store, tmp_path: Path) -> None:
-    assert await store.schema_version() == len(MIGRATIONS) == 5
+    assert await store.schema_version() == len(MIGRATIONS) == 6
     await store.add_events([ev(1)])
     # Re-running the migrations on an opened store changes nothing and keeps the data.
     await store._migrate()  # type: ignore[attr-defined]
-    assert await store.schema_version() == len(MIGRATIONS) == 5
+    assert await store.schema_version() == len(MIGRATIONS) == 6
     assert [e.id for e in await store.get_events(["e1"])] == ["e1"]
 
 
@@ -230,3 +230,46 @@ async def test_concurrent_claims_hand_each_approved_action_out_once_per_its_host
     assert all(c.status == "running" and c.host == "a" for c in claims if c is not None)
     assert (await store.claim_proposal("b", "agent:b", 60)).id == ids[3]  # type: ignore[union-attr]
     assert await store.claim_proposal("b", "agent:b", 60) is None
+
+
+async def test_two_workers_lease_different_events_and_incident_stages(store: Store) -> None:
+    """Several gateways on one store: each claim leases its rows to its worker; another
+    worker skips them until the lease runs out (or the row moves on), its own worker may
+    take them again (work left after a failure)."""
+    await store.add_events([ev(i) for i in range(6)])
+    a, b = "gw-a:1", "gw-b:2"
+    store.worker_id = a
+    first = await store.claim_events("new", 4)
+    store.worker_id = b
+    second = await store.claim_events("new", 4)
+    assert [e.seq for e in first] == sorted(e.seq for e in first) and len(first) == 4
+    assert len(second) == 2 and not {e.seq for e in first} & {e.seq for e in second}
+    assert await store.claim_events("new", 4) == [] or all(
+        e.seq in {x.seq for x in second} for e in await store.claim_events("new", 4))
+    store.worker_id = a
+    assert {e.seq for e in await store.claim_events("new", 10)} >= {e.seq for e in first}
+    # Moving on (new → candidate) frees the row for the next state's claim by anyone.
+    await store.mark_prefiltered([Prefiltered(e.seq, True, "fp", "r") for e in first])
+    store.worker_id = b
+    assert {e.seq for e in await store.claim_events("candidate", 10)} == {e.seq for e in first}
+    # A run-out lease is taken over.
+    async with store.tx() as tx:
+        await tx.execute("UPDATE events SET lease_until = ? WHERE state = 'new'", (1.0,))
+    store.worker_id = a
+    assert {e.seq for e in await store.claim_events("new", 10)} == {e.seq for e in second}
+
+
+async def test_an_incident_stage_is_worked_by_one_gateway_at_a_time(store: Store) -> None:
+    await store.add_events([ev(10, "disk failing"), ev(11, "other failure", host="h2")])
+    await classify_all(store)
+    store.worker_id = "gw-a:1"
+    inc_a = await store.next_incident("review")
+    store.worker_id = "gw-b:2"
+    inc_b = await store.next_incident("review")
+    assert inc_a is not None and inc_b is not None and inc_a.id != inc_b.id
+    assert (await store.next_incident("review")).id == inc_b.id  # type: ignore[union-attr]
+    store.worker_id = "gw-c:3"
+    assert await store.next_incident("review") is None
+    # The next stage is free for anyone (the lease was the review's).
+    assert await store.record_review(inc_a.id, None, escalate=True)
+    assert (await store.next_incident("meta")).id == inc_a.id  # type: ignore[union-attr]

@@ -148,7 +148,7 @@ class TriggerStage:
         return did
 
     async def prefilter_new(self, limit: int = 2000) -> bool:
-        new = await self.store.events_in_state("new", limit)
+        new = await self.store.claim_events("new", limit)
         if not new:
             return False
         decisions = []
@@ -165,7 +165,7 @@ class TriggerStage:
         """Classify up to ``trigger_concurrency`` batches at once (the layer's slots decode
         them together) and store every verdict that came back."""
         size = self.cfg.batch_size
-        cands = await self.store.events_in_state("candidate", size * self.cfg.trigger_concurrency)
+        cands = await self.store.claim_events("candidate", size * self.cfg.trigger_concurrency)
         if not cands:
             return False
         batches = self.batches(cands)[: self.cfg.trigger_concurrency]

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import abc
 import json
+import os
+import secrets
+import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -47,6 +50,10 @@ Row = dict[str, Any]
 
 
 MAX_SEQ = 2**63 - 1  # BIGINT: the largest sequence number a store can hold
+# Seconds a worker holds the events or the incident stage it took (claim_events,
+# next_incident) before another gateway may take them over: longer than one trigger
+# batch or stage takes with its retries and halving on a slow machine.
+WORK_LEASE = 300.0
 
 class StoreError(Exception):
     """The store cannot be opened or used; the message is one readable line."""
@@ -170,6 +177,8 @@ class Store(abc.ABC):
     """What every part of ai-sysadmin may ask of persistent state."""
 
     dialect: str = ""
+    # This process's name on the work it leases (claim_events, next_incident).
+    worker_id: str = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
     # Seconds within which an anomalous verdict joins an active incident with the same key.
     incident_window: float = 3600.0
 
@@ -210,6 +219,28 @@ class Store(abc.ABC):
             accepted=[i for i in unique if i in accepted],
             duplicates=[e.id for e in events if e.id not in accepted],
         )
+
+    def _skip_locked(self) -> str:
+        # PostgreSQL: rows another worker is claiming right now are skipped, not waited
+        # for; SQLite runs one writing transaction at a time.
+        return " FOR UPDATE SKIP LOCKED" if self.dialect == "postgres" else ""
+
+    async def claim_events(self, state: str, limit: int = 500) -> list[StoredEvent]:
+        """Up to ``limit`` events in ``state``, oldest first, leased to this worker for
+        :data:`WORK_LEASE` seconds: several gateways (or daemons) on one store each take
+        different events, and a dead one's are taken over when its lease runs out. This
+        worker's own leases are its to take again (work it left after a failure)."""
+        now = time.time()
+        async with self.tx() as tx:
+            rows = await tx.execute(
+                "UPDATE events SET lease_owner = ?, lease_state = ?, lease_until = ? WHERE seq IN"
+                " (SELECT seq FROM events WHERE state = ? AND (lease_until IS NULL OR"
+                " lease_until < ? OR lease_owner = ? OR lease_state <> ?) ORDER BY seq LIMIT ?"
+                f"{self._skip_locked()}) RETURNING *",
+                (self.worker_id, state, now + WORK_LEASE, state, now, self.worker_id, state,
+                 limit),
+            )
+        return sorted((self._event(r) for r in rows), key=lambda e: e.seq)
 
     async def events_in_state(self, state: str, limit: int = 500) -> list[StoredEvent]:
         async with self.tx() as tx:
@@ -448,10 +479,16 @@ class Store(abc.ABC):
         return [self._verdict(r) for r in reversed(rows)]
 
     async def next_incident(self, stage: IncidentStage) -> Incident | None:
-        """The oldest incident that still owes work of this stage."""
+        """The oldest incident that still owes work of this stage, leased to this worker
+        (as :meth:`claim_events`): two gateways never work on one incident's stage at once."""
+        now = time.time()
         async with self.tx() as tx:
             rows = await tx.execute(
-                "SELECT * FROM incidents WHERE stage = ? ORDER BY updated_at LIMIT 1", (stage,)
+                "UPDATE incidents SET lease_owner = ?, lease_stage = ?, lease_until = ? WHERE id ="
+                " (SELECT id FROM incidents WHERE stage = ? AND (lease_until IS NULL OR"
+                " lease_until < ? OR lease_owner = ? OR lease_stage <> ?) ORDER BY updated_at"
+                f" LIMIT 1{self._skip_locked()}) RETURNING *",
+                (self.worker_id, stage, now + WORK_LEASE, stage, now, self.worker_id, stage),
             )
         return self._incident(rows[0]) if rows else None
 

@@ -231,4 +231,19 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX proposals_dispatch ON proposals (host, status, created_at)",
         ),
     ),
+    Migration(
+        6,
+        "work leases: several gateways on one store share events and incident stages",
+        (
+            # Who took an event (in ``lease_state``) or an incident's stage (in
+            # ``lease_stage``) until when: a lease of another worker that has not run out
+            # is skipped; one for an earlier state/stage, or run out, is free to take.
+            "ALTER TABLE events ADD COLUMN lease_owner TEXT",
+            "ALTER TABLE events ADD COLUMN lease_state TEXT",
+            "ALTER TABLE events ADD COLUMN lease_until {float}",
+            "ALTER TABLE incidents ADD COLUMN lease_owner TEXT",
+            "ALTER TABLE incidents ADD COLUMN lease_stage TEXT",
+            "ALTER TABLE incidents ADD COLUMN lease_until {float}",
+        ),
+    ),
 )
