@@ -106,7 +106,7 @@
             {
               services.ai-sysadmin = {
                 enable = true;
-                llama-cpp.models = allModels;
+                layers = allModels;
               };
             }
           ]).config;
@@ -130,7 +130,7 @@
             assert lib.assertMsg (failedAssertions {
               services.ai-sysadmin = {
                 enable = true;
-                llama-cpp.models = allModels;
+                layers = allModels;
               };
             } == [ ]) "a complete configuration must pass every assertion";
             pkgs.runCommand "ai-sysadmin-module-eval"
@@ -159,22 +159,22 @@
               (expectFailure "missing model" {
                 services.ai-sysadmin = {
                   enable = true;
-                  llama-cpp.models = allModels // {
+                  layers = allModels // {
                     review.model = null;
                   };
                 };
-              } "models.review.model must be set")
+              } "layers.review.model must be set")
               (expectFailure "same port twice" {
                 services.ai-sysadmin = {
                   enable = true;
-                  llama-cpp.models = lib.recursiveUpdate allModels { meta.port = 8083; };
+                  layers = lib.recursiveUpdate allModels { meta.port = 8083; };
                 };
               } "are both 8083")
               (expectFailure "auto-full without opt-in" {
                 services.ai-sysadmin = {
                   enable = true;
-                  llama-cpp.models = allModels;
-                  autonomyLevel = "auto-full";
+                  layers = allModels;
+                  actions.autonomy = "auto-full";
                 };
               } "allowAutoFull")
             ]

@@ -27,6 +27,9 @@
 #   nix/services.nix     gateway, daemon, helper and rollback units, the user they run as
 #   nix/database.nix     local PostgreSQL (and its setup oneshot), services.chromadb
 #   nix/alerting.nix     notification channels and Alertmanager's webhook
+#   nix/renamed.nix      old option names (api.*, llama-cpp.models.*, autonomyLevel …) and
+#                        the TOML-named options they now set, imported below as
+#                        lib.mkRenamedOptionModule shims that warn on use
 {
   config,
   lib,
@@ -61,7 +64,7 @@ let
       };
     };
 
-    # protectedUnits' default: ActionsConfig().protected_units (layers/config.py).
+    # actions.protectedUnits' default: ActionsConfig().protected_units (layers/config.py).
     defaultProtectedUnits = [
       "sshd.service"
       "ssh.service"
@@ -100,6 +103,20 @@ let
   part = file: import file shared;
 in
 {
+  # The options carry the TOML's words (gateway.*, layers.<name>.*, actions.*, notify.*);
+  # the names they had before still work, with a warning.
+  imports =
+    let
+      under = path: [
+        "services"
+        "ai-sysadmin"
+      ]
+      ++ path;
+    in
+    map (r: lib.mkRenamedOptionModule (under r.from) (under r.to)) (
+      import ./nix/renamed.nix { inherit (shared) layerNames; }
+    );
+
   options.services.ai-sysadmin = part ./nix/options.nix;
 
   config = lib.mkIf shared.cfg.enable (

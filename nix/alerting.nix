@@ -16,16 +16,16 @@ let
   notifyCredential = name: "/run/credentials/ai-sysadmin-api.service/notify-${name}";
 in
 mkMerge [
-  (mkIf (cfg.notifications.channels != [ ] || cfg.notifications.dashboardUrl != null) (
+  (mkIf (cfg.notify.channels != [ ] || cfg.notify.dashboardUrl != null) (
     let
-      channels = cfg.notifications.channels;
+      channels = cfg.notify.channels;
       names = map (c: c.name) channels;
     in
     {
       assertions = [
         {
           assertion = lib.length names == lib.length (lib.unique names);
-          message = "services.ai-sysadmin.notifications.channels: names must be unique (${lib.concatStringsSep ", " names}).";
+          message = "services.ai-sysadmin.notify.channels: names must be unique (${lib.concatStringsSep ", " names}).";
         }
       ];
       services.ai-sysadmin.settings.notify = {
@@ -42,8 +42,8 @@ mkMerge [
           // lib.optionalAttrs (c.quietAction != null) { quiet_action = c.quietAction; }
         ) channels;
       }
-      // lib.optionalAttrs (cfg.notifications.dashboardUrl != null) {
-        dashboard_url = cfg.notifications.dashboardUrl;
+      // lib.optionalAttrs (cfg.notify.dashboardUrl != null) {
+        dashboard_url = cfg.notify.dashboardUrl;
       };
       # Only the gateway delivers notifications: only its unit gets the URLs.
       systemd.services.ai-sysadmin-api.serviceConfig.LoadCredential = map (
@@ -56,8 +56,8 @@ mkMerge [
     {
       assertions = [
         {
-          assertion = cfg.alertmanager.keyFile != null || cfg.api.apiKeysFile == null;
-          message = "services.ai-sysadmin.alertmanager.enable: the API has keys (api.apiKeysFile), so Alertmanager needs one too; set services.ai-sysadmin.alertmanager.keyFile.";
+          assertion = cfg.alertmanager.keyFile != null || cfg.gateway.apiKeysFile == null;
+          message = "services.ai-sysadmin.alertmanager.enable: the gateway has keys (gateway.apiKeysFile), so Alertmanager needs one too; set services.ai-sysadmin.alertmanager.keyFile.";
         }
       ];
       services.prometheus.alertmanager.configuration = lib.mkDefault {

@@ -71,19 +71,19 @@ in
   assertions =
     map (name: {
       assertion = layers.${name}.model != null;
-      message = "services.ai-sysadmin.llama-cpp.models.${name}.model must be set: the ${name} layer is enabled but has no GGUF model (use a path or pkgs.fetchurl, or set llama-cpp.models.${name}.enable = false).";
+      message = "services.ai-sysadmin.layers.${name}.model must be set: the ${name} layer is enabled but has no GGUF model (use a path or pkgs.fetchurl, or set layers.${name}.enable = false).";
     }) enabledLayers
     ++ (
       let
         claims =
           map (name: {
-            who = "llama-cpp.models.${name}.port";
+            who = "layers.${name}.port";
             port = layers.${name}.port;
           }) enabledLayers
           ++ [
             {
-              who = "api.port";
-              port = cfg.api.port;
+              who = "gateway.port";
+              port = cfg.gateway.port;
             }
           ]
           ++ lib.optional chromaService {
@@ -99,7 +99,7 @@ in
           a: b:
           lib.optional (a.port == b.port) {
             assertion = false;
-            message = "services.ai-sysadmin: ${a.who} and ${b.who} are both ${toString a.port}; every layer and the API need their own port.";
+            message = "services.ai-sysadmin: ${a.who} and ${b.who} are both ${toString a.port}; every layer and the gateway need their own port.";
           };
         pairs = lib.concatLists (
           lib.imap0 (i: a: lib.concatMap (b: clash a b) (lib.drop (i + 1) claims)) claims
@@ -123,22 +123,22 @@ in
             "services.ai-sysadmin.llama-cpp.package is built without ${accel} support but llama-cpp.acceleration is \"${accel}\": the layers would run on the CPU. Use a llama-cpp built with ${accel} support, or leave llama-cpp.package at its default.";
       }
       {
-        assertion = cfg.autonomyLevel != "auto-full" || cfg.allowAutoFull;
-        message = "services.ai-sysadmin.autonomyLevel = \"auto-full\" runs medium-risk actions without approval; confirm with services.ai-sysadmin.allowAutoFull = true.";
+        assertion = cfg.actions.autonomy != "auto-full" || cfg.actions.allowAutoFull;
+        message = "services.ai-sysadmin.actions.autonomy = \"auto-full\" runs medium-risk actions without approval; confirm with services.ai-sysadmin.actions.allowAutoFull = true.";
       }
       {
-        assertion = !cfg.api.openFirewall || !(isLoopback cfg.api.host);
-        message = "services.ai-sysadmin.api.openFirewall opens port ${toString cfg.api.port}, but api.host is ${cfg.api.host}, which only loopback clients reach; set api.host (e.g. \"0.0.0.0\") or leave the firewall closed.";
+        assertion = !cfg.gateway.openFirewall || !(isLoopback cfg.gateway.host);
+        message = "services.ai-sysadmin.gateway.openFirewall opens port ${toString cfg.gateway.port}, but gateway.host is ${cfg.gateway.host}, which only loopback clients reach; set gateway.host (e.g. \"0.0.0.0\") or leave the firewall closed.";
       }
       {
-        assertion = cfg.database.type != "postgresql" || cfg.database.createLocally || cfg.database.url != null || cfg.api.environmentFile != null;
-        message = "services.ai-sysadmin.database: PostgreSQL without createLocally needs database.url or AI_SYSADMIN_STORE__URL in api.environmentFile.";
+        assertion = cfg.database.type != "postgresql" || cfg.database.createLocally || cfg.database.url != null || cfg.gateway.environmentFile != null;
+        message = "services.ai-sysadmin.database: PostgreSQL without createLocally needs database.url or AI_SYSADMIN_STORE__URL in gateway.environmentFile.";
       }
     ];
 
   warnings =
     map (
-      name: "services.ai-sysadmin.llama-cpp.models.${name}.host is ${layers.${name}.host}: llama-server has no authentication, so anyone who reaches that address can use the ${name} layer; keep it on loopback unless a firewall or VPN guards it."
+      name: "services.ai-sysadmin.layers.${name}.host is ${layers.${name}.host}: llama-server has no authentication, so anyone who reaches that address can use the ${name} layer; keep it on loopback unless a firewall or VPN guards it."
     ) (lib.filter (name: !(isLoopback layers.${name}.host)) enabledLayers)
-    ++ lib.optional (!(isLoopback cfg.api.host) && cfg.api.apiKeysFile == null && cfg.api.environmentFile == null) "services.ai-sysadmin.api.host is ${cfg.api.host} but no api.apiKeysFile is set; the API will refuse every non-loopback client until keys are configured.";
+    ++ lib.optional (!(isLoopback cfg.gateway.host) && cfg.gateway.apiKeysFile == null && cfg.gateway.environmentFile == null) "services.ai-sysadmin.gateway.host is ${cfg.gateway.host} but no gateway.apiKeysFile is set; the API will refuse every non-loopback client until keys are configured.";
 }

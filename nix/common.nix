@@ -56,9 +56,9 @@ rec {
       "[${h}]"
     else
       h;
-  apiClientHost = clientHost cfg.api.host;
+  apiClientHost = clientHost cfg.gateway.host;
 
-  layers = lib.genAttrs layerNames (name: cfg.llama-cpp.models.${name});
+  layers = cfg.layers;
   enabledLayers = lib.filter (name: cfg.llama-cpp.enable && layers.${name}.enable) layerNames;
   layerUnits = map (name: "llama-${name}.service") enabledLayers;
 
@@ -106,7 +106,7 @@ rec {
   # sandbox whatever the allowlist; the unit exists only where the action may run.
   rollbackUnit = "ai-sysadmin-rollback.service";
   rollbackEnabled =
-    cfg.helper.enable && (cfg.actionAllowlist == null || lib.elem "nixos_rollback" cfg.actionAllowlist);
+    cfg.helper.enable && (cfg.actions.allowlist == null || lib.elem "nixos_rollback" cfg.actions.allowlist);
   nixPackage = config.nix.package or pkgs.nix;
 
   # Alertmanager's side of the webhook (docs/alertmanager.md), the read-only option
@@ -118,7 +118,7 @@ rec {
     webhook_configs = [
       (
         {
-          url = "http://${apiClientHost}:${toString cfg.api.port}/v1/alertmanager";
+          url = "http://${apiClientHost}:${toString cfg.gateway.port}/v1/alertmanager";
           send_resolved = true;
           # The gateway refuses a notification of more alerts (413, no retry).
           max_alerts = cfg.settings.pipeline.max_batch_events or 1000;

@@ -3,7 +3,7 @@
 # concatenated in order. The result is a fixed-output derivation, so Nix itself checks the
 # assembled file's sha256 (the one layers/provision/model.py checks).
 #
-#   services.ai-sysadmin.llama-cpp.models.trigger.model = pkgs.callPackage ./nix/default-model.nix { };
+#   services.ai-sysadmin.layers.trigger.model = pkgs.callPackage ./nix/default-model.nix { };
 {
   lib,
   runCommand,

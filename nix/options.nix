@@ -1,5 +1,8 @@
 # The options of services.ai-sysadmin: module.nix sets `options.services.ai-sysadmin` to
 # this set. A function of the shared set (nix/common.nix and module.nix's Python mirrors).
+# Where the gateway's TOML has a word for a thing, the option uses it (`gateway.port`,
+# `layers.<name>.contextSize` for `layers.<name>.context_size`, `actions.autonomy`,
+# `notify.channels`); nix/renamed.nix keeps the names of earlier releases working.
 {
   lib,
   pkgs,
@@ -65,7 +68,7 @@ let
   modelAttr =
     name: attr:
     let
-      m = cfg.llama-cpp.models.${name}.model;
+      m = cfg.layers.${name}.model;
     in
     if builtins.isAttrs m then m.${attr} or null else null;
 
@@ -189,62 +192,65 @@ in
     description = "The ai-sysadmin package (gateway, daemon, helper and CLI).";
   };
 
-  autonomyLevel = mkOption {
-    type = types.enum [
-      "observe"
-      "suggest"
-      "auto-safe"
-      "auto-full"
-    ];
-    default = "suggest";
-    description = ''
-      What the sysadmin may do without asking. `observe`: nothing runs; `suggest`: read-only
-      actions run, the rest waits for approval; `auto-safe`: low-risk actions run too;
-      `auto-full`: everything but high-risk actions runs (needs `allowAutoFull`).
-    '';
-  };
+  # What the sysadmin may do: the TOML's `[actions]` (docs/configuration.md), in its words.
+  actions = {
+    autonomy = mkOption {
+      type = types.enum [
+        "observe"
+        "suggest"
+        "auto-safe"
+        "auto-full"
+      ];
+      default = "suggest";
+      description = ''
+        What the sysadmin may do without asking. `observe`: nothing runs; `suggest`: read-only
+        actions run, the rest waits for approval; `auto-safe`: low-risk actions run too;
+        `auto-full`: everything but high-risk actions runs (needs `allowAutoFull`).
+      '';
+    };
 
-  allowAutoFull = mkOption {
-    type = types.bool;
-    default = false;
-    description = ''
-      Explicit opt-in required for `autonomyLevel = "auto-full"`: medium-risk actions
-      (restarting units, garbage collection) then run without a human.
-    '';
-  };
+    allowAutoFull = mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        Explicit opt-in required for `autonomy = "auto-full"`: medium-risk actions
+        (restarting units, garbage collection) then run without a human.
+      '';
+    };
 
-  protectedUnits = mkOption {
-    # A unit name, a template (`worker@`, `worker@.service`) or a name without its type
-    # suffix, which means `.service` (as systemctl reads it) — never a glob.
-    type = types.listOf (types.strMatching "[A-Za-z0-9_:][A-Za-z0-9_:.-]*(@[A-Za-z0-9_:.-]*)?");
-    default = defaultProtectedUnits;
-    example = literalExpression ''options.services.ai-sysadmin.protectedUnits.default ++ [ "postgresql.service" ]'';
-    description = ''
-      Units no action ever changes, also matched through the aliases systemd reports. A
-      name without a type suffix means `.service` (`"postgresql"` protects
-      `postgresql.service`, as systemctl reads it); a template (`"worker@"` or
-      `"worker@.service"`) protects all its instances; globs are refused. The default
-      guards remote access, the journal, networking and ai-sysadmin itself; replacing the
-      list drops those, so extend the default instead.
-    '';
-  };
+    protectedUnits = mkOption {
+      # A unit name, a template (`worker@`, `worker@.service`) or a name without its type
+      # suffix, which means `.service` (as systemctl reads it) — never a glob.
+      type = types.listOf (types.strMatching "[A-Za-z0-9_:][A-Za-z0-9_:.-]*(@[A-Za-z0-9_:.-]*)?");
+      default = defaultProtectedUnits;
+      example = literalExpression ''options.services.ai-sysadmin.actions.protectedUnits.default ++ [ "postgresql.service" ]'';
+      description = ''
+        Units no action ever changes, also matched through the aliases systemd reports. A
+        name without a type suffix means `.service` (`"postgresql"` protects
+        `postgresql.service`, as systemctl reads it); a template (`"worker@"` or
+        `"worker@.service"`) protects all its instances; globs are refused. The default
+        guards remote access, the journal, networking and ai-sysadmin itself; replacing the
+        list drops those, so extend the default instead.
+      '';
+    };
 
-  actionAllowlist = mkOption {
-    # The catalog's action names (layers/actions/catalog.py; a test keeps them equal).
-    type = types.nullOr (types.listOf (types.enum catalogActions));
-    default = null;
-    example = [
-      "unit_status"
-      "journal_tail"
-      "restart_unit"
-      "reset_failed_unit"
-    ];
-    description = ''
-      Catalog actions that may ever run; null: the whole catalog; `[ ]`: none at all.
-      A name outside the catalog is an evaluation error. With `nixos_rollback`
-      (and the helper), the module adds `${rollbackUnit}`, the unit the helper starts
-      to roll back; leaving the action out leaves that unit out.
-    '';
+    allowlist = mkOption {
+      # The catalog's action names (layers/actions/catalog.py; a test keeps them equal).
+      type = types.nullOr (types.listOf (types.enum catalogActions));
+      default = null;
+      example = [
+        "unit_status"
+        "journal_tail"
+        "restart_unit"
+        "reset_failed_unit"
+      ];
+      description = ''
+        Catalog actions that may ever run; null: the whole catalog; `[ ]`: none at all.
+        A name outside the catalog is an evaluation error. With `nixos_rollback`
+        (and the helper), the module adds `${rollbackUnit}`, the unit the helper starts
+        to roll back; leaving the action out leaves that unit out.
+      '';
+    };
   };
 
   llama-cpp = {
@@ -253,7 +259,7 @@ in
       default = true;
       description = ''
         Run the three layers' llama-servers on this machine. When false, point the gateway at
-        existing servers with the layers' `host`/`port` or with `settings.layers.<name>.endpoints`.
+        existing servers with `layers.<name>.host`/`port` or with `settings.layers.<name>.endpoints`.
       '';
     };
 
@@ -272,7 +278,7 @@ in
       '';
       description = ''
         Inference backend. Chooses the matching llama-cpp build (unless `package` is set), the
-        device nodes the layer units may open and the default `gpuLayers`. `cuda` needs
+        device nodes the layer units may open and the default `layers.<name>.gpuLayers`. `cuda` needs
         `nixpkgs.config.allowUnfree` and the NVIDIA driver (`hardware.nvidia`); `rocm` and
         `vulkan` need the GPU's kernel driver. A `package` built for a GPU backend other
         than this one is an evaluation error: it would run on the CPU, or without access
@@ -286,23 +292,25 @@ in
       defaultText = literalExpression ''pkgs.llama-cpp.override { cudaSupport = acceleration == "cuda"; … }'';
       description = "llama.cpp build whose `bin/llama-server` runs the layers.";
     };
-
-    models = lib.genAttrs layerNames (
-      name:
-      mkOption {
-        type = types.submodule (layerModule name);
-        default = { };
-        description = "The ${name} layer's llama-server.";
-      }
-    );
   };
 
-  api = {
+  # The layers, as the TOML's `[layers.<name>]`: the same keys, in camelCase.
+  layers = lib.genAttrs layerNames (
+    name:
+    mkOption {
+      type = types.submodule (layerModule name);
+      default = { };
+      description = "The ${name} layer's llama-server (the TOML's `layers.${name}`).";
+    }
+  );
+
+  # The gateway, as the TOML's `[gateway]` (and the secrets it reads).
+  gateway = {
     host = mkOption {
       type = types.str;
       default = "127.0.0.1";
       example = "0.0.0.0";
-      description = "Address the OpenAI-compatible API binds to.";
+      description = "Address the gateway's OpenAI-compatible API binds to.";
     };
     port = mkOption {
       type = types.port;
@@ -312,7 +320,7 @@ in
     openFirewall = mkOption {
       type = types.bool;
       default = false;
-      description = "Open `api.port` in the firewall (needs a non-loopback `api.host`).";
+      description = "Open `gateway.port` in the firewall (needs a non-loopback `gateway.host`).";
     };
     apiKeysFile = mkOption {
       type = types.nullOr secretPath;
@@ -358,7 +366,7 @@ in
         With `type = "postgresql"`: enable `services.postgresql` on this machine with a
         `ai-sysadmin` database owned by the `ai-sysadmin` user (peer authentication over the
         unix socket, no password). When false, set `url` or `AI_SYSADMIN_STORE__URL` in
-        `api.environmentFile`.
+        `gateway.environmentFile`.
       '';
     };
     timescaledb = mkOption {
@@ -372,7 +380,7 @@ in
       example = "postgresql://ai-sysadmin@db.example.org/ai-sysadmin";
       description = ''
         Connection URL of a remote PostgreSQL (without a password: put that in
-        `api.environmentFile` as `AI_SYSADMIN_STORE__URL`, since this value lands in the store).
+        `gateway.environmentFile` as `AI_SYSADMIN_STORE__URL`, since this value lands in the store).
       '';
     };
   };
@@ -416,7 +424,7 @@ in
         File holding the webhook's bearer key (one line), good for `POST /v1/alertmanager`
         only. Read by systemd (LoadCredential) for the gateway and for
         `alertmanager.service`; it never enters the Nix store. Needed when the API has keys
-        (`api.apiKeysFile`); without any key the API serves loopback clients only, and a local
+        (`gateway.apiKeysFile`); without any key the API serves loopback clients only, and a local
         Alertmanager posts without one.
       '';
     };
@@ -431,7 +439,8 @@ in
     };
   };
 
-  notifications = {
+  # Notification channels, as the TOML's `[notify]`.
+  notify = {
     channels = mkOption {
       type = types.listOf (
         types.submodule {
@@ -504,8 +513,8 @@ in
 
   helper.enable = mkOption {
     type = types.bool;
-    default = cfg.autonomyLevel != "observe";
-    defaultText = literalExpression ''autonomyLevel != "observe"'';
+    default = cfg.actions.autonomy != "observe";
+    defaultText = literalExpression ''actions.autonomy != "observe"'';
     description = ''
       Run `ai-sysadmin-helper.service`, the root helper that executes catalog actions for the
       daemon over ${helperSocket} (group `${group}` only). When false, actions run in the
@@ -528,8 +537,10 @@ in
     '';
     description = ''
       The gateway's configuration (docs/configuration.md), rendered to
-      `${configPath}`. The module fills in the layers, API address, state
-      directory, store, memory and actions from the typed options above; setting one of
+      `${configPath}`. The module fills in the layers, the gateway's address, state
+      directory, store, memory, actions and notification channels from the typed options
+      above, which carry the same names (`layers.<name>.contextSize` renders
+      `layers.<name>.context_size`, `gateway.port` renders `gateway.port`); setting one of
       those keys here to a different value is a conflict, so use the option instead.
     '';
   };

@@ -25,15 +25,15 @@ let
   inherit (lib) mkIf mkMerge;
 
   credentials =
-    lib.optional (cfg.api.apiKeysFile != null) "api-keys:${cfg.api.apiKeysFile}"
-    ++ lib.optional (cfg.api.adminKeyFile != null) "admin-key:${cfg.api.adminKeyFile}";
+    lib.optional (cfg.gateway.apiKeysFile != null) "api-keys:${cfg.gateway.apiKeysFile}"
+    ++ lib.optional (cfg.gateway.adminKeyFile != null) "admin-key:${cfg.gateway.adminKeyFile}";
 
   # `%d` is the unit's $CREDENTIALS_DIRECTORY; systemd expands it in Environment=.
   credentialEnvironment =
-    lib.optionalAttrs (cfg.api.apiKeysFile != null) {
+    lib.optionalAttrs (cfg.gateway.apiKeysFile != null) {
       AI_SYSADMIN_GATEWAY__API_KEYS_FILE = "%d/api-keys";
     }
-    // lib.optionalAttrs (cfg.api.adminKeyFile != null) {
+    // lib.optionalAttrs (cfg.gateway.adminKeyFile != null) {
       AI_SYSADMIN_GATEWAY__ADMIN_KEY_FILE = "%d/admin-key";
     };
 
@@ -59,7 +59,7 @@ let
       CacheDirectory = "ai-sysadmin";
       CacheDirectoryMode = "0750";
       WorkingDirectory = stateDir;
-      EnvironmentFile = lib.optional (cfg.api.environmentFile != null) cfg.api.environmentFile;
+      EnvironmentFile = lib.optional (cfg.gateway.environmentFile != null) cfg.gateway.environmentFile;
       LoadCredential = credentials;
       Restart = "on-failure";
       RestartSec = 5;
@@ -83,7 +83,7 @@ in
   };
   users.groups.${group} = { };
 
-  networking.firewall.allowedTCPPorts = lib.optional cfg.api.openFirewall cfg.api.port;
+  networking.firewall.allowedTCPPorts = lib.optional cfg.gateway.openFirewall cfg.gateway.port;
 
   systemd.services = mkMerge [
     {

@@ -56,7 +56,7 @@ in
       // lib.optionalAttrs (l.stop != null) { inherit (l) stop; }
     );
     gateway = {
-      inherit (cfg.api) host port;
+      inherit (cfg.gateway) host port;
     };
     # Empty: SQLite in state_dir. A remote URL may also come from AI_SYSADMIN_STORE__URL.
     store = lib.optionalAttrs (cfg.database.type == "postgresql" && (localPostgres || cfg.database.url != null)) {
@@ -69,13 +69,13 @@ in
       chroma_url = "http://${clientHost config.services.chromadb.host}:${toString config.services.chromadb.port}";
     };
     actions = {
-      autonomy = cfg.autonomyLevel;
-      allow_auto_full = cfg.allowAutoFull;
+      autonomy = cfg.actions.autonomy;
+      allow_auto_full = cfg.actions.allowAutoFull;
       # The rollback unit is nixos_rollback's own: starting it by name (start_unit) would
       # be a rollback without the high-risk approval, so it is protected whatever the list.
-      protected_units = lib.unique (cfg.protectedUnits ++ [ rollbackUnit ]);
+      protected_units = lib.unique (cfg.actions.protectedUnits ++ [ rollbackUnit ]);
     }
-    // lib.optionalAttrs (cfg.actionAllowlist != null) { allowlist = cfg.actionAllowlist; }
+    // lib.optionalAttrs (cfg.actions.allowlist != null) { inherit (cfg.actions) allowlist; }
     // lib.optionalAttrs cfg.helper.enable {
       helper_socket = helperSocket;
       # The helper's peer check (SO_PEERCRED) and its socket's group.
@@ -86,7 +86,7 @@ in
       # nix-collect-garbage; nixos-rebuild comes from the running system.
       search_path = lib.mkDefault "${actionPath}:/run/current-system/sw/bin";
     };
-    collectors.gateway_url = lib.mkDefault "http://${apiClientHost}:${toString cfg.api.port}";
+    collectors.gateway_url = lib.mkDefault "http://${apiClientHost}:${toString cfg.gateway.port}";
   };
 
   environment.etc."ai-sysadmin/config.toml".source = configFile;

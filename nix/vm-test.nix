@@ -21,7 +21,7 @@
 
       services.ai-sysadmin = {
         enable = true;
-        llama-cpp.models =
+        layers =
           let
             small = {
               model = pkgs.ai-sysadmin-default-model;
@@ -34,9 +34,9 @@
             review = small;
             meta = small;
           };
-        api.apiKeysFile = "/etc/ai-sysadmin-test/api-keys";
-        api.adminKeyFile = "/etc/ai-sysadmin-test/admin-key";
-        actionAllowlist = [
+        gateway.apiKeysFile = "/etc/ai-sysadmin-test/api-keys";
+        gateway.adminKeyFile = "/etc/ai-sysadmin-test/admin-key";
+        actions.allowlist = [
           "unit_status"
           "journal_tail"
           "restart_unit"

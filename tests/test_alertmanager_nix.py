@@ -50,7 +50,7 @@ def test_off_by_default() -> None:
 
 @needs_lib
 def test_the_key_reaches_gateway_and_alertmanager_as_credentials(tmp_path: Path) -> None:
-    result = evaluate(' api.apiKeysFile = "/run/secrets/api-keys"; alertmanager.enable = true;'
+    result = evaluate(' gateway.apiKeysFile = "/run/secrets/api-keys"; alertmanager.enable = true;'
                       + KEY, LOCAL_AM)
     assert result["assertions"] == []
     api = result["units"]["ai-sysadmin-api"]
@@ -99,7 +99,7 @@ def test_an_admins_own_configuration_wins_and_can_use_the_receiver() -> None:
     own = (LOCAL_AM + ' services.prometheus.alertmanager.configuration = { route.receiver = '
            '"team"; receivers = [ { name = "team"; } '
            "config.services.ai-sysadmin.alertmanager.receiver ]; };")
-    result = evaluate(" api.port = 9000; alertmanager.enable = true;", own)
+    result = evaluate(" gateway.port = 9000; alertmanager.enable = true;", own)
     conf = result["alertmanager"]["configuration"]
     assert conf["route"] == {"receiver": "team"}
     assert [r["name"] for r in conf["receivers"]] == ["team", "ai-sysadmin"]
@@ -111,7 +111,7 @@ def test_an_admins_own_configuration_wins_and_can_use_the_receiver() -> None:
 
 @needs_lib
 def test_an_api_with_keys_needs_a_webhook_key() -> None:
-    result = evaluate(' api.apiKeysFile = "/run/secrets/api-keys"; alertmanager.enable = true;')
+    result = evaluate(' gateway.apiKeysFile = "/run/secrets/api-keys"; alertmanager.enable = true;')
     assert any("alertmanager.keyFile" in a for a in result["assertions"]), result["assertions"]
 
 

@@ -87,7 +87,7 @@ def test_nix_file_parses(path: Path) -> None:
 # -- 2. module evaluation ---------------------------------------------------------------------
 
 MODELS = (
-    'llama-cpp.models = { trigger.model = "/srv/models/trigger.gguf"; '
+    'layers = { trigger.model = "/srv/models/trigger.gguf"; '
     'review.model = "/srv/models/review.gguf"; '
     'meta.model = pkgs.fetchurl { url = "https://example.org/meta.gguf"; hash = ""; }; };'
 )
@@ -301,13 +301,13 @@ def test_helper_unit_and_socket(default_system: dict[str, Any]) -> None:
 
 @needs_lib
 def test_helper_sandbox_is_the_same_whatever_the_allowlist(default_system: dict[str, Any]) -> None:
-    result = evaluate_ok(MODELS + ' actionAllowlist = [ "unit_status" "restart_unit" "nix_gc" ];')
+    result = evaluate_ok(MODELS + ' actions.allowlist = [ "unit_status" "restart_unit" "nix_gc" ];')
     sc = result["units"]["ai-sysadmin-helper"]["serviceConfig"]
     assert sc == default_system["units"]["ai-sysadmin-helper"]["serviceConfig"]
     # Without nixos_rollback there is no rollback unit at all.
     assert "ai-sysadmin-rollback" not in result["units"]
     assert result["settings"]["actions"]["allowlist"] == ["unit_status", "restart_unit", "nix_gc"]
-    with_rollback = evaluate_ok(MODELS + ' actionAllowlist = [ "unit_status" "nixos_rollback" ];')
+    with_rollback = evaluate_ok(MODELS + ' actions.allowlist = [ "unit_status" "nixos_rollback" ];')
     assert "ai-sysadmin-rollback" in with_rollback["units"]
     assert with_rollback["units"]["ai-sysadmin-helper"]["serviceConfig"] == sc
 
@@ -339,7 +339,7 @@ def test_rollback_unit_does_what_nixos_rebuild_rollback_does(
     assert sc["ProtectProc"] == "invisible"
     # Starting it by name would be a rollback without the high-risk approval.
     assert "ai-sysadmin-rollback.service" in default_system["settings"]["actions"]["protected_units"]
-    observe = evaluate_ok(MODELS + ' autonomyLevel = "observe";')
+    observe = evaluate_ok(MODELS + ' actions.autonomy = "observe";')
     assert "ai-sysadmin-rollback" not in observe["units"]
 
 
@@ -367,7 +367,7 @@ def test_default_protected_units_match_the_python_default(default_system: dict[s
     python = ActionsConfig().protected_units
     rendered = default_system["settings"]["actions"]["protected_units"]
     assert rendered == python + [u for u in ["ai-sysadmin-rollback.service"] if u not in python]
-    mine = evaluate_ok(MODELS + ' protectedUnits = [ "sshd.service" ];')
+    mine = evaluate_ok(MODELS + ' actions.protectedUnits = [ "sshd.service" ];')
     assert mine["settings"]["actions"]["protected_units"] == [
         "sshd.service", "ai-sysadmin-rollback.service"]
 
@@ -383,14 +383,14 @@ def test_module_catalog_is_the_python_catalog() -> None:
 
 @needs_lib
 def test_allowlist_is_an_enum_of_the_catalog_and_protected_units_refuse_globs() -> None:
-    err = evaluation_error(MODELS + ' actionAllowlist = [ "restart-unit" ];')
-    assert "restart-unit" in err and "actionAllowlist" in err
-    assert evaluate_ok(MODELS + " actionAllowlist = [ ];")["settings"]["actions"][
+    err = evaluation_error(MODELS + ' actions.allowlist = [ "restart-unit" ];')
+    assert "restart-unit" in err and "actions.allowlist" in err
+    assert evaluate_ok(MODELS + " actions.allowlist = [ ];")["settings"]["actions"][
         "allowlist"] == []
-    err = evaluation_error(MODELS + ' protectedUnits = [ "postgres*" ];')
-    assert "protectedUnits" in err
+    err = evaluation_error(MODELS + ' actions.protectedUnits = [ "postgres*" ];')
+    assert "actions.protectedUnits" in err
     # Without its suffix a name is rendered as written; the gateway reads it as .service.
-    mine = evaluate_ok(MODELS + ' protectedUnits = [ "postgresql" "worker@" ];')
+    mine = evaluate_ok(MODELS + ' actions.protectedUnits = [ "postgresql" "worker@" ];')
     rendered = mine["settings"]["actions"]["protected_units"]
     assert settings_from(mine["settings"]).actions.protected_units[:2] == [
         "postgresql.service", "worker@.service"], rendered
@@ -400,9 +400,9 @@ def test_allowlist_is_an_enum_of_the_catalog_and_protected_units_refuse_globs() 
 def test_secrets_reach_the_gateway_as_credentials(tmp_path: Path) -> None:
     result = evaluate_ok(
         MODELS
-        + ' api.apiKeysFile = "/run/secrets/api-keys";'
-        + ' api.adminKeyFile = "/run/secrets/admin-key";'
-        + ' api.environmentFile = "/run/secrets/ai-sysadmin.env";'
+        + ' gateway.apiKeysFile = "/run/secrets/api-keys";'
+        + ' gateway.adminKeyFile = "/run/secrets/admin-key";'
+        + ' gateway.environmentFile = "/run/secrets/ai-sysadmin.env";'
     )
     for unit in ("ai-sysadmin-api", "ai-sysadmin-daemon"):
         svc = result["units"][unit]
@@ -443,15 +443,15 @@ def test_secrets_reach_the_gateway_as_credentials(tmp_path: Path) -> None:
 @needs_lib
 @pytest.mark.parametrize("value", ['"/nix/store/abc-keys"', "./keys", '"relative/keys"'])
 def test_secret_files_in_the_store_are_refused(value: str) -> None:
-    err = evaluation_error(MODELS + f" api.apiKeysFile = {value};")
-    assert "api.apiKeysFile" in err and "outside the Nix store" in err
+    err = evaluation_error(MODELS + f" gateway.apiKeysFile = {value};")
+    assert "gateway.apiKeysFile" in err and "outside the Nix store" in err
 
 
 @needs_lib
 def test_extra_flags_survive_systemd_quoting() -> None:
     tricky = ["--chat-template", 'a "quoted" %s ${HOME} $x \\ back', "--", "two words", "", ";"]
     flags = " ".join(json.dumps(f) for f in tricky).replace("${", "\\${")
-    result = evaluate_ok(MODELS + f" llama-cpp.models.review.extraFlags = [ {flags} ];")
+    result = evaluate_ok(MODELS + f" layers.review.extraFlags = [ {flags} ];")
     argv = exec_argv(result["units"]["llama-review"]["serviceConfig"]["ExecStart"])
     assert argv[-len(tricky):] == tricky
     assert result["settings"]["layers"]["review"]["extra_flags"] == tricky
@@ -561,8 +561,8 @@ def test_capabilities_of_your_own_add_to_the_empty_set() -> None:
 @needs_lib
 def test_gpu_layers_and_threads_flags() -> None:
     result = evaluate_ok(
-        MODELS + " llama-cpp.models.meta.gpuLayers = 20; llama-cpp.models.meta.threads = 6;"
-        " llama-cpp.models.meta.contextSize = 16384; llama-cpp.models.meta.port = 9182;"
+        MODELS + " layers.meta.gpuLayers = 20; layers.meta.threads = 6;"
+        " layers.meta.contextSize = 16384; layers.meta.port = 9182;"
     )
     argv = exec_argv(result["units"]["llama-meta"]["serviceConfig"]["ExecStart"])
     assert argv[argv.index("--n-gpu-layers") + 1] == "20"
@@ -656,7 +656,7 @@ def test_chromadb_service_memory() -> None:
     assert result["chromadb"] is True
     assert settings_from(result["settings"]).memory.chroma_url == "http://127.0.0.1:8000"
     assert "chromadb.service" in result["units"]["ai-sysadmin-api"]["after"]
-    clash = evaluate(MODELS + ' memory.backend = "chromadb"; api.port = 8000;')
+    clash = evaluate(MODELS + ' memory.backend = "chromadb"; gateway.port = 8000;')
     assert any("services.chromadb.port" in m for m in clash["assertions"])
 
 
@@ -680,13 +680,13 @@ def test_freeform_settings_pass_through_and_typed_keys_conflict() -> None:
 
 @needs_lib
 def test_same_port_twice_is_refused() -> None:
-    result = evaluate(MODELS + " llama-cpp.models.review.port = 8080;")
+    result = evaluate(MODELS + " layers.review.port = 8080;")
     assert result["assertions"] == [
-        "services.ai-sysadmin: llama-cpp.models.trigger.port and llama-cpp.models.review.port "
-        "are both 8080; every layer and the API need their own port."
+        "services.ai-sysadmin: layers.trigger.port and layers.review.port "
+        "are both 8080; every layer and the gateway need their own port."
     ]
-    result = evaluate(MODELS + " api.port = 8082;")
-    assert any("llama-cpp.models.meta.port and api.port are both 8082" in m
+    result = evaluate(MODELS + " gateway.port = 8082;")
+    assert any("layers.meta.port and gateway.port are both 8082" in m
                for m in result["assertions"])  # fmt: skip
 
 
@@ -694,7 +694,7 @@ def test_same_port_twice_is_refused() -> None:
 def test_open_webui_on_the_trigger_port_is_refused() -> None:
     proc = run_eval(MODELS, extra="services.open-webui.enable = true;")
     result = json.loads(proc.stdout)
-    assert any("llama-cpp.models.trigger.port and services.open-webui.port are both 8080" in m
+    assert any("layers.trigger.port and services.open-webui.port are both 8080" in m
                for m in result["assertions"]), result["assertions"]  # fmt: skip
     moved = run_eval(MODELS, extra="services.open-webui = { enable = true; port = 3000; };")
     assert json.loads(moved.stdout)["assertions"] == []
@@ -702,27 +702,27 @@ def test_open_webui_on_the_trigger_port_is_refused() -> None:
 
 @needs_lib
 def test_missing_model_is_refused() -> None:
-    result = evaluate('llama-cpp.models.trigger.model = "/m/t.gguf";'
-                      ' llama-cpp.models.meta.model = "/m/m.gguf";')  # fmt: skip
+    result = evaluate('layers.trigger.model = "/m/t.gguf";'
+                      ' layers.meta.model = "/m/m.gguf";')  # fmt: skip
     assert len(result["assertions"]) == 1
-    assert "llama-cpp.models.review.model must be set" in result["assertions"][0]
+    assert "layers.review.model must be set" in result["assertions"][0]
     assert "units" not in result
 
 
 @needs_lib
 def test_disabled_layers_need_no_model() -> None:
     result = evaluate_ok(
-        'llama-cpp.models.trigger.model = "/m/t.gguf"; llama-cpp.models.meta.model = "/m/m.gguf";'
-        ' llama-cpp.models.review.enable = false; llama-cpp.models.review.host = "10.0.0.7";'
+        'layers.trigger.model = "/m/t.gguf"; layers.meta.model = "/m/m.gguf";'
+        ' layers.review.enable = false; layers.review.host = "10.0.0.7";'
     )
     assert "llama-review" not in result["units"]
     assert "llama-review.service" not in result["units"]["ai-sysadmin-api"]["after"]
     review = settings_from(result["settings"]).layers.review
     assert review.endpoint_list()[0].url == "http://10.0.0.7:8081/v1"
     # A layer reachable from the network is allowed, with a warning: llama-server has no auth.
-    assert not any("models.review.host" in w for w in result["warnings"])
-    exposed = evaluate_ok(MODELS + ' llama-cpp.models.meta.host = "0.0.0.0";')
-    assert [w for w in exposed["warnings"] if "models.meta.host is 0.0.0.0" in w]
+    assert not any("layers.review.host" in w for w in result["warnings"])
+    exposed = evaluate_ok(MODELS + ' layers.meta.host = "0.0.0.0";')
+    assert [w for w in exposed["warnings"] if "layers.meta.host is 0.0.0.0" in w]
     assert settings_from(exposed["settings"]).layers.meta.local_url == "http://127.0.0.1:8082"
     remote = evaluate_ok("llama-cpp.enable = false;")
     assert not any(name.startswith("llama-") for name in remote["units"])
@@ -730,34 +730,157 @@ def test_disabled_layers_need_no_model() -> None:
 
 @needs_lib
 def test_auto_full_needs_explicit_opt_in() -> None:
-    result = evaluate(MODELS + ' autonomyLevel = "auto-full";')
-    assert len(result["assertions"]) == 1 and "allowAutoFull = true" in result["assertions"][0]
-    ok = evaluate_ok(MODELS + ' autonomyLevel = "auto-full"; allowAutoFull = true;')
+    result = evaluate(MODELS + ' actions.autonomy = "auto-full";')
+    [message] = result["assertions"]
+    assert "services.ai-sysadmin.actions.allowAutoFull = true" in message
+    ok = evaluate_ok(MODELS + ' actions.autonomy = "auto-full"; actions.allowAutoFull = true;')
     actions = settings_from(ok["settings"]).actions
     assert (actions.autonomy, actions.allow_auto_full) == ("auto-full", True)
 
 
 @needs_lib
 def test_observe_runs_no_helper() -> None:
-    result = evaluate_ok(MODELS + ' autonomyLevel = "observe";')
+    result = evaluate_ok(MODELS + ' actions.autonomy = "observe";')
     assert "ai-sysadmin-helper" not in result["units"]
     assert settings_from(result["settings"]).actions.helper_socket is None
 
 
 @needs_lib
 def test_firewall_only_when_asked() -> None:
-    result = evaluate(MODELS + " api.openFirewall = true;")
-    assert any("api.host is 127.0.0.1" in m for m in result["assertions"])
+    result = evaluate(MODELS + " gateway.openFirewall = true;")
+    assert any("gateway.host is 127.0.0.1" in m for m in result["assertions"])
     opened = evaluate_ok(
-        MODELS + ' api.openFirewall = true; api.host = "0.0.0.0"; api.port = 9083;'
-        ' api.apiKeysFile = "/run/secrets/keys";'
+        MODELS + ' gateway.openFirewall = true; gateway.host = "0.0.0.0"; gateway.port = 9083;'
+        ' gateway.apiKeysFile = "/run/secrets/keys";'
     )
     assert opened["firewall"] == [9083]
     assert opened["warnings"] == []
     assert settings_from(opened["settings"]).collectors.gateway_url == "http://127.0.0.1:9083"
-    unauthenticated = evaluate_ok(MODELS + ' api.host = "0.0.0.0";')
+    unauthenticated = evaluate_ok(MODELS + ' gateway.host = "0.0.0.0";')
     assert unauthenticated["firewall"] == []
-    assert any("no api.apiKeysFile" in w for w in unauthenticated["warnings"])
+    assert any("no gateway.apiKeysFile" in w for w in unauthenticated["warnings"])
+
+
+# -- renamed options (issue 18) ------------------------------------------------------------------
+#
+# The options carry the TOML's words; the old names are lib.mkRenamedOptionModule aliases
+# (nix/renamed.nix, imported by module.nix), so a configuration written for an earlier
+# release builds the same system and warns once per old name.
+
+LAYER_NAMES = ("trigger", "review", "meta")
+
+# One configuration, in the old words and in the new, setting every renamed option.
+OLD_NAMES = (
+    'llama-cpp.models = { trigger.model = "/srv/models/trigger.gguf"; '
+    'review = { model = "/srv/models/review.gguf"; threads = 2; contextSize = 2048; }; '
+    'meta = { model = "/srv/models/meta.gguf"; gpuLayers = 10; extraFlags = [ "--mlock" ]; }; };'
+    ' api = { host = "0.0.0.0"; port = 9083; openFirewall = true;'
+    ' apiKeysFile = "/run/secrets/api-keys"; adminKeyFile = "/run/secrets/admin-key";'
+    ' environmentFile = "/run/secrets/ai-sysadmin.env"; };'
+    ' autonomyLevel = "auto-full"; allowAutoFull = true;'
+    ' protectedUnits = [ "sshd.service" "postgresql" ];'
+    ' actionAllowlist = [ "unit_status" "restart_unit" "nixos_rollback" ];'
+    ' notifications = { channels = [ { name = "pager"; urlFile = "/run/secrets/ntfy-url";'
+    ' minSeverity = "critical"; } ]; dashboardUrl = "https://ops.example.org/ais/"; };'
+)
+NEW_NAMES = (
+    'layers = { trigger.model = "/srv/models/trigger.gguf"; '
+    'review = { model = "/srv/models/review.gguf"; threads = 2; contextSize = 2048; }; '
+    'meta = { model = "/srv/models/meta.gguf"; gpuLayers = 10; extraFlags = [ "--mlock" ]; }; };'
+    ' gateway = { host = "0.0.0.0"; port = 9083; openFirewall = true;'
+    ' apiKeysFile = "/run/secrets/api-keys"; adminKeyFile = "/run/secrets/admin-key";'
+    ' environmentFile = "/run/secrets/ai-sysadmin.env"; };'
+    ' actions = { autonomy = "auto-full"; allowAutoFull = true;'
+    ' protectedUnits = [ "sshd.service" "postgresql" ];'
+    ' allowlist = [ "unit_status" "restart_unit" "nixos_rollback" ]; };'
+    ' notify = { channels = [ { name = "pager"; urlFile = "/run/secrets/ntfy-url";'
+    ' minSeverity = "critical"; } ]; dashboardUrl = "https://ops.example.org/ais/"; };'
+)
+
+
+def renamed_options() -> list[tuple[str, str]]:
+    """nix/renamed.nix as (old, new) paths under services.ai-sysadmin."""
+    assert NIX_INSTANTIATE is not None
+    names = " ".join(json.dumps(n) for n in LAYER_NAMES)
+    expr = f"import {json.dumps(str(REPO / 'nix' / 'renamed.nix'))} {{ layerNames = [ {names} ]; }}"
+    proc = subprocess.run(
+        [NIX_INSTANTIATE, "--store", "dummy://", "--eval", "--strict", "--json", "--expr", expr],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return [(".".join(r["from"]), ".".join(r["to"])) for r in json.loads(proc.stdout)]
+
+
+def rename_warning(old: str, new: str) -> str:
+    """nixpkgs' lib.mkRenamedOptionModule warning (the scenario has no file name)."""
+    return (f"The option `services.ai-sysadmin.{old}' defined in `<unknown-file>' has been "
+            f"renamed to `services.ai-sysadmin.{new}'.")
+
+
+@needs_lib
+def test_old_option_names_build_the_same_system_with_a_warning_each() -> None:
+    renames = renamed_options()
+    new = evaluate_ok(NEW_NAMES)
+    old = evaluate_ok(OLD_NAMES)
+    assert new["warnings"] == []
+    # Every old name warns once, naming the option that replaced it; nothing else warns.
+    assert sorted(old.pop("warnings")) == sorted(rename_warning(o, n) for o, n in renames)
+    new.pop("warnings")
+    # The same units, rendered configuration (hence the same store path), firewall …
+    assert old == new
+    assert set(old["units"]) >= {"llama-review", "ai-sysadmin-helper", "ai-sysadmin-rollback"}
+    settings = settings_from(old["settings"])
+    assert (settings.gateway.host, settings.gateway.port) == ("0.0.0.0", 9083)
+    assert (settings.layers.review.threads, settings.layers.review.context_size) == (2, 2048)
+    assert (settings.actions.autonomy, settings.actions.allow_auto_full) == ("auto-full", True)
+    assert settings.actions.allowlist == ["unit_status", "restart_unit", "nixos_rollback"]
+    assert old["firewall"] == [9083]
+    assert "notify-pager:/run/secrets/ntfy-url" in (
+        old["units"]["ai-sysadmin-api"]["serviceConfig"]["LoadCredential"])
+
+
+@needs_lib
+def test_every_renamed_option_is_covered_and_documented() -> None:
+    """The scenario above sets every old name, and docs/nixos.md's table lists each."""
+    renames = renamed_options()
+    layer_renames = {(f"llama-cpp.models.{n}", f"layers.{n}") for n in LAYER_NAMES}
+    assert layer_renames <= set(renames)
+    assert {"autonomyLevel", "api.port", "notifications.channels"} <= {o for o, _ in renames}
+    others = [(old, new) for old, new in renames if (old, new) not in layer_renames]
+    for name in LAYER_NAMES:
+        assert re.search(rf"(?<![\w./-]){name}[ .]", OLD_NAMES.split(" api = ", 1)[0]), name
+    for old, new in others:
+        for leaf, scenario in ((old, OLD_NAMES), (new, NEW_NAMES)):
+            assert re.search(rf"(?<![\w.-]){re.escape(leaf.rsplit('.', 1)[-1])} = ", scenario), leaf
+    doc = (REPO / "docs" / "nixos.md").read_text(encoding="utf-8")
+    table = doc.split("## Renamed options", 1)[1].split("\n## ", 1)[0]
+    assert "| `llama-cpp.models.<name>.*` | `layers.<name>.*`" in table
+    for old, new in others:
+        assert f"| `{old}` | `{new}` |" in table, (old, new)
+    # Everything before that table (the examples) uses the new names only.
+    examples = doc.split("## Renamed options", 1)[0]
+    assert "llama-cpp.models" not in examples and "models = {" not in examples
+    assert not re.search(r"(?<![\w.-])(api|notifications) = \{", examples)
+    for old, new in others:
+        if old != new.rsplit(".", 1)[-1]:  # protectedUnits is still the word inside actions = { }
+            assert not re.search(rf"(?<![\w.-]){re.escape(old)}\b", examples), old
+
+
+@needs_lib
+def test_old_and_new_names_mix() -> None:
+    """A half-migrated configuration: the alias adds its definitions to the new option's."""
+    result = evaluate_ok(
+        'llama-cpp.models.trigger.model = "/m/t.gguf"; layers.trigger.port = 9080;'
+        ' layers.review.model = "/m/r.gguf"; llama-cpp.models.meta = { model = "/m/m.gguf"; };'
+        ' layers.meta.contextSize = 4096; api.port = 9083; gateway.host = "127.0.0.1";'
+    )
+    settings = settings_from(result["settings"])
+    assert (settings.layers.trigger.port, str(settings.layers.trigger.model)) == (9080, "/m/t.gguf")
+    assert settings.layers.meta.context_size == 4096 and settings.gateway.port == 9083
+    assert len(result["warnings"]) == 3  # trigger, meta, api.port
+    # The same option set twice to different values, old and new name: the usual conflict.
+    err = evaluation_error(MODELS + " api.port = 9083; gateway.port = 9084;")
+    assert "gateway.port" in err and "conflicting definition values" in err
 
 
 def _toml(data: dict[str, Any]) -> str:

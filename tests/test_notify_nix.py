@@ -22,11 +22,11 @@ from tests.test_nix import (
 )
 
 CHANNELS = (
-    ' notifications.channels = ['
+    ' notify.channels = ['
     ' { name = "pager"; urlFile = "/run/secrets/ntfy-url"; minSeverity = "critical"; }'
     ' { name = "mail"; urlFile = "/run/secrets/smtp-url"; kinds = [ "approval.pending" ];'
     '   quietHours = "22:00-07:00"; quietAction = "drop"; maxPerHour = 5; }'
-    ' ]; notifications.dashboardUrl = "https://ops.example.org/ais/";'
+    ' ]; notify.dashboardUrl = "https://ops.example.org/ais/";'
 )
 
 
@@ -72,13 +72,13 @@ def test_no_channels_render_no_notify_section() -> None:
 
 @needs_lib
 def test_bad_channels_are_refused_at_evaluation() -> None:
-    twice = evaluate(MODELS + ' notifications.channels = [ { name = "a"; urlFile = "/run/s/1"; }'
+    twice = evaluate(MODELS + ' notify.channels = [ { name = "a"; urlFile = "/run/s/1"; }'
                      ' { name = "a"; urlFile = "/run/s/2"; } ];')
     assert any("names must be unique (a, a)" in m for m in twice["assertions"])
-    err = evaluation_error(MODELS + ' notifications.channels = [ { name = "a"; '
+    err = evaluation_error(MODELS + ' notify.channels = [ { name = "a"; '
                            'urlFile = "/nix/store/abc-url"; } ];')
     assert "outside the Nix store" in err
-    err = evaluation_error(MODELS + ' notifications.channels = [ { name = "a"; '
+    err = evaluation_error(MODELS + ' notify.channels = [ { name = "a"; '
                            'urlFile = "/run/secrets/u"; kinds = [ "incident.exploded" ]; } ];')
     assert "incident.exploded" in err
 

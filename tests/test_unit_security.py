@@ -79,10 +79,10 @@ SCENARIOS = {
     "vulkan": MODELS + ' llama-cpp.acceleration = "vulkan";',
     # Credentials, an environment file, and extra flags that need systemd's quoting.
     "credentials": MODELS
-    + ' api.apiKeysFile = "/run/secrets/api-keys"; api.adminKeyFile = "/run/secrets/admin";'
-    ' api.environmentFile = "/run/secrets/env";'
-    ' llama-cpp.models.review.extraFlags = [ "--chat-template" "a \\"q\\" %s \\${HOME} $x" ];',
-    "no-rollback": MODELS + ' actionAllowlist = [ "unit_status" "restart_unit" "nix_gc" ];',
+    + ' gateway.apiKeysFile = "/run/secrets/api-keys"; gateway.adminKeyFile = "/run/secrets/admin";'
+    ' gateway.environmentFile = "/run/secrets/env";'
+    ' layers.review.extraFlags = [ "--chat-template" "a \\"q\\" %s \\${HOME} $x" ];',
+    "no-rollback": MODELS + ' actions.allowlist = [ "unit_status" "restart_unit" "nix_gc" ];',
 }
 
 OVERALL = re.compile(r"Overall exposure level for (?P<unit>\S+): (?P<score>\d+\.\d+) (?P<word>\w+)")
