@@ -813,3 +813,34 @@ async def test_real_model_evidence_loop_reads_only_within_budget(
     print(f"\nreal model: {[(s['read'], s['by'], s['status']) for s in steps]}, "
           f"decision {detail.decision.model_dump() if detail.decision else None}")
 
+
+
+async def test_after_a_switch_a_refused_decision_leaves_the_facts_and_the_rollback_fake_layer_adversarial(
+    tmp_path: Path, store: Store, adversary: AdversarialLayer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The layer's every decision is degenerate (a diagnosis of "0") and refused; the
+    incident came 5 min after a switch: it is decided from the facts alone — the switch
+    fact as the diagnosis, labelled as ai-sysadmin's — and the rollback waits for an
+    admin. Without a switch, the same layer leaves the incident unreviewed (other tests)."""
+    profile, store_dir = _fake_profile(tmp_path, [142, 143], current=143)
+    monkeypatch.setattr(catalog, "SYSTEM_PROFILE", profile)
+    monkeypatch.setattr(catalog, "STORE_DIR", store_dir)
+    now = time.time()
+    made = datetime.fromtimestamp(now - 300).strftime("%Y-%m-%d %H:%M:%S")
+    old = datetime.fromtimestamp(now - 9 * 86400).strftime("%Y-%m-%d %H:%M:%S")
+    progs = make_programs(tmp_path, {
+        "nix-env": {"out": f"  142   {old}\n  143   {made}   (current)\n"},
+        "nix": {"out": "myapi: 2.3.0 → 2.4.0, +80.2 KiB\n"}})
+    settings = loop_settings(tmp_path, adversary.port, progs)
+    degenerate = decision(diagnosis="0", cites=[])
+    adversary.answers["EvidenceStep"] = lambda r: {"decide": degenerate}
+    adversary.answers["MetaDecision"] = lambda r: degenerate
+    incident = await escalated_incident(store, timestamp=now)
+    await diagnose(settings, store)
+    detail = await store.get_incident(incident)
+    assert detail is not None and detail.decision is not None, detail
+    assert detail.decision.diagnosis.startswith("ai-sysadmin (fact, not a model's view")
+    assert "after the switch to NixOS generation 143" in detail.decision.diagnosis
+    assert set(detail.decision.evidence) == {1, 2}
+    assert [(p.action, p.status) for p in detail.proposals] == [("nixos_rollback", "pending")]
+    assert "myapi: 2.3.0 → 2.4.0" in detail.proposals[0].rationale

@@ -513,3 +513,21 @@ def with_switch_rollback(decision: Decision, ev: Evidence | None) -> Decision:
                       ProposedAction(action=ROLLBACK, params={}, rationale=rationale)],
         "evidence": cited,
     })
+
+
+def switch_decision(ev: Evidence | None) -> Decision | None:
+    """A decision from the facts alone, where the meta layer's was refused and the
+    incident came soon after a switch: the switch fact as the diagnosis (labelled as
+    ai-sysadmin's, not a model's), the rollback proposed (:func:`with_switch_rollback`),
+    the steps it rests on cited. None without a correlated switch: the incident stays
+    unreviewed, as before."""
+    if ev is None or ev.switch is None:
+        return None
+    text = f"ai-sysadmin (fact, not a model's view; the meta layer's answer was refused): {ev.switch}"
+    return Decision(
+        diagnosis=text if len(text) <= 800 else text[:799] + "…",
+        proposals=[],
+        rollback_plan="A rollback is undone by switching to the newer generation again "
+                      "(nixos-rebuild switch, or nixos_rollback from that one).",
+        evidence=list(ev.switch_steps)[:32],
+    )

@@ -238,9 +238,16 @@ class IncidentWorker:
             except LayerError as exc:
                 if not is_permanent(exc):
                     raise
-                log.warning("incident %s undiagnosed (unreviewed): %s", inc.id, exc.message)
-                await self.store.record_decision(inc.id, None, error=exc.message)
-                return
+                facts = evidence.switch_decision(gathered)
+                if facts is None:
+                    log.warning("incident %s undiagnosed (unreviewed): %s", inc.id, exc.message)
+                    await self.store.record_decision(inc.id, None, error=exc.message)
+                    return
+                # The model's decision was refused, but the facts call for a rollback:
+                # the decision is ai-sysadmin's, from the facts alone, and says so.
+                log.warning("incident %s: meta refused (%s); deciding from the switch fact",
+                            inc.id, exc.message)
+                decision = facts
         decision = evidence.with_switch_rollback(decision, gathered)
         proposals = await self.store.record_decision(
             inc.id, decision, proposal_ttl=self.settings.actions.approval_ttl
