@@ -6,6 +6,8 @@
 #   ai-sysadmin-helper                          root helper that only runs catalog actions
 #   ai-sysadmin-rollback                        oneshot the helper starts for nixos_rollback
 #   ai-sysadmin-postgresql-setup                oneshot: the extension (database.type = postgresql)
+#   ai-sysadmin-agent                           fleet.role = "agent": runs the actions the server
+#                                               approved for this host (then no layers, no gateway)
 #
 # Every unit is sandboxed; `systemd-analyze security` scores are in docs/security.md and
 # checked by tests/test_unit_security.py.
@@ -24,7 +26,8 @@
 #   nix/settings.nix     the rendered configuration the typed options decide
 #   nix/hardening.nix    the one sandbox every unit starts from
 #   nix/layers.nix       the llama-server units
-#   nix/services.nix     gateway, daemon, helper and rollback units, the user they run as
+#   nix/services.nix     gateway, daemon, helper, rollback and fleet agent units, the user
+#                        they run as
 #   nix/database.nix     local PostgreSQL (and its setup oneshot), services.chromadb
 #   nix/alerting.nix     notification channels and Alertmanager's webhook
 #   nix/renamed.nix      old option names (api.*, llama-cpp.models.*, autonomyLevel …) and
@@ -79,6 +82,7 @@ let
       "ai-sysadmin-daemon.service"
       "ai-sysadmin-helper.service"
       "ai-sysadmin-rollback.service"
+      "ai-sysadmin-agent.service"
       "llama-trigger.service"
       "llama-review.service"
       "llama-meta.service"

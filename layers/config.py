@@ -54,6 +54,17 @@ def default_state_dir() -> Path:
     return Path(base) / "ai-sysadmin"
 
 
+def loopback_url(host: str, port: int) -> str:
+    """The URL a client on this machine uses for a server bound to ``host:port``: a
+    wildcard bind (``0.0.0.0``, ``::``, empty) is reached on 127.0.0.1, and an IPv6
+    literal is bracketed. The one rule for the layers' and the gateway's own URLs."""
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
 class Section(BaseModel):
     """Base of every config section: unknown keys are refused, values re-validated."""
 
@@ -184,10 +195,7 @@ class LayerConfig(Section):
 
     @property
     def local_url(self) -> str:
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
-        if ":" in host and not host.startswith("["):
-            host = f"[{host}]"
-        return f"http://{host}:{self.port}"
+        return loopback_url(self.host, self.port)
 
 
 def _default_layers() -> dict[str, LayerConfig]:
@@ -333,6 +341,12 @@ class GatewayConfig(Section):
     max_body_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above)."
     )
+    max_answer_bytes: int = Field(
+        64 * 1024 * 1024, ge=64 * 1024,
+        description="Largest answer body read from a layer (a stream: all its events "
+        "together); a layer that sends more gets its answer broken off, a `502` "
+        "(`upstream_error`) or, in a stream, an error event.",
+    )
     task_layer: LayerName | None = Field(
         "trigger",
         description="Layer that answers frontend background tasks (titles, tags, "
@@ -446,6 +460,11 @@ class GatewayConfig(Section):
             )
         return self
 
+    @property
+    def local_url(self) -> str:
+        """Where a client on this machine reaches this gateway (``loopback_url``)."""
+        return loopback_url(self.host, self.port)
+
     def resolved_api_keys(self) -> list[str]:
         keys = list(self.api_keys)
         if self.api_keys_file is not None:
@@ -531,6 +550,11 @@ class StoreConfig(Section):
         "`postgresql://user@host/db` (psycopg 3; TimescaleDB used when installed).",
     )
     retention_days: int = Field(30, ge=1, description="Days events and verdicts are kept.")
+    work_lease: float = Field(
+        300.0, gt=0, description="Seconds a gateway holds the events or incident stage it "
+        "took before another gateway on the same store may take them over (docs/fleet.md): "
+        "longer than one trigger batch or stage takes, retries included.",
+    )
 
 
 class MemoryConfig(Section):
@@ -573,6 +597,7 @@ class ActionsConfig(Section):
             "ai-sysadmin-daemon.service",
             "ai-sysadmin-helper.service",
             "ai-sysadmin-rollback.service",
+            "ai-sysadmin-agent.service",
             "llama-trigger.service",
             "llama-review.service",
             "llama-meta.service",

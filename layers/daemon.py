@@ -13,11 +13,12 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 import httpx
 
+from layers import gateway_client
 from layers.actions.service import handle_proposals
 from layers.client import LayerClients
 from layers.collectors.journald import JournaldCollector
@@ -35,33 +36,6 @@ log = logging.getLogger("ai_sysadmin.daemon")
 STREAM_CURSOR = "daemon.stream"
 
 
-def gateway_key(settings: Settings) -> str | None:
-    if settings.collectors.api_key:
-        return settings.collectors.api_key
-    keys = settings.gateway.resolved_api_keys()
-    return keys[0] if keys else None
-
-
-async def sse_events(response: httpx.Response) -> AsyncIterator[dict[str, str]]:
-    """Parse a ``text/event-stream`` body into {id, event, data} dicts."""
-    current: dict[str, str] = {}
-    data: list[str] = []
-    async for line in response.aiter_lines():
-        if line == "":
-            if data or current:
-                yield {**current, "data": "\n".join(data)}
-            current, data = {}, []
-            continue
-        if line.startswith(":"):
-            continue
-        name, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if name == "data":
-            data.append(value)
-        elif name in ("id", "event"):
-            current[name] = value
-
-
 class Daemon:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -72,23 +46,28 @@ class Daemon:
         store.incident_window = s.pipeline.incident_window
         layers = LayerClients(s)
         memory: Memory | None = None
-        if s.memory.enabled:
+        if s.memory.enabled and s.fleet.role != "agent":
             memory = Memory(s, layers[s.gateway.embeddings_layer].embeddings)
             try:
                 await memory.open()
             except Exception as exc:
                 log.warning("memory off: %s", exc)
                 memory = None
-        sink = GatewaySink(s.collectors.gateway_url, gateway_key(s),
+        sink = GatewaySink(s.collectors.gateway_url, gateway_client.api_key(s),
                            retry_wait=s.pipeline.retry_wait,
                            retry_wait_max=s.pipeline.retry_wait_max)
 
         async def on_proposals(incident_id: str, proposals: Sequence[Proposal]) -> None:
             await handle_proposals(incident_id, proposals, store, s)
 
-        worker = IncidentWorker(s, store, layers, memory=memory, on_proposals=on_proposals)
         c = s.collectors
-        jobs: list[Coroutine[Any, Any, None]] = [worker.run(), self.follow_stream(store, worker)]
+        jobs: list[Coroutine[Any, Any, None]] = []
+        if s.fleet.role != "agent":
+            # On a fleet agent the incidents are the server's: this host only watches
+            # (and its agent loop, `ai-sysadmin agent`, acts) — docs/fleet.md.
+            worker = IncidentWorker(s, store, layers, memory=memory,
+                                    on_proposals=on_proposals)
+            jobs += [worker.run(), self.follow_stream(store, worker)]
         if c.journald or c.journal_replay is not None:
             jobs.append(JournaldCollector(store, sink, hostname=c.hostname,
                                           replay=c.journal_replay).run())
@@ -115,23 +94,19 @@ class Daemon:
     async def follow_stream(self, store: Store, worker: IncidentWorker) -> None:
         """Follow the gateway's anomaly stream; each verdict wakes the incident worker."""
         s = self.settings
-        key = gateway_key(s)
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        url = s.collectors.gateway_url.rstrip("/") + "/v1/events/stream"
-        wait = s.pipeline.retry_wait
-        timeout = httpx.Timeout(10.0, read=s.pipeline.stream_keepalive * 3)
-        async with httpx.AsyncClient(timeout=timeout) as client:
+        backoff = gateway_client.Backoff(s.pipeline.retry_wait, s.pipeline.retry_wait_max)
+        gateway = gateway_client.AsyncGateway(
+            s.collectors.gateway_url, gateway_client.api_key(s),
+            timeout=httpx.Timeout(10.0, read=s.pipeline.stream_keepalive * 3),
+        )
+        try:
             while True:
                 last = await store.get_cursor(STREAM_CURSOR)
-                h = {**headers, **({"Last-Event-ID": last} if last else {})}
                 try:
-                    async with client.stream("GET", url, params={"anomalies_only": "true"},
-                                             headers=h) as r:
-                        if r.status_code != 200:
-                            raise httpx.HTTPStatusError(f"status {r.status_code}",
-                                                        request=r.request, response=r)
-                        wait = s.pipeline.retry_wait
-                        async for ev in sse_events(r):
+                    async with gateway.stream({"anomalies_only": "true"},
+                                              last_event_id=last or None) as r:
+                        backoff.reset()
+                        async for ev in gateway_client.sse_events(r):
                             if ev.get("event") != "verdict" or "id" not in ev:
                                 continue
                             verdict = json.loads(ev["data"])
@@ -139,7 +114,8 @@ class Daemon:
                                      verdict.get("unit"), verdict.get("summary"))
                             worker.notify()
                             await store.set_cursor(STREAM_CURSOR, ev["id"])
-                except (httpx.HTTPError, ValueError) as exc:
-                    log.warning("event stream: %s; reconnecting in %.0fs", exc, wait)
-                await asyncio.sleep(wait)
-                wait = min(wait * 2, s.pipeline.retry_wait_max)
+                except (httpx.HTTPError, gateway_client.GatewayError, ValueError) as exc:
+                    log.warning("event stream: %s; reconnecting in %.0fs", exc, backoff.wait)
+                await backoff.sleep()
+        finally:
+            await gateway.aclose()

@@ -1,11 +1,13 @@
 # What goes out and what comes in: notification channels (docs/notifications.md), whose
 # apprise URLs reach the gateway as credentials, and Prometheus Alertmanager's webhook
-# (docs/alertmanager.md). A part of module.nix (nix/common.nix).
+# (docs/alertmanager.md). Both are the gateway's, so a fleet agent has neither (nix/assertions.nix
+# warns when they are set there). A part of module.nix (nix/common.nix).
 {
   lib,
   config,
   cfg,
   alertmanagerReceiver,
+  isAgent,
   ...
 }:
 
@@ -16,7 +18,7 @@ let
   notifyCredential = name: "/run/credentials/ai-sysadmin-api.service/notify-${name}";
 in
 mkMerge [
-  (mkIf (cfg.notify.channels != [ ] || cfg.notify.dashboardUrl != null) (
+  (mkIf (!isAgent && (cfg.notify.channels != [ ] || cfg.notify.dashboardUrl != null)) (
     let
       channels = cfg.notify.channels;
       names = map (c: c.name) channels;
@@ -52,7 +54,7 @@ mkMerge [
     }
   ))
 
-  (mkIf cfg.alertmanager.enable (mkMerge [
+  (mkIf (!isAgent && cfg.alertmanager.enable) (mkMerge [
     {
       assertions = [
         {

@@ -10,6 +10,7 @@
   accel,
   chromaService,
   isLoopback,
+  isAgent,
   ...
 }:
 
@@ -66,6 +67,17 @@ let
     "=FALSE"
   ];
   packageBackends = lib.filter backendOn (lib.attrNames backendFlags);
+
+  # What an agent does not run, so options of the server's that it ignores.
+  ignoredOnAgent =
+    lib.optional cfg.gateway.openFirewall "gateway.openFirewall"
+    ++ lib.optional (cfg.gateway.apiKeysFile != null) "gateway.apiKeysFile"
+    ++ lib.optional (cfg.gateway.adminKeyFile != null) "gateway.adminKeyFile"
+    ++ lib.optional (cfg.database.type != "sqlite") "database.type"
+    ++ lib.optional (cfg.memory.backend != "embedded") "memory.backend"
+    ++ lib.optional (cfg.notify.channels != [ ]) "notify.channels"
+    ++ lib.optional (cfg.notify.dashboardUrl != null) "notify.dashboardUrl"
+    ++ lib.optional cfg.alertmanager.enable "alertmanager.enable";
 in
 {
   assertions =
@@ -80,12 +92,10 @@ in
             who = "layers.${name}.port";
             port = layers.${name}.port;
           }) enabledLayers
-          ++ [
-            {
-              who = "gateway.port";
-              port = cfg.gateway.port;
-            }
-          ]
+          ++ lib.optional (!isAgent) {
+            who = "gateway.port";
+            port = cfg.gateway.port;
+          }
           ++ lib.optional chromaService {
             who = "services.chromadb.port";
             port = config.services.chromadb.port;
@@ -127,11 +137,25 @@ in
         message = "services.ai-sysadmin.actions.autonomy = \"auto-full\" runs medium-risk actions without approval; confirm with services.ai-sysadmin.actions.allowAutoFull = true.";
       }
       {
-        assertion = !cfg.gateway.openFirewall || !(isLoopback cfg.gateway.host);
+        assertion = isAgent || !cfg.gateway.openFirewall || !(isLoopback cfg.gateway.host);
         message = "services.ai-sysadmin.gateway.openFirewall opens port ${toString cfg.gateway.port}, but gateway.host is ${cfg.gateway.host}, which only loopback clients reach; set gateway.host (e.g. \"0.0.0.0\") or leave the firewall closed.";
       }
       {
-        assertion = cfg.database.type != "postgresql" || cfg.database.createLocally || cfg.database.url != null || cfg.gateway.environmentFile != null;
+        assertion = cfg.fleet.role != "agent" || cfg.fleet.gatewayUrl != null;
+        message = "services.ai-sysadmin.fleet.role = \"agent\" needs services.ai-sysadmin.fleet.gatewayUrl: the server's gateway, where this host's events go and its actions come from (e.g. \"https://ai.example.org:8083\").";
+      }
+      {
+        assertion = cfg.fleet.role != "agent" || cfg.fleet.keyFile != null;
+        message = "services.ai-sysadmin.fleet.role = \"agent\" needs services.ai-sysadmin.fleet.keyFile: a file (outside the Nix store) holding this host's key, made on the server with `ai-sysadmin hosts add ${if cfg.fleet.host != null then cfg.fleet.host else "<host>"}`.";
+      }
+      {
+        # [fleet] role is the typed option's: settings.fleet.role would leave the units
+        # of one role running under the configuration of another.
+        assertion = (cfg.settings.fleet.role or cfg.fleet.role) == cfg.fleet.role;
+        message = "services.ai-sysadmin.settings.fleet.role is \"${toString (cfg.settings.fleet.role or "")}\" but the units are fleet.role's (\"${cfg.fleet.role}\"); set services.ai-sysadmin.fleet.role instead.";
+      }
+      {
+        assertion = isAgent || cfg.database.type != "postgresql" || cfg.database.createLocally || cfg.database.url != null || cfg.gateway.environmentFile != null;
         message = "services.ai-sysadmin.database: PostgreSQL without createLocally needs database.url or AI_SYSADMIN_STORE__URL in gateway.environmentFile.";
       }
     ];
@@ -140,5 +164,6 @@ in
     map (
       name: "services.ai-sysadmin.layers.${name}.host is ${layers.${name}.host}: llama-server has no authentication, so anyone who reaches that address can use the ${name} layer; keep it on loopback unless a firewall or VPN guards it."
     ) (lib.filter (name: !(isLoopback layers.${name}.host)) enabledLayers)
-    ++ lib.optional (!(isLoopback cfg.gateway.host) && cfg.gateway.apiKeysFile == null && cfg.gateway.environmentFile == null) "services.ai-sysadmin.gateway.host is ${cfg.gateway.host} but no gateway.apiKeysFile is set; the API will refuse every non-loopback client until keys are configured.";
+    ++ lib.optional (isAgent && ignoredOnAgent != [ ]) "services.ai-sysadmin.fleet.role is \"agent\": this host runs no gateway, layers or database (the server does), so ${lib.concatStringsSep ", " ignoredOnAgent} ${if lib.length ignoredOnAgent == 1 then "is" else "are"} ignored here; set ${if lib.length ignoredOnAgent == 1 then "it" else "them"} on the server."
+    ++ lib.optional (!isAgent && !(isLoopback cfg.gateway.host) && cfg.gateway.apiKeysFile == null && cfg.gateway.environmentFile == null) "services.ai-sysadmin.gateway.host is ${cfg.gateway.host} but no gateway.apiKeysFile is set; the API will refuse every non-loopback client until keys are configured.";
 }

@@ -58,16 +58,36 @@ rec {
       h;
   apiClientHost = clientHost cfg.gateway.host;
 
+  # fleet.role (docs/fleet.md): "both" is one machine, "server" the layers, gateway and
+  # pipeline for many hosts, "agent" a host that only watches itself and runs the actions
+  # the server approved for it: no layers, no gateway, no database of its own.
+  isAgent = cfg.fleet.role == "agent";
+  agentUnit = "ai-sysadmin-agent.service";
+  # The host name events and actions carry: fleet.host, else networking.hostName (NixOS
+  # sets the kernel's host name from it), else null (the Python side asks the system).
+  fleetHost =
+    if cfg.fleet.host != null then
+      cfg.fleet.host
+    else if (config.networking.hostName or "") != "" then
+      config.networking.hostName
+    else
+      null;
+
   layers = cfg.layers;
-  enabledLayers = lib.filter (name: cfg.llama-cpp.enable && layers.${name}.enable) layerNames;
+  enabledLayers = lib.filter (
+    name: !isAgent && cfg.llama-cpp.enable && layers.${name}.enable
+  ) layerNames;
   layerUnits = map (name: "llama-${name}.service") enabledLayers;
 
   accel = cfg.llama-cpp.acceleration;
   onGpu = accel != "cpu";
 
-  localPostgres = cfg.database.type == "postgresql" && cfg.database.createLocally;
+  # An agent keeps only the collectors' cursors, in SQLite in its state directory.
+  localPostgres = !isAgent && cfg.database.type == "postgresql" && cfg.database.createLocally;
   dbName = "ai-sysadmin";
-  chromaService = cfg.memory.enable && cfg.memory.backend == "chromadb";
+  # An agent handles no incidents, so it recalls none.
+  memoryEnabled = cfg.memory.enable && !isAgent;
+  chromaService = memoryEnabled && cfg.memory.backend == "chromadb";
 
   # The units the gateway and the daemon start after.
   databaseUnits =

@@ -511,6 +511,52 @@ in
     };
   };
 
+  # One server for many hosts (docs/fleet.md), as the TOML's `[fleet]`.
+  fleet = {
+    role = mkOption {
+      type = types.enum [
+        "both"
+        "server"
+        "agent"
+      ];
+      default = "both";
+      description = ''
+        What this machine is in a fleet (docs/fleet.md). `both`: the whole system on one
+        machine. `server`: the same units (layers, gateway, daemon, helper), for many hosts:
+        actions for another host wait for that host's agent. `agent`: no layers, gateway
+        or database; the daemon watches this host and posts its events to
+        `fleet.gatewayUrl`, and `ai-sysadmin-agent.service` runs the actions the server
+        approved for this host (through the root helper), both with `fleet.keyFile`.
+      '';
+    };
+    host = mkOption {
+      type = types.nullOr (types.strMatching "[^[:space:]]{1,255}");
+      default = null;
+      example = "web1";
+      description = ''
+        This machine's name in events and actions, the name its host key was made for
+        (`ai-sysadmin hosts add NAME` on the server). null: `networking.hostName` (rendered
+        for a server and an agent; `both` leaves it to the system's host name at run time).
+      '';
+    };
+    gatewayUrl = mkOption {
+      type = types.nullOr (types.strMatching "https?://[^[:space:]]+");
+      default = null;
+      example = "https://ai.example.org:8083";
+      description = "Agent: the server's gateway, where events go and actions come from (required).";
+    };
+    keyFile = mkOption {
+      type = types.nullOr secretPath;
+      default = null;
+      example = "/run/secrets/ai-sysadmin-host-key";
+      description = ''
+        Agent: file holding this host's key (`ai-sysadmin hosts add NAME` on the server
+        prints it; required). Read by systemd (LoadCredential) for the agent and the
+        daemon; it never enters the Nix store.
+      '';
+    };
+  };
+
   helper.enable = mkOption {
     type = types.bool;
     default = cfg.actions.autonomy != "observe";

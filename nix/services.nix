@@ -1,6 +1,7 @@
 # The gateway (ai-sysadmin-api), the daemon, the root helper and the rollback unit it starts,
-# with the user they run as. A part of module.nix (nix/common.nix); the sandbox each unit
-# starts from is nix/hardening.nix's.
+# with the user they run as; on a fleet agent (fleet.role = "agent") the daemon, the helper
+# and ai-sysadmin-agent instead, without the gateway. A part of module.nix (nix/common.nix);
+# the sandbox each unit starts from is nix/hardening.nix's.
 {
   lib,
   config,
@@ -14,6 +15,8 @@
   databaseUnits,
   localPostgres,
   rollbackEnabled,
+  isAgent,
+  agentUnit,
   nixPackage,
   execCommand,
   cli,
@@ -24,18 +27,47 @@
 let
   inherit (lib) mkIf mkMerge;
 
+  # An agent has one secret, its host key; it runs no gateway, so the gateway's keys are
+  # the server's business (nix/assertions.nix warns when they are set here).
   credentials =
-    lib.optional (cfg.gateway.apiKeysFile != null) "api-keys:${cfg.gateway.apiKeysFile}"
-    ++ lib.optional (cfg.gateway.adminKeyFile != null) "admin-key:${cfg.gateway.adminKeyFile}";
+    if isAgent then
+      lib.optional (cfg.fleet.keyFile != null) "host-key:${cfg.fleet.keyFile}"
+    else
+      lib.optional (cfg.gateway.apiKeysFile != null) "api-keys:${cfg.gateway.apiKeysFile}"
+      ++ lib.optional (cfg.gateway.adminKeyFile != null) "admin-key:${cfg.gateway.adminKeyFile}";
 
   # `%d` is the unit's $CREDENTIALS_DIRECTORY; systemd expands it in Environment=.
   credentialEnvironment =
-    lib.optionalAttrs (cfg.gateway.apiKeysFile != null) {
-      AI_SYSADMIN_GATEWAY__API_KEYS_FILE = "%d/api-keys";
-    }
-    // lib.optionalAttrs (cfg.gateway.adminKeyFile != null) {
-      AI_SYSADMIN_GATEWAY__ADMIN_KEY_FILE = "%d/admin-key";
-    };
+    if isAgent then
+      { AI_SYSADMIN_FLEET__KEY_FILE = "%d/host-key"; }
+    else
+      lib.optionalAttrs (cfg.gateway.apiKeysFile != null) {
+        AI_SYSADMIN_GATEWAY__API_KEYS_FILE = "%d/api-keys";
+      }
+      // lib.optionalAttrs (cfg.gateway.adminKeyFile != null) {
+        AI_SYSADMIN_GATEWAY__ADMIN_KEY_FILE = "%d/admin-key";
+      };
+
+  # The key the daemon's collectors post events with: the Python side has no key-file
+  # setting of the sink's own (collectors.api_key is the key itself), and falls back to
+  # the first line of gateway.api_keys_file (layers/gateway_client.py, api_key). On an
+  # agent, which runs no gateway, that file is the host key.
+  sinkKeyEnvironment = lib.optionalAttrs isAgent {
+    AI_SYSADMIN_GATEWAY__API_KEYS_FILE = "%d/host-key";
+  };
+
+  # The daemon and the agent: the collectors and the read-only actions look at the host.
+  readsTheHost = {
+    # Journal read access, and nothing more.
+    SupplementaryGroups = [ "systemd-journal" ];
+    # Disk metrics statfs /home; read-only keeps it a measurement.
+    ProtectHome = "read-only";
+    # CPU, memory and load metrics read /proc/stat, /proc/meminfo, /proc/loadavg.
+    ProcSubset = "all";
+  };
+
+  # An agent's gateway is another machine's.
+  remoteGateway = lib.optional isAgent "network-online.target";
 
   commonEnvironment = {
     PYTHONUNBUFFERED = "1";
@@ -83,10 +115,12 @@ in
   };
   users.groups.${group} = { };
 
-  networking.firewall.allowedTCPPorts = lib.optional cfg.gateway.openFirewall cfg.gateway.port;
+  networking.firewall.allowedTCPPorts = lib.optional (
+    cfg.gateway.openFirewall && !isAgent
+  ) cfg.gateway.port;
 
   systemd.services = mkMerge [
-    {
+    (mkIf (!isAgent) {
       ai-sysadmin-api = {
         description = "ai-sysadmin gateway (OpenAI-compatible API)";
         wantedBy = [ "multi-user.target" ];
@@ -104,39 +138,70 @@ in
           ProcSubset = "all";
         };
       };
+    })
 
+    {
+      # On an agent the same collectors, posting to the server's gateway (fleet.gatewayUrl).
       ai-sysadmin-daemon = {
-        description = "ai-sysadmin daemon (collectors, review, meta, actions)";
+        description =
+          if isAgent then
+            "ai-sysadmin daemon (collectors, posting to the fleet's gateway)"
+          else
+            "ai-sysadmin daemon (collectors, review, meta, actions)";
         wantedBy = [ "multi-user.target" ];
-        wants = [ "ai-sysadmin-api.service" ] ++ lib.optional cfg.helper.enable "ai-sysadmin-helper.service";
+        wants =
+          lib.optional (!isAgent) "ai-sysadmin-api.service"
+          ++ remoteGateway
+          ++ lib.optional cfg.helper.enable "ai-sysadmin-helper.service";
         after = [
           "network.target"
-          "ai-sysadmin-api.service"
         ]
+        ++ lib.optional (!isAgent) "ai-sysadmin-api.service"
+        ++ remoteGateway
         ++ lib.optional cfg.helper.enable "ai-sysadmin-helper.service"
         ++ databaseUnits;
         requires = lib.optional localPostgres "postgresql.service";
         restartTriggers = [ configFile ];
         # journalctl and systemctl for the collectors.
         path = [ config.systemd.package ];
-        environment = commonEnvironment // credentialEnvironment;
-        serviceConfig = appService // {
+        environment = commonEnvironment // credentialEnvironment // sinkKeyEnvironment;
+        serviceConfig = appService // readsTheHost // {
           ExecStart = cli [ "daemon" ];
-          # Journal read access, and nothing more.
-          SupplementaryGroups = [ "systemd-journal" ];
-          # Disk metrics statfs /home; read-only keeps it a measurement.
-          ProtectHome = "read-only";
-          # CPU, memory and load metrics read /proc/stat, /proc/meminfo, /proc/loadavg.
-          ProcSubset = "all";
         };
       };
     }
+
+    (mkIf isAgent {
+      # The fleet agent (docs/fleet.md): claims the actions the server approved for this
+      # host, checks them again against this host's catalog and policy, runs them (changes
+      # through the helper, read-only ones itself) and reports. It talks to the gateway
+      # only, with the host key.
+      ai-sysadmin-agent = {
+        description = "ai-sysadmin fleet agent (runs this host's approved actions)";
+        wantedBy = [ "multi-user.target" ];
+        wants = remoteGateway ++ lib.optional cfg.helper.enable "ai-sysadmin-helper.service";
+        after = [
+          "network.target"
+        ]
+        ++ remoteGateway
+        ++ lib.optional cfg.helper.enable "ai-sysadmin-helper.service";
+        restartTriggers = [ configFile ];
+        # systemctl and journalctl for the read-only actions and the policy's unit checks.
+        path = [ config.systemd.package ];
+        environment = commonEnvironment // credentialEnvironment;
+        serviceConfig = appService // readsTheHost // {
+          ExecStart = cli [ "agent" ];
+          # Unlike the daemon it never opens the memory (onnxruntime's executable stack).
+          MemoryDenyWriteExecute = true;
+        };
+      };
+    })
 
     (mkIf cfg.helper.enable {
       ai-sysadmin-helper = {
         description = "ai-sysadmin privileged helper (catalog actions only)";
         wantedBy = [ "multi-user.target" ];
-        before = [ "ai-sysadmin-daemon.service" ];
+        before = [ "ai-sysadmin-daemon.service" ] ++ lib.optional isAgent agentUnit;
         restartTriggers = [ configFile ];
         path = [
           config.systemd.package

@@ -15,7 +15,11 @@
   user,
   localPostgres,
   dbName,
+  memoryEnabled,
   chromaService,
+  isAgent,
+  agentUnit,
+  fleetHost,
   clientHost,
   apiClientHost,
   rollbackUnit,
@@ -30,6 +34,10 @@ let
     pkgs.procps
     nixPackage
   ];
+
+  # A server's and an agent's host name is explicit (networking.hostName unless
+  # fleet.host); "both" names one only when fleet.host says so.
+  renderedHost = if cfg.fleet.role == "both" then cfg.fleet.host else fleetHost;
 in
 {
   services.ai-sysadmin.settings = {
@@ -63,7 +71,7 @@ in
       url = if localPostgres then "postgresql:///${dbName}?host=/run/postgresql" else cfg.database.url;
     };
     memory = {
-      enabled = cfg.memory.enable;
+      enabled = memoryEnabled;
     }
     // lib.optionalAttrs chromaService {
       chroma_url = "http://${clientHost config.services.chromadb.host}:${toString config.services.chromadb.port}";
@@ -73,7 +81,10 @@ in
       allow_auto_full = cfg.actions.allowAutoFull;
       # The rollback unit is nixos_rollback's own: starting it by name (start_unit) would
       # be a rollback without the high-risk approval, so it is protected whatever the list.
-      protected_units = lib.unique (cfg.actions.protectedUnits ++ [ rollbackUnit ]);
+      # An agent restarting itself would lose the action it runs (its lease expires).
+      protected_units = lib.unique (
+        cfg.actions.protectedUnits ++ [ rollbackUnit ] ++ lib.optional isAgent agentUnit
+      );
     }
     // lib.optionalAttrs (cfg.actions.allowlist != null) { inherit (cfg.actions) allowlist; }
     // lib.optionalAttrs cfg.helper.enable {
@@ -86,7 +97,29 @@ in
       # nix-collect-garbage; nixos-rebuild comes from the running system.
       search_path = lib.mkDefault "${actionPath}:/run/current-system/sw/bin";
     };
-    collectors.gateway_url = lib.mkDefault "http://${apiClientHost}:${toString cfg.gateway.port}";
+    # An agent's collectors post to the server's gateway, with the host key (nix/services.nix).
+    collectors = {
+      gateway_url = lib.mkDefault (
+        if isAgent && cfg.fleet.gatewayUrl != null then
+          cfg.fleet.gatewayUrl
+        else
+          "http://${apiClientHost}:${toString cfg.gateway.port}"
+      );
+    }
+    # Events must carry the name the host key is scoped to (the gateway refuses others).
+    // lib.optionalAttrs (renderedHost != null) {
+      hostname = lib.mkDefault renderedHost;
+    };
+  }
+  # "both", the default, renders nothing of [fleet] unless fleet.host is set.
+  // lib.optionalAttrs (cfg.fleet.role != "both" || renderedHost != null) {
+    fleet =
+      lib.optionalAttrs (cfg.fleet.role != "both") { inherit (cfg.fleet) role; }
+      // lib.optionalAttrs (renderedHost != null) { host = renderedHost; }
+      # The key is the units' credential: AI_SYSADMIN_FLEET__KEY_FILE=%d/host-key.
+      // lib.optionalAttrs (isAgent && cfg.fleet.gatewayUrl != null) {
+        gateway_url = cfg.fleet.gatewayUrl;
+      };
   };
 
   environment.etc."ai-sysadmin/config.toml".source = configFile;

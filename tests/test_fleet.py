@@ -24,7 +24,7 @@ from layers.config import Settings
 from layers.events import Event
 from layers.store import Store, open_store
 from layers.store.hosts import Hosts
-from tests.support import Proc, cli, free_port, write_toml
+from tests.support import cli, free_port, run_cli, write_toml
 from tests.test_actions_service import incident_of
 from tests.test_evidence import Programs, make_programs
 
@@ -201,3 +201,41 @@ async def test_a_lease_that_runs_out_fails_the_action_it_never_runs_twice(
     assert lost.id == action and lost.status == "failed"
     assert lost.result is not None and "lease_expired" in lost.result.output
     assert await server_store.claim_proposal("hosta", "agent:hosta", lease=60) is None
+
+
+async def test_the_agent_command_takes_and_runs_its_hosts_action_end_to_end(
+    tmp_path: Path, server: tuple[str, Settings, Programs], server_store: Store
+) -> None:
+    """`ai-sysadmin hosts add` on the server, `ai-sysadmin agent` (a process) on the host:
+    an admin's approval reaches the agent and the result comes back."""
+    url, settings, server_progs = server
+    server_cfg = write_toml(tmp_path / "server-cli.toml", {
+        "state_dir": str(settings.state_dir)})
+    made = run_cli("--config", str(server_cfg), "hosts", "add", "hostc")
+    assert made.returncode == 0, made.stderr
+    key = made.stdout.splitlines()[0]
+    assert key.startswith("aish-host-")
+    a_settings, a_progs = agent_settings(tmp_path, "hostc")
+    (tmp_path / "hostc.key").write_text(key + "\n")
+    agent_cfg = write_toml(tmp_path / "agent.toml", {
+        "state_dir": str(tmp_path / "hostc-state"),
+        "actions": {"search_path": a_progs.search_path, "unit_check": "never"},
+        "fleet": {"role": "agent", "host": "hostc", "gateway_url": url,
+                  "key_file": str(tmp_path / "hostc.key"), "poll_seconds": 0.5}})
+    agent = cli(agent_cfg, "agent", log_path=tmp_path / "agent.log").start()
+    try:
+        action = await _pending_restart(server_store, settings, "hostc")
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            r = await c.post(f"/v1/actions/{action}/approve", headers=ADMIN, json={"wait": 1})
+            assert r.status_code == 200, r.text
+            status = ""
+            for _ in range(100):
+                status = (await c.get(f"/v1/actions/{action}", headers=ADMIN)).json()["status"]
+                if status in ("succeeded", "failed"):
+                    break
+                await asyncio.sleep(0.2)
+        assert status == "succeeded", agent.log()
+        assert any("restart" in call for call in a_progs.calls()) and not server_progs.calls()
+        assert "agent of host hostc" in agent.log()
+    finally:
+        agent.stop()

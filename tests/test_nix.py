@@ -761,6 +761,202 @@ def test_firewall_only_when_asked() -> None:
     assert any("no gateway.apiKeysFile" in w for w in unauthenticated["warnings"])
 
 
+# -- fleet roles (issue 21) ----------------------------------------------------------------------
+#
+# fleet.role = "both" (the default) is the whole system on one machine, unchanged; "server"
+# the same units, naming its host; "agent" no layers, gateway or database: the daemon's
+# collectors post to the server's gateway and ai-sysadmin-agent runs this host's actions,
+# both with the host key as a credential (docs/fleet.md, docs/nixos.md "Fleet").
+
+AGENT = (
+    'fleet = { role = "agent"; gatewayUrl = "https://ai.example.org:8083";'
+    ' keyFile = "/run/secrets/host-key"; };'
+)
+
+
+def load_as_unit(rendered: dict[str, Any], unit: dict[str, Any], creds: Path) -> Settings:
+    """The rendered configuration as the unit's process reads it: its Environment= with %d
+    (systemd's $CREDENTIALS_DIRECTORY) pointing at ``creds``."""
+    config = creds.parent / "config.toml"
+    config.write_text(_toml(rendered))
+    env = {k: v for k, v in unit["environment"].items() if k.startswith("AI_SYSADMIN_")}
+    saved = {k: os.environ.get(k) for k in env}
+    try:
+        for key, value in env.items():
+            os.environ[key] = value.replace("%d", str(creds))
+        return load_settings(config)
+    finally:
+        for key, old in saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+
+
+@needs_lib
+def test_role_both_is_the_default_and_renders_no_fleet(default_system: dict[str, Any]) -> None:
+    assert "fleet" not in default_system["settings"]
+    assert "hostname" not in default_system["settings"]["collectors"]
+    explicit = evaluate_ok(MODELS + ' fleet.role = "both";')
+    assert explicit == default_system
+    # fleet.host alone names this machine (events and the actions it runs itself).
+    named = evaluate_ok(MODELS + ' fleet.host = "box1";')
+    assert named["settings"]["fleet"] == {"host": "box1"}
+    assert settings_from(named["settings"]).collectors.hostname == "box1"
+    assert set(named["units"]) == set(default_system["units"])
+
+
+@needs_lib
+def test_server_role_runs_the_whole_system_and_says_so(default_system: dict[str, Any]) -> None:
+    result = evaluate_ok(MODELS + ' fleet.role = "server";')
+    assert result["units"] == default_system["units"]  # layers, gateway, daemon, helper …
+    # Its host is explicit: networking.hostName (the stub's NixOS default, "nixos").
+    assert result["settings"]["fleet"] == {"role": "server", "host": "nixos"}
+    settings = settings_from(result["settings"])
+    assert (settings.fleet.role, settings.fleet.local_host()) == ("server", "nixos")
+    assert settings.collectors.hostname == "nixos"  # its own events are local
+    named = evaluate_ok(MODELS + ' fleet = { role = "server"; host = "ai1"; };',
+                        extra='networking.hostName = "";')  # fmt: skip
+    assert named["settings"]["fleet"] == {"role": "server", "host": "ai1"}
+    assert named["settings"]["collectors"]["hostname"] == "ai1"
+    # Without a host name (DHCP names the machine) the Python side asks the system.
+    dhcp = evaluate_ok(MODELS + ' fleet.role = "server";', extra='networking.hostName = "";')
+    assert dhcp["settings"]["fleet"] == {"role": "server"}
+    assert "hostname" not in dhcp["settings"]["collectors"]
+
+
+@needs_lib
+def test_agent_role_watches_the_host_and_runs_its_actions(tmp_path: Path) -> None:
+    # No models: an agent runs no layers.
+    result = evaluate_ok(AGENT)
+    units = result["units"]
+    assert set(units) == {
+        "ai-sysadmin-agent", "ai-sysadmin-daemon", "ai-sysadmin-helper", "ai-sysadmin-rollback",
+    }  # fmt: skip
+    assert not any(name.startswith("llama-") for name in units) and "ai-sysadmin-api" not in units
+
+    agent = units["ai-sysadmin-agent"]
+    sc = agent["serviceConfig"]
+    assert exec_argv(sc["ExecStart"])[1:] == ["--config", "/etc/ai-sysadmin/config.toml", "agent"]
+    assert "multi-user.target" in agent["wantedBy"]
+    assert sc["LoadCredential"] == ["host-key:/run/secrets/host-key"]
+    assert agent["environment"]["AI_SYSADMIN_FLEET__KEY_FILE"] == "%d/host-key"
+    # The shared sandbox, with the network (the gateway is another machine) …
+    assert sorted(sc["RestrictAddressFamilies"]) == ["AF_INET", "AF_INET6", "AF_UNIX"]
+    assert "PrivateNetwork" not in sc
+    assert sc["User"] == "ai-sysadmin" and sc["CapabilityBoundingSet"] == [""]
+    assert sc["NoNewPrivileges"] is True and sc["ProtectSystem"] == "strict"
+    assert sc["PrivateDevices"] is True and sc["MemoryDenyWriteExecute"] is True
+    # … and what its read-only actions need (the daemon's), changes going to the helper.
+    assert sc["SupplementaryGroups"] == ["systemd-journal"] and sc["ProtectHome"] == "read-only"
+    assert {"network-online.target", "ai-sysadmin-helper.service"} <= set(agent["after"])
+    assert {"network-online.target", "ai-sysadmin-helper.service"} <= set(agent["wants"])
+    assert "ai-sysadmin-agent.service" in units["ai-sysadmin-helper"]["before"]
+    assert result["configFile"] in agent["restartTriggers"]
+
+    # The daemon stays for the collectors, posting to the server's gateway with the host key.
+    daemon = units["ai-sysadmin-daemon"]
+    assert exec_argv(daemon["serviceConfig"]["ExecStart"])[-1] == "daemon"
+    assert daemon["serviceConfig"]["LoadCredential"] == ["host-key:/run/secrets/host-key"]
+    assert "ai-sysadmin-api.service" not in daemon["after"] + daemon["wants"]
+    assert "network-online.target" in daemon["after"]
+
+    rendered = result["settings"]
+    assert rendered["fleet"] == {"role": "agent", "host": "nixos",
+                                 "gateway_url": "https://ai.example.org:8083"}  # fmt: skip
+    assert rendered["collectors"] == {"gateway_url": "https://ai.example.org:8083",
+                                      "hostname": "nixos"}  # fmt: skip
+    assert rendered["store"] == {} and rendered["memory"] == {"enabled": False}
+    assert "ai-sysadmin-agent.service" in rendered["actions"]["protected_units"]
+    assert rendered["actions"]["helper_socket"] == "/run/ai-sysadmin/helper.sock"
+    assert "/run/secrets" not in json.dumps(rendered)
+    assert result["postgresql"]["enable"] is False and result["chromadb"] is False
+    assert result["firewall"] == []
+
+    # What each process reads, with systemd's credentials directory in place.
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / "host-key").write_text("aish-host-web1-key\n")
+    settings = load_as_unit(rendered, agent, creds)
+    assert settings.fleet.role == "agent" and settings.fleet.key_file == creds / "host-key"
+    assert settings.fleet.gateway_url == "https://ai.example.org:8083"
+    assert settings.fleet.local_host() == "nixos"
+    from layers import gateway_client
+
+    daemon_settings = load_as_unit(rendered, daemon, creds)
+    assert daemon_settings.collectors.gateway_url == "https://ai.example.org:8083"
+    assert gateway_client.api_key(daemon_settings) == "aish-host-web1-key"  # the sink's key
+    assert daemon_settings.collectors.hostname == "nixos"  # the name the key is scoped to
+
+    named = evaluate_ok(AGENT + ' fleet.host = "web1"; actions.autonomy = "observe";')
+    assert named["settings"]["fleet"]["host"] == "web1"
+    assert named["settings"]["collectors"]["hostname"] == "web1"
+    # Observe: no helper (nor rollback); the agent still reports what it refuses.
+    assert set(named["units"]) == {"ai-sysadmin-agent", "ai-sysadmin-daemon"}
+    assert "ai-sysadmin-helper.service" not in named["units"]["ai-sysadmin-agent"]["after"]
+
+
+@needs_lib
+def test_agent_role_needs_the_gateway_and_the_key() -> None:
+    result = evaluate('fleet.role = "agent";')
+    assert "units" not in result
+    assert len(result["assertions"]) == 2, result["assertions"]
+    url, key = result["assertions"]
+    assert "fleet.role = \"agent\" needs services.ai-sysadmin.fleet.gatewayUrl" in url
+    assert "fleet.role = \"agent\" needs services.ai-sysadmin.fleet.keyFile" in key
+    assert "ai-sysadmin hosts add" in key
+    only_url = evaluate('fleet = { role = "agent"; gatewayUrl = "https://ai.example.org"; };')
+    assert [m for m in only_url["assertions"] if "fleet.keyFile" in m] == only_url["assertions"]
+    only_key = evaluate('fleet = { role = "agent"; keyFile = "/run/secrets/k"; };')
+    assert [m for m in only_key["assertions"] if "fleet.gatewayUrl" in m] == only_key["assertions"]
+    # Neither is needed by the other roles.
+    assert evaluate_ok(MODELS + ' fleet.role = "server";')["assertions"] == []
+    err = evaluation_error('fleet = { role = "agent"; gatewayUrl = "ai.example.org:8083";'
+                           ' keyFile = "/run/secrets/host-key"; };')  # fmt: skip
+    assert "services.ai-sysadmin.fleet.gatewayUrl" in err and "is not of type" in err
+    err = evaluation_error('fleet = { role = "agent"; gatewayUrl = "https://ai.example.org";'
+                           ' keyFile = "/nix/store/abc-host-key"; };')  # fmt: skip
+    assert "services.ai-sysadmin.fleet.keyFile" in err and "outside the Nix store" in err
+
+
+@needs_lib
+def test_agent_role_ignores_the_servers_options_with_a_warning() -> None:
+    result = evaluate_ok(
+        AGENT + ' gateway = { openFirewall = true; apiKeysFile = "/run/secrets/api-keys"; };'
+        ' database.type = "postgresql";'
+        ' notify.channels = [ { name = "pager"; urlFile = "/run/secrets/ntfy-url"; } ];'
+        ' alertmanager = { enable = true; keyFile = "/run/secrets/am-key"; };',
+        extra="services.prometheus.alertmanager.enable = true;",
+    )
+    [warning] = result["warnings"]
+    assert 'fleet.role is "agent"' in warning
+    for option in ("gateway.openFirewall", "gateway.apiKeysFile", "database.type",
+                   "notify.channels", "alertmanager.enable"):  # fmt: skip
+        assert option in warning, option
+    # No gateway unit appears for the notification or webhook credentials, no port opens,
+    # no local PostgreSQL, and the gateway's keys are not the agent's.
+    assert set(result["units"]) == {
+        "ai-sysadmin-agent", "ai-sysadmin-daemon", "ai-sysadmin-helper", "ai-sysadmin-rollback",
+    }  # fmt: skip
+    assert result["firewall"] == [] and result["postgresql"]["enable"] is False
+    assert "notify" not in result["settings"] and result["settings"]["store"] == {}
+    for unit in ("ai-sysadmin-agent", "ai-sysadmin-daemon"):
+        assert result["units"][unit]["serviceConfig"]["LoadCredential"] == [
+            "host-key:/run/secrets/host-key"], unit
+
+
+@needs_lib
+def test_the_role_is_the_typed_options() -> None:
+    result = evaluate(MODELS + ' settings.fleet.role = "agent";')
+    assert any("settings.fleet.role is \"agent\"" in m and "fleet.role instead" in m
+               for m in result["assertions"]), result["assertions"]  # fmt: skip
+    # The same value is no conflict; other [fleet] keys pass through.
+    same = evaluate_ok(AGENT + ' settings.fleet = { role = "agent"; poll_seconds = 5; };')
+    assert settings_from(same["settings"]).fleet.poll_seconds == 5
+    err = evaluation_error(MODELS + ' fleet.role = "client";')
+    assert "fleet.role" in err
+
+
 # -- renamed options (issue 18) ------------------------------------------------------------------
 #
 # The options carry the TOML's words; the old names are lib.mkRenamedOptionModule aliases

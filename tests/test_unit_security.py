@@ -68,6 +68,8 @@ THRESHOLDS = {
     # a transient unit is not part of this unit (docs/security.md says what that means).
     "ai-sysadmin-rollback": 2.0,
     "ai-sysadmin-postgresql-setup": 2.0,
+    # The fleet agent: the daemon's sandbox (network, journal, read-only /home, all of /proc).
+    "ai-sysadmin-agent": 2.0,
 }
 
 SCENARIOS = {
@@ -83,6 +85,10 @@ SCENARIOS = {
     ' gateway.environmentFile = "/run/secrets/env";'
     ' layers.review.extraFlags = [ "--chat-template" "a \\"q\\" %s \\${HOME} $x" ];',
     "no-rollback": MODELS + ' actions.allowlist = [ "unit_status" "restart_unit" "nix_gc" ];',
+    # A fleet agent: no layers or gateway; the daemon, the helper, the rollback unit and
+    # ai-sysadmin-agent, the host key a credential of the agent and the daemon.
+    "agent": 'fleet = { role = "agent"; gatewayUrl = "https://ai.example.org:8083";'
+    ' keyFile = "/run/secrets/host-key"; };',
 }
 
 OVERALL = re.compile(r"Overall exposure level for (?P<unit>\S+): (?P<score>\d+\.\d+) (?P<word>\w+)")
@@ -207,6 +213,18 @@ def test_the_scores_of_docs_security_md(tmp_path: Path) -> None:
         "ai-sysadmin-rollback": 1.0, "ai-sysadmin-postgresql-setup": 0.4,
     }, scores  # fmt: skip
     assert gpu == {"llama-meta": 1.6}
+
+
+@needs_analyze
+def test_the_agent_scenario_scores_the_agent_unit(tmp_path: Path) -> None:
+    """The agent role's units are what the scenario above scores: the agent among them,
+    no layer or gateway, and the agent no more exposed than the daemon it resembles."""
+    units = units_of("agent")
+    assert set(units) == {"ai-sysadmin-agent", "ai-sysadmin-daemon", "ai-sysadmin-helper",
+                          "ai-sysadmin-rollback"}  # fmt: skip
+    scores = exposure(write_units(units, tmp_path))
+    assert scores["ai-sysadmin-agent"] <= THRESHOLDS["ai-sysadmin-agent"], scores
+    assert scores["ai-sysadmin-agent"] <= scores["ai-sysadmin-daemon"], scores
 
 
 @needs_analyze

@@ -201,6 +201,20 @@ async def _incident_host(store: Store, incident_id: str | None) -> str | None:
     return inc.host if inc is not None else None
 
 
+async def runs_elsewhere(store: Store, settings: Settings, host: str | None) -> bool:
+    """Whether an action for ``host`` is left to that host's agent: not this machine's,
+    and either this is a fleet server (``fleet.role = "server"``) or the host has a host
+    key. A single machine (``both``) keeps running the actions of hosts without an agent
+    (events posted for them, alerts of other instances) here, as it always did."""
+    if settings.fleet.is_local(host):
+        return False
+    if settings.fleet.role == "server":
+        return True
+    from layers.store.hosts import Hosts
+
+    return await Hosts(store).known(str(host))
+
+
 async def _dispatch(store: Store, settings: Settings, p: Proposal, actor: str) -> Proposal:
     """An approved action for another host is left for that host's agent to claim
     (docs/fleet.md): it never runs here."""
@@ -305,7 +319,7 @@ async def _handle_one(
             await store.transition_proposal(stored.id, "approved", expected=("pending",),
                                             decided_by=actor)  # fmt: skip
         await _audit(store, actor, "approved", stored, reason=decision.reason)
-        if not settings.fleet.is_local(stored.host):
+        if await runs_elsewhere(store, settings, stored.host):
             return await _dispatch(store, settings, await store.get_proposal(stored.id)
                                    or stored, actor)
         running = await store.transition_proposal(stored.id, "running", expected=("approved",))
@@ -421,7 +435,7 @@ async def approve(store: Store, settings: Settings, proposal_id: str, approver: 
         if approved is None:
             raise ActionError("not_pending", f"action {p.id} was decided meanwhile")
         await _audit(store, actor, "approved", approved, dry_run=planned.dry_run)
-        if not settings.fleet.is_local(approved.host):
+        if await runs_elsewhere(store, settings, approved.host):
             return await _dispatch(store, settings, approved, actor)
         running = await store.transition_proposal(p.id, "running", expected=("approved",))
     if running is None:

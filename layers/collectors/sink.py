@@ -3,7 +3,6 @@ collector may advance its cursor after ``send`` returns; it never drops a batch.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Sequence
 from typing import Protocol
@@ -11,6 +10,7 @@ from typing import Protocol
 import httpx
 
 from layers.events import Event
+from layers.gateway_client import AsyncGateway, Backoff
 from layers.store import Store
 
 log = logging.getLogger("ai_sysadmin.collectors")
@@ -32,8 +32,8 @@ class StoreSink:
 
 
 class GatewaySink:
-    """``POST /v1/events`` to the gateway, retrying (with backoff) until it answers 2xx.
-    Event ids make a retried batch idempotent."""
+    """``POST /v1/events`` to the gateway, retrying (with backoff) until it answers 2xx
+    (layers/gateway_client.py). Event ids make a retried batch idempotent."""
 
     def __init__(
         self,
@@ -45,9 +45,7 @@ class GatewaySink:
         retry_wait: float = 1.0,
         retry_wait_max: float = 30.0,
     ) -> None:
-        self.url = base_url.rstrip("/") + "/v1/events"
-        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = client or httpx.AsyncClient(timeout=30.0)
+        self.gateway = AsyncGateway(base_url, api_key, timeout=30.0, client=client)
         self.max_batch = max_batch
         self.retry_wait = retry_wait
         self.retry_wait_max = retry_wait_max
@@ -58,22 +56,9 @@ class GatewaySink:
 
     async def _send_batch(self, events: Sequence[Event]) -> None:
         body = {"events": [e.model_dump(mode="json") for e in events]}
-        wait = self.retry_wait
-        while True:
-            try:
-                r = await self.client.post(self.url, json=body, headers=self.headers)
-                if r.status_code < 300:
-                    return
-                if 400 <= r.status_code < 500 and r.status_code not in (408, 429):
-                    # Our own bug or a misconfigured key: retrying cannot help, but the
-                    # events must not vanish silently.
-                    log.error("gateway refused %d events: %s %s", len(events), r.status_code,
-                              r.text[:300])
-            except httpx.HTTPError as exc:
-                log.warning("gateway unreachable (%s); retrying in %.0fs",
-                            type(exc).__name__, wait)
-            await asyncio.sleep(wait)
-            wait = min(wait * 2, self.retry_wait_max)
+        await self.gateway.post_retrying("/v1/events", body,
+                                         Backoff(self.retry_wait, self.retry_wait_max),
+                                         what=f"{len(events)} events", logger=log)  # fmt: skip
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        await self.gateway.aclose()

@@ -33,11 +33,7 @@ class Message:
 def dashboard_url(settings: Settings) -> str:
     if settings.notify.dashboard_url:
         return settings.notify.dashboard_url.rstrip("/") + "/"
-    g = settings.gateway
-    host = "127.0.0.1" if g.host in ("0.0.0.0", "::", "") else g.host
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"http://{host}:{g.port}/"
+    return settings.gateway.local_url + "/"
 
 
 def _when(ts: float | None) -> str:

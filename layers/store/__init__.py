@@ -55,5 +55,6 @@ def make_store(url: str, state_dir: Path) -> Store:
 async def open_store(settings: Settings) -> Store:
     """Open (and migrate) the configured store."""
     store = make_store(settings.store.url, settings.state_dir)
+    store.work_lease = settings.store.work_lease
     await store.open()
     return store

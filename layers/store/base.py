@@ -51,8 +51,7 @@ Row = dict[str, Any]
 
 MAX_SEQ = 2**63 - 1  # BIGINT: the largest sequence number a store can hold
 # Seconds a worker holds the events or the incident stage it took (claim_events,
-# next_incident) before another gateway may take them over: longer than one trigger
-# batch or stage takes with its retries and halving on a slow machine.
+# next_incident) before another gateway may take them over (``store.work_lease``).
 WORK_LEASE = 300.0
 
 class StoreError(Exception):
@@ -179,6 +178,7 @@ class Store(abc.ABC):
     dialect: str = ""
     # This process's name on the work it leases (claim_events, next_incident).
     worker_id: str = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+    work_lease: float = WORK_LEASE
     # Seconds within which an anomalous verdict joins an active incident with the same key.
     incident_window: float = 3600.0
 
@@ -227,7 +227,7 @@ class Store(abc.ABC):
 
     async def claim_events(self, state: str, limit: int = 500) -> list[StoredEvent]:
         """Up to ``limit`` events in ``state``, oldest first, leased to this worker for
-        :data:`WORK_LEASE` seconds: several gateways (or daemons) on one store each take
+        ``work_lease`` seconds: several gateways (or daemons) on one store each take
         different events, and a dead one's are taken over when its lease runs out. This
         worker's own leases are its to take again (work it left after a failure)."""
         now = time.time()
@@ -237,7 +237,7 @@ class Store(abc.ABC):
                 " (SELECT seq FROM events WHERE state = ? AND (lease_until IS NULL OR"
                 " lease_until < ? OR lease_owner = ? OR lease_state <> ?) ORDER BY seq LIMIT ?"
                 f"{self._skip_locked()}) RETURNING *",
-                (self.worker_id, state, now + WORK_LEASE, state, now, self.worker_id, state,
+                (self.worker_id, state, now + self.work_lease, state, now, self.worker_id, state,
                  limit),
             )
         return sorted((self._event(r) for r in rows), key=lambda e: e.seq)
@@ -488,7 +488,7 @@ class Store(abc.ABC):
                 " (SELECT id FROM incidents WHERE stage = ? AND (lease_until IS NULL OR"
                 " lease_until < ? OR lease_owner = ? OR lease_stage <> ?) ORDER BY updated_at"
                 f" LIMIT 1{self._skip_locked()}) RETURNING *",
-                (self.worker_id, stage, now + WORK_LEASE, stage, now, self.worker_id, stage),
+                (self.worker_id, stage, now + self.work_lease, stage, now, self.worker_id, stage),
             )
         return self._incident(rows[0]) if rows else None
 

@@ -89,6 +89,13 @@ class Hosts:
                                     " ORDER BY name")
         return [Host(r["name"], r["created_at"], r["revoked_at"], r["last_seen"]) for r in rows]
 
+    async def known(self, name: str) -> bool:
+        """Whether ``name`` is a fleet host with a key that is not revoked."""
+        async with self.store.tx() as tx:
+            rows = await tx.execute("SELECT 1 FROM hosts WHERE name = ? AND revoked_at IS NULL",
+                                    (name,))
+        return bool(rows)
+
     async def lookup(self, key: str) -> str | None:
         """The host a presented key belongs to (not revoked), or None."""
         if not key.startswith(PREFIX):

@@ -112,6 +112,12 @@ in
       default = { };
     };
 
+    # NixOS' default is "nixos"; "" means the name comes from DHCP at run time.
+    networking.hostName = mkOption {
+      type = types.str;
+      default = "nixos";
+    };
+
     networking.firewall.allowedTCPPorts = mkOption {
       type = types.listOf types.port;
       default = [ ];

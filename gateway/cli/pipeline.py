@@ -1,7 +1,8 @@
 """CLI of the pipeline: ``ai-sysadmin daemon``, ``events tail``, ``incidents list|show``.
 
 ``events tail`` and ``incidents`` talk to the gateway's HTTP API (``--url``, default the
-configured gateway) with the configured API key, like any other client.
+configured gateway) with the configured API key, like any other client
+(layers/gateway_client.py).
 """
 
 from __future__ import annotations
@@ -9,21 +10,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
 import httpx
 
-from layers.config import Settings
+from gateway.cli.common import CliError, add_command, add_group, run_async, settings_for, setup_logging
+from layers import gateway_client
 
 
-def register(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
-    add("daemon", cmd_daemon, "run the collectors and the review/meta stages", sub)
-    events = sub.add_parser("events", help="the trigger verdict stream")
-    esub = events.add_subparsers(dest="events_command", metavar="ACTION")
-    esub.required = True
-    t = add("tail", cmd_events_tail, "print verdicts as the trigger stage makes them", esub)
+def register(sub: Any) -> None:
+    add_command(sub, "daemon", cmd_daemon, "run the collectors and the review/meta stages")
+    esub = add_group(sub, "events", "the trigger verdict stream", "events_command")
+    t = add_command(esub, "tail", cmd_events_tail, "print verdicts as the trigger stage makes them")
     t.add_argument("--severity", choices=["info", "warning", "critical"], default=None,
                    help="only verdicts at or above this severity")
     t.add_argument("--host", default=None, help="only verdicts about this host")
@@ -34,17 +33,15 @@ def register(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
     t.add_argument("--json", action="store_true", help="one JSON object per line")
     _url_arg(t)
 
-    inc = sub.add_parser("incidents", help="list or show incidents")
-    isub = inc.add_subparsers(dest="incidents_command", metavar="ACTION")
-    isub.required = True
-    ls = add("list", cmd_incidents_list, "incidents, newest first", isub)
+    isub = add_group(sub, "incidents", "list or show incidents", "incidents_command")
+    ls = add_command(isub, "list", cmd_incidents_list, "incidents, newest first")
     ls.add_argument("--status", action="append",
                     choices=["open", "reviewed", "escalated", "resolved", "unreviewed"],
                     help="only these statuses (repeatable)")
     ls.add_argument("--limit", type=int, default=50)
     ls.add_argument("--json", action="store_true", help="print JSON")
     _url_arg(ls)
-    sh = add("show", cmd_incidents_show, "one incident with its timeline", isub)
+    sh = add_command(isub, "show", cmd_incidents_show, "one incident with its timeline")
     sh.add_argument("id", help="incident id (inc_…)")
     sh.add_argument("--json", action="store_true", help="print JSON")
     _url_arg(sh)
@@ -54,36 +51,26 @@ def _url_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default=None, help="gateway base URL (default: the configured one)")
 
 
-def _cli() -> Any:
-    import gateway.cli as cli
-
-    return cli
-
-
-def _api(args: argparse.Namespace) -> tuple[Settings, str, dict[str, str]]:
-    from layers.daemon import gateway_key
-
-    settings: Settings = _cli()._settings(args)
-    g = settings.gateway
-    host = "127.0.0.1" if g.host in ("0.0.0.0", "::", "") else g.host
-    url = (args.url or f"http://{host}:{g.port}").rstrip("/")
-    key = gateway_key(settings)
-    return settings, url, ({"Authorization": f"Bearer {key}"} if key else {})
+def _api(args: argparse.Namespace) -> tuple[str, str | None]:
+    """The gateway's base URL and the key to send."""
+    settings = settings_for(args)
+    return gateway_client.base_url(settings, args.url), gateway_client.api_key(settings)
 
 
 def _get(args: argparse.Namespace, path: str, params: dict[str, Any] | None = None) -> Any:
-    _, url, headers = _api(args)
+    url, key = _api(args)
     try:
-        r = httpx.get(url + path, params=params, headers=headers, timeout=30)
-    except httpx.HTTPError as exc:
-        raise _cli().CliError(f"gateway {url}: {type(exc).__name__}: {exc}") from None
-    if r.status_code != 200:
-        try:
-            msg = r.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            msg = r.text[:200]
-        raise _cli().CliError(f"gateway {url}: {r.status_code}: {msg}")
+        r = gateway_client.request("GET", url + path, key=key, params=params, timeout=30,
+                                   ok=(200,))  # fmt: skip
+    except gateway_client.GatewayError as exc:
+        raise CliError(f"gateway {url}: {_why(exc)}") from None
     return r.json()
+
+
+def _why(exc: gateway_client.GatewayError) -> str:
+    if exc.cause is not None:
+        return f"{type(exc.cause).__name__}: {exc.cause}"
+    return f"{exc.status}: {exc.message if exc.message is not None else exc.body[:200]}"
 
 
 def _ts(t: float | None) -> str:
@@ -94,25 +81,21 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     from layers.daemon import Daemon
     from layers.store import StoreError
 
-    cli = _cli()
-    settings = cli._settings(args)
-    cli._setup_logging(settings.gateway.log_level)
+    settings = settings_for(args)
+    setup_logging(settings.gateway.log_level)
 
     async def main() -> int:
         try:
             await Daemon(settings).run()
         except StoreError as exc:
-            raise cli.CliError(str(exc)) from None
+            raise CliError(str(exc)) from None
         return 0
 
-    code: int = cli._run_async(main)
-    return code
+    return run_async(main)
 
 
 def cmd_events_tail(args: argparse.Namespace) -> int:
-    from layers.daemon import sse_events
-
-    _, url, headers = _api(args)
+    url, key = _api(args)
     params: dict[str, Any] = {}
     if args.severity:
         params["min_severity"] = args.severity
@@ -120,40 +103,36 @@ def cmd_events_tail(args: argparse.Namespace) -> int:
         params["host"] = args.host
     if args.anomalies:
         params["anomalies_only"] = "true"
-    if args.after is not None:
-        headers["Last-Event-ID"] = str(args.after)
-    cli = _cli()
+    after = str(args.after) if args.after is not None else None
 
     async def main() -> int:
         seen = 0
-        timeout = httpx.Timeout(10.0, read=None)
-        async with httpx.AsyncClient(timeout=timeout) as client:
-            try:
-                async with client.stream("GET", url + "/v1/events/stream", params=params,
-                                         headers=headers) as r:
-                    if r.status_code != 200:
-                        await r.aread()
-                        raise cli.CliError(f"gateway {url}: {r.status_code}: {r.text[:200]}")
-                    async for ev in sse_events(r):
-                        if ev.get("event") != "verdict":
-                            continue
-                        v = json.loads(ev["data"])
-                        if args.json:
-                            print(json.dumps({"id": int(ev["id"]), **v}), flush=True)
-                        else:
-                            flag = "ANOMALY" if v["anomaly"] else "normal "
-                            print(f"{ev['id']:>6} {_ts(v['created_at'])} {v['severity']:<8} "
-                                  f"{flag} {v['host']} {v['unit'] or '-'} "
-                                  f"[{v['rule'] or '-'}] {v['summary']}", flush=True)
-                        seen += 1
-                        if args.count is not None and seen >= args.count:
-                            return 0
-            except httpx.HTTPError as exc:
-                raise cli.CliError(f"gateway {url}: {type(exc).__name__}: {exc}") from None
+        gateway = gateway_client.AsyncGateway(url, key, timeout=httpx.Timeout(10.0, read=None))
+        try:
+            async with gateway.stream(params, last_event_id=after) as r:
+                async for ev in gateway_client.sse_events(r):
+                    if ev.get("event") != "verdict":
+                        continue
+                    v = json.loads(ev["data"])
+                    if args.json:
+                        print(json.dumps({"id": int(ev["id"]), **v}), flush=True)
+                    else:
+                        flag = "ANOMALY" if v["anomaly"] else "normal "
+                        print(f"{ev['id']:>6} {_ts(v['created_at'])} {v['severity']:<8} "
+                              f"{flag} {v['host']} {v['unit'] or '-'} "
+                              f"[{v['rule'] or '-'}] {v['summary']}", flush=True)
+                    seen += 1
+                    if args.count is not None and seen >= args.count:
+                        return 0
+        except gateway_client.GatewayError as exc:
+            raise CliError(f"gateway {url}: {exc.status}: {exc.body[:200]}") from None
+        except httpx.HTTPError as exc:
+            raise CliError(f"gateway {url}: {type(exc).__name__}: {exc}") from None
+        finally:
+            await gateway.aclose()
         return 0
 
-    code: int = cli._run_async(main)
-    return code
+    return run_async(main)
 
 
 def cmd_incidents_list(args: argparse.Namespace) -> int:

@@ -16,10 +16,10 @@ import asyncio
 import json
 import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gateway.cli.common import PROG, CliError, add_command, run_async, settings_for, setup_logging
 from layers.config import Settings
 
 
@@ -33,10 +33,10 @@ def _positive(text: str) -> int:
     return value
 
 
-def register(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
-    p = add("eval", cmd_eval,
-            "score the trigger, review and meta stages on labelled cases (no model as judge)",
-            sub)
+def register(sub: Any) -> None:
+    p = add_command(sub, "eval", cmd_eval,
+                    "score the trigger, review and meta stages on labelled cases (no model as "
+                    "judge)")
     p.add_argument("--stage", choices=["trigger", "review", "meta", "all"], default="all",
                    help="what to score (default: all); review and meta replay the incident "
                    "scenarios, trigger the line corpus")
@@ -53,25 +53,18 @@ def register(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
                    help="never start layers: fail when the configured ones do not answer")
 
 
-def _cli() -> Any:
-    import gateway.cli as cli
-
-    return cli
-
-
 def _chosen(wanted: list[str] | None) -> list[Any] | None:
     """The scenarios named by ``--scenario`` (None: all); an unknown name is an error."""
     if not wanted:
         return None
     from layers.quality import scenarios as scenario_files
 
-    cli = _cli()
     every = scenario_files.load()
     out = []
     for name in wanted:
         hit = [sc for sc in every if sc.id == name or sc.id.split("_", 1)[0] == name.zfill(2)]
         if not hit:
-            raise cli.CliError(f"eval: no scenario {name!r} (one of: "
+            raise CliError(f"eval: no scenario {name!r} (one of: "
                                f"{', '.join(sc.id for sc in every)})")
         out += [sc for sc in hit if sc not in out]
     return out
@@ -100,17 +93,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from layers.quality.table import render
     from layers.supervisor import Supervisor
 
-    cli = _cli()
-    settings: Settings = cli._settings(args)
+    settings = settings_for(args)
     chosen = _chosen(args.scenario)
-    cli._setup_logging("warning")
+    setup_logging("warning")
     logging.getLogger("ai_sysadmin.supervisor").setLevel(logging.WARNING)
 
     def say(message: str) -> None:
-        print(f"{cli.PROG} eval: {message}", file=sys.stderr, flush=True)
+        print(f"{PROG} eval: {message}", file=sys.stderr, flush=True)
 
     if args.report is not None and not args.report.parent.is_dir():
-        raise cli.CliError(f"eval: --report {args.report}: no such directory")
+        raise CliError(f"eval: --report {args.report}: no such directory")
 
     async def main() -> int:
         needed = _needed(args.stage)
@@ -123,8 +115,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 why = (f"layer {', '.join(unmanaged)} is not managed here" if unmanaged
                        else "some layers are up and others not" if not args.no_start
                        else "--no-start")
-                raise cli.CliError(f"eval: layers not ready ({down}; {why}); start them with "
-                                   f"`{cli.PROG} layers start` or `{cli.PROG} run`")
+                raise CliError(f"eval: layers not ready ({down}; {why}); start them with "
+                                   f"`{PROG} layers start` or `{PROG} run`")
             say(f"layers not running ({down}): starting them for this run")
             supervisor = Supervisor(settings)
             supervisor.prepare()
@@ -139,7 +131,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             finally:
                 await layers.aclose()
         except (EvalError, ScenarioError, RuleError) as exc:
-            raise cli.CliError(f"eval: {exc}") from None
+            raise CliError(f"eval: {exc}") from None
         finally:
             if supervisor is not None:
                 await asyncio.shield(supervisor.stop())
@@ -148,12 +140,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             try:
                 args.report.write_text(data + "\n", encoding="utf-8")
             except OSError as exc:
-                raise cli.CliError(f"eval: --report {args.report}: {exc.strerror}") from None
+                raise CliError(f"eval: --report {args.report}: {exc.strerror}") from None
         if args.json:
             print(data)
         else:
             print(render(report))
         return 0
 
-    code: int = cli._run_async(main)
-    return code
+    return run_async(main)

@@ -10,22 +10,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
 import socket
-from collections.abc import Callable
 from typing import Any
 
-from gateway.cli import CliError, _settings
-from gateway.cli_actions import _request
+from gateway.cli.common import CliError, add_command, add_group, admin_request, settings_for, when
 
 
 def _ask(args: argparse.Namespace, method: str, path: str, what: str,
          body: dict[str, Any] | None = None) -> Any:  # fmt: skip
-    try:
-        return _request(args, method, path, body, timeout=120)
-    except CliError as exc:
-        raise CliError(str(exc).replace("approvals:", f"{what}:", 1)) from None
+    return admin_request(args, what, method, path, body, timeout=120)
 
 
 def _line(r: dict[str, Any]) -> str:
@@ -57,7 +51,7 @@ def _test_local(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[st
     from layers.notify.messages import probe_message
     from layers.notify.send import Sender
 
-    settings = _settings(args)
+    settings = settings_for(args)
     channels, problems = load_channels(settings.notify)
     if args.channel:
         channels = [c for c in channels if c.name == args.channel]
@@ -78,12 +72,6 @@ def _test_local(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[st
     return asyncio.run(main()), problems
 
 
-def _when(ts: float | None) -> str:
-    if ts is None:
-        return "-"
-    return dt.datetime.fromtimestamp(ts).astimezone().strftime("%Y-%m-%d %H:%M:%S")
-
-
 def cmd_notify_status(args: argparse.Namespace) -> int:
     data = _ask(args, "GET", "/v1/notify/channels", "notify status")
     if args.json:
@@ -96,20 +84,21 @@ def cmd_notify_status(args: argparse.Namespace) -> int:
     for c in data["data"]:
         print(f"{c['name']:<16} {c['target']:<32} delivered {c['delivered']}, pending "
               f"{c['pending']}, failed {c['failed']}, dropped {c['dropped']}; last sent "
-              f"{_when(c['last_delivered_at'])}"
+              f"{when(c['last_delivered_at'])}"
               + (f"; last error: {c['last_error']}" if c.get("last_error") else ""))
     return 0
 
 
-def register(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
-    notify = sub.add_parser("notify", help="test notification channels, show their state")
-    nsub = notify.add_subparsers(dest="notify_command", metavar="ACTION")
-    nsub.required = True
-    t = add("test", cmd_notify_test, "send a test notification through each channel", nsub)
+def register(sub: Any) -> None:
+    nsub = add_group(sub, "notify", "test notification channels, show their state",
+                     "notify_command")
+    t = add_command(nsub, "test", cmd_notify_test,
+                    "send a test notification through each channel")
     t.add_argument("--channel", default=None, help="only this channel")
     t.add_argument("--local", action="store_true",
                    help="send from this process (channels of this configuration), not the gateway")
     t.add_argument("--url", default=None, help="gateway URL (default: from the config)")
-    st = add("status", cmd_notify_status, "channels (redacted) with their delivery counts", nsub)
+    st = add_command(nsub, "status", cmd_notify_status,
+                     "channels (redacted) with their delivery counts")
     st.add_argument("--url", default=None, help="gateway URL (default: from the config)")
     st.add_argument("--json", action="store_true", help="print JSON")

@@ -16,52 +16,26 @@ import getpass
 import json
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from gateway.cli import CliError, _run_async, _settings, _setup_logging
+from gateway.cli.common import (
+    CliError,
+    add_command,
+    add_group,
+    admin_request,
+    run_async,
+    settings_for,
+    setup_logging,
+    when,
+)
 from layers.actions.policy import kill_switch_engaged, kill_switch_path
 from layers.config import Settings
 
 
-def _when(ts: float | None) -> str:
-    if ts is None:
-        return "-"
-    return dt.datetime.fromtimestamp(ts).astimezone().strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _base_url(settings: Settings, override: str | None) -> str:
-    if override:
-        return override.rstrip("/")
-    g = settings.gateway
-    host = "127.0.0.1" if g.host in ("0.0.0.0", "::", "") else g.host
-    return f"http://{host}:{g.port}"
-
-
 def _request(args: argparse.Namespace, method: str, path: str,
              body: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:  # fmt: skip
-    settings = _settings(args)
-    key = settings.gateway.resolved_admin_key()
-    if key is None:
-        keys = settings.gateway.resolved_api_keys()
-        key = keys[0] if keys else None
-    url = _base_url(settings, args.url) + path
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    try:
-        r = httpx.request(method, url, json=body, headers=headers, timeout=timeout)
-    except httpx.HTTPError as exc:
-        raise CliError(f"approvals: gateway not reachable at {url}: {exc}") from None
-    try:
-        data = r.json()
-    except ValueError:
-        data = None
-    if r.status_code >= 400:
-        msg = data["error"]["message"] if isinstance(data, dict) and "error" in data else r.text
-        raise CliError(f"approvals: {msg} (HTTP {r.status_code})")
-    return data
+    return admin_request(args, "approvals", method, path, body, timeout)
 
 
 def _print_action(a: dict[str, Any]) -> None:
@@ -75,9 +49,9 @@ def _print_action(a: dict[str, Any]) -> None:
         ("incident", f"{inc.get('id')} {inc.get('title', '')}".strip() if inc else "-"),
         ("rationale", a.get("rationale") or "-"),
         ("dry run", a.get("dry_run") or "-"),
-        ("proposed", _when(a.get("created_at"))),
-        ("expires", _when(a.get("expires_at"))),
-        ("decided", f"{_when(a.get('decided_at'))} by {a.get('decided_by') or '-'}"),
+        ("proposed", when(a.get("created_at"))),
+        ("expires", when(a.get("expires_at"))),
+        ("decided", f"{when(a.get('decided_at'))} by {a.get('decided_by') or '-'}"),
     ]
     result = a.get("result")
     if result:
@@ -106,7 +80,7 @@ def cmd_approvals_list(args: argparse.Namespace) -> int:
         params = a["params"]
         target = params.get("unit") or params.get("path") or params.get("pid") or ""
         print(f"{a['id']:<26} {a['status']:<9} {(a.get('risk') or '-'):<9} {a['action']:<18} "
-              f"{str(target)[:28]:<28} {_when(a.get('expires_at'))}")  # fmt: skip
+              f"{str(target)[:28]:<28} {when(a.get('expires_at'))}")  # fmt: skip
     return 0
 
 
@@ -139,7 +113,7 @@ def cmd_approvals_reject(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = settings_for(args)
 
     async def main() -> int:
         from layers.store import open_store
@@ -157,7 +131,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
                         print(e.model_dump_json())
                     else:
                         detail = json.dumps(e.detail, sort_keys=True, ensure_ascii=True)
-                        print(f"{e.seq:>6} {_when(e.ts)} {e.actor:<22} {e.kind:<9} "
+                        print(f"{e.seq:>6} {when(e.ts)} {e.actor:<22} {e.kind:<9} "
                               f"{e.subject} {detail}")  # fmt: skip
                 after, shown = batch[-1].seq, shown + len(batch)
         finally:
@@ -168,7 +142,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_kill_switch(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = settings_for(args)
     path = kill_switch_path(settings)
     if args.state == "on":
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -185,12 +159,12 @@ def cmd_kill_switch(args: argparse.Namespace) -> int:
 
 
 def cmd_helper(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    _setup_logging(settings.gateway.log_level)
+    settings = settings_for(args)
+    setup_logging(settings.gateway.log_level)
     socket_path: Path | None = args.socket or settings.actions.helper_socket
     if socket_path is None:
         raise CliError("helper: give --socket PATH or set actions.helper_socket")
-    return _run_async(lambda: _serve(settings, socket_path))
+    return run_async(lambda: _serve(settings, socket_path))
 
 
 async def _serve(settings: Settings, socket_path: Path) -> int:
@@ -200,44 +174,47 @@ async def _serve(settings: Settings, socket_path: Path) -> int:
     return 0
 
 
-def register(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
-    approvals = sub.add_parser("approvals", help="list, show, approve or reject proposed actions")
-    asub = approvals.add_subparsers(dest="approvals_command", metavar="ACTION")
-    asub.required = True
+def register(sub: Any) -> None:
+    asub = add_group(sub, "approvals", "list, show, approve or reject proposed actions",
+                     "approvals_command")
 
     def with_url(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--url", default=None, help="gateway URL (default: from the config)")
         return p
 
-    ls = with_url(add("list", cmd_approvals_list, "proposed actions, newest first", asub))
+    ls = with_url(add_command(asub, "list", cmd_approvals_list, "proposed actions, newest first"))
     ls.add_argument("--status", default="pending",
                     choices=["pending", "approved", "rejected", "expired", "running",
                              "succeeded", "failed", "refused", "all"],
                     help="which actions (default: pending)")  # fmt: skip
     ls.add_argument("--limit", type=int, default=100)
     ls.add_argument("--json", action="store_true", help="print JSON")
-    sh = with_url(add("show", cmd_approvals_show, "one action: incident, dry run, rationale", asub))
+    sh = with_url(add_command(asub, "show", cmd_approvals_show,
+                              "one action: incident, dry run, rationale"))
     sh.add_argument("id")
     sh.add_argument("--json", action="store_true", help="print JSON")
-    ap = with_url(add("approve", cmd_approvals_approve, "approve and run a pending action", asub))
+    ap = with_url(add_command(asub, "approve", cmd_approvals_approve,
+                              "approve and run a pending action"))
     ap.add_argument("id")
     ap.add_argument("--as", dest="approver", default=None, help="approver name (default: you)")
     ap.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the result")
-    rj = with_url(add("reject", cmd_approvals_reject, "reject a pending action", asub))
+    rj = with_url(add_command(asub, "reject", cmd_approvals_reject, "reject a pending action"))
     rj.add_argument("id")
     rj.add_argument("--as", dest="approver", default=None, help="approver name (default: you)")
     rj.add_argument("--reason", default="", help="why (kept in the audit log)")
 
-    au = add("audit", cmd_audit, "print the append-only audit log of actions")
+    au = add_command(sub, "audit", cmd_audit, "print the append-only audit log of actions")
     au.add_argument("--limit", type=int, default=1000, help="entries printed (oldest first)")
     au.add_argument("--kind", default=None,
                     help="only proposed|refused|merged|pending|approved|rejected|expired|run|result")
     au.add_argument("--subject", default=None, help="only this action id")
     au.add_argument("--json", action="store_true", help="one JSON object per line")
 
-    ks = add("kill-switch", cmd_kill_switch, "stop all changes at once, or allow them again")
+    ks = add_command(sub, "kill-switch", cmd_kill_switch,
+                     "stop all changes at once, or allow them again")
     ks.add_argument("state", choices=["on", "off", "status"])
 
-    hp = add("helper", cmd_helper, "run the root helper that executes catalog actions")
+    hp = add_command(sub, "helper", cmd_helper,
+                     "run the root helper that executes catalog actions")
     hp.add_argument("--socket", type=Path, default=None,
                     help="unix socket path (default: actions.helper_socket)")  # fmt: skip
