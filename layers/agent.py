@@ -18,17 +18,15 @@ server: an action runs at most once.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
-from layers.actions.catalog import PlannedAction, Refusal, plan
+from layers.actions.catalog import Refusal, plan
 from layers.actions.executor import ExecResult, execute
-from layers.actions.policy import Policy, UnitInventory
+from layers.actions.policy import MemoryRunLedger, Policy, UnitInventory
 from layers.config import Settings
 
 log = logging.getLogger("ai_sysadmin.agent")
@@ -38,23 +36,6 @@ OUTPUT_LIMIT = 64_000  # characters of output reported (the server keeps it in t
 
 class AgentError(Exception):
     """The agent cannot work (no gateway, no key, a key refused): one readable line."""
-
-
-class LocalRuns:
-    """This host's own runs of changes in the last hour, for its rate limits."""
-
-    def __init__(self) -> None:
-        self.runs: collections.deque[tuple[float, str, tuple[str, ...]]] = collections.deque()
-
-    def add(self, planned: PlannedAction) -> None:
-        self.runs.append((time.time(), planned.name, tuple(planned.params.units())))
-
-    async def count_runs(self, *, since: float, action: str | None = None,
-                         unit: str | None = None) -> int:
-        while self.runs and self.runs[0][0] < time.time() - 7200:
-            self.runs.popleft()
-        return sum(1 for t, a, units in self.runs if t >= since
-                   and (action is None or a == action) and (unit is None or unit in units))
 
 
 @dataclass(frozen=True)
@@ -71,7 +52,8 @@ class Outcome:
                 "refused": self.refused}
 
 
-async def run_here(settings: Settings, action: Any, params: Any, runs: LocalRuns) -> Outcome:
+async def run_here(settings: Settings, action: Any, params: Any,
+                   runs: MemoryRunLedger) -> Outcome:
     """Check an action against this host's catalog and policy, then run it here."""
     try:
         planned = plan(action, params, settings)
@@ -85,7 +67,7 @@ async def run_here(settings: Settings, action: Any, params: Any, runs: LocalRuns
         await policy.check_rate(planned)
     except Refusal as refusal:
         return Outcome("failed", None, "", 0.0, refused=f"{refusal.code}: {refusal.message}")
-    runs.add(planned)
+    runs.record(planned.name, planned.params.units())
     try:
         result: ExecResult = await execute(planned, settings)
     except Refusal as refusal:  # the root helper's own checks said no
@@ -104,7 +86,7 @@ class Agent:
         self.url = url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {key}"}
         self.client = client or httpx.AsyncClient(timeout=settings.fleet.poll_seconds + 30)
-        self.runs = LocalRuns()
+        self.runs = MemoryRunLedger()  # this host's own runs, for its rate limits
         self.done = 0
 
     async def once(self) -> bool:

@@ -28,7 +28,7 @@ log = logging.getLogger("ai_sysadmin.memory")
 Embed = Callable[[list[str]], Coroutine[Any, Any, list[list[float]]]]
 
 
-class MemoryError_(Exception):
+class MemoryUnavailable(Exception):
     """Memory cannot be used; one readable line."""
 
 
@@ -112,7 +112,7 @@ class Memory:
                 metadata={"hnsw:space": "cosine"},
             )
         except Exception as exc:
-            raise MemoryError_(f"memory: cannot open ChromaDB: {exc}") from exc
+            raise MemoryUnavailable(f"memory: cannot open ChromaDB: {exc}") from exc
 
     async def remember(self, inc: IncidentDetail) -> None:
         """Store (or update) a resolved incident; idempotent by incident id."""

@@ -14,8 +14,8 @@ from layers.actions.policy import (
     IncidentScope,
     MemoryRunLedger,
     Policy,
+    Ruling,
     UnitInventory,
-    Verdict,
     evidence_units,
 )
 from layers.config import ConfigError, Settings, load_settings
@@ -71,15 +71,15 @@ async def test_autonomy_level_by_risk_class(tmp_path: Path, level: str, risk: st
 async def test_auto_full_without_opt_in_acts_as_auto_safe(tmp_path: Path) -> None:
     s = settings_for(tmp_path, make_standins(tmp_path), autonomy="auto-full")
     decision = await Policy(s, MemoryRunLedger()).decide(plan(*BY_RISK["medium"], s), SCOPE)
-    assert decision.verdict is Verdict.WAIT
+    assert decision.verdict is Ruling.WAIT
 
 
 async def test_per_action_autonomy_overrides_global(tmp_path: Path) -> None:
     s = settings_for(tmp_path, make_standins(tmp_path), autonomy="observe",
                      per_action_autonomy={"reset_failed_unit": "auto-safe"})  # fmt: skip
     policy = Policy(s, MemoryRunLedger())
-    assert (await policy.decide(plan(*BY_RISK["low"], s), SCOPE)).verdict is Verdict.RUN
-    assert (await policy.decide(plan(*BY_RISK["read-only"], s), SCOPE)).verdict is Verdict.WAIT
+    assert (await policy.decide(plan(*BY_RISK["low"], s), SCOPE)).verdict is Ruling.RUN
+    assert (await policy.decide(plan(*BY_RISK["read-only"], s), SCOPE)).verdict is Ruling.WAIT
 
 
 @pytest.mark.parametrize(
@@ -145,10 +145,10 @@ async def test_protected_units_are_refused_for_changes(tmp_path: Path, unit: str
     scope = IncidentScope("inc_test", frozenset({unit}))  # even when it is the incident's own
     policy = Policy(s, MemoryRunLedger())
     decision = await policy.decide(plan("restart_unit", {"unit": unit}, s), scope)
-    assert decision.verdict is Verdict.REFUSE and decision.code == "protected_unit"
+    assert decision.verdict is Ruling.REFUSE and decision.code == "protected_unit"
     # looking is not touching: read-only status of a protected unit is fine, in any scope
     look = await policy.decide(plan("unit_status", {"unit": unit}, s), NO_SCOPE)
-    assert look.verdict is Verdict.RUN
+    assert look.verdict is Ruling.RUN
 
 
 async def test_alias_of_protected_unit_refused_via_host_units_standin_systemctl(
@@ -160,24 +160,24 @@ async def test_alias_of_protected_unit_refused_via_host_units_standin_systemctl(
     inv = UnitInventory(s, str(st.bindir / "systemctl"))
     policy = Policy(s, MemoryRunLedger(), inv)
     alias = await policy.decide(plan("restart_unit", {"unit": "openssh.service"}, s), SCOPE)
-    assert alias.verdict is Verdict.REFUSE and "sshd.service" in alias.reason
+    assert alias.verdict is Ruling.REFUSE and "sshd.service" in alias.reason
     missing = await policy.decide(plan("restart_unit", {"unit": "nosuch.service"}, s), SCOPE)
-    assert missing.verdict is Verdict.REFUSE and missing.code == "unknown_unit"
+    assert missing.verdict is Ruling.REFUSE and missing.code == "unknown_unit"
     ok = await policy.decide(plan("restart_unit", {"unit": "nginx.service"}, s), SCOPE)
-    assert ok.verdict is Verdict.RUN
+    assert ok.verdict is Ruling.RUN
     assert ["systemctl", "show", SHOW, "--", "openssh.service"] in st.calls()
 
 
 async def test_kill_switch_stops_changes_not_reads(tmp_path: Path) -> None:
     s = settings_for(tmp_path, make_standins(tmp_path), autonomy="auto-full", allow_auto_full=True)
     policy = Policy(s, MemoryRunLedger())
-    assert (await policy.decide(plan(*BY_RISK["low"], s), SCOPE)).verdict is Verdict.RUN
+    assert (await policy.decide(plan(*BY_RISK["low"], s), SCOPE)).verdict is Ruling.RUN
     (tmp_path / "state").mkdir(exist_ok=True)
     (tmp_path / "state" / "actions.kill").touch()  # `ai-sysadmin kill-switch on`
     for risk in ("low", "medium", "high"):
         d = await policy.decide(plan(*BY_RISK[risk], s), SCOPE)
-        assert d.verdict is Verdict.REFUSE and d.code == "kill_switch"
-    assert (await policy.decide(plan(*BY_RISK["read-only"], s), SCOPE)).verdict is Verdict.RUN
+        assert d.verdict is Ruling.REFUSE and d.code == "kill_switch"
+    assert (await policy.decide(plan(*BY_RISK["read-only"], s), SCOPE)).verdict is Ruling.RUN
     s2 = settings_for(tmp_path / "other", make_standins(tmp_path), kill_switch=True,
                       autonomy="auto-safe")  # fmt: skip
     d = await Policy(s2, MemoryRunLedger()).decide(plan(*BY_RISK["low"], s2), SCOPE)
@@ -188,9 +188,9 @@ async def test_allowlist_refuses_everything_else(tmp_path: Path) -> None:
     s = settings_for(tmp_path, make_standins(tmp_path), autonomy="auto-safe",
                      allowlist=["disk_usage"])  # fmt: skip
     policy = Policy(s, MemoryRunLedger())
-    assert (await policy.decide(plan(*BY_RISK["read-only"], s), SCOPE)).verdict is Verdict.RUN
+    assert (await policy.decide(plan(*BY_RISK["read-only"], s), SCOPE)).verdict is Ruling.RUN
     d = await policy.decide(plan(*BY_RISK["low"], s), SCOPE)
-    assert d.verdict is Verdict.REFUSE and d.code == "not_allowlisted"
+    assert d.verdict is Ruling.REFUSE and d.code == "not_allowlisted"
 
 
 async def test_rate_limits_per_unit_and_per_action(tmp_path: Path) -> None:
@@ -200,12 +200,12 @@ async def test_rate_limits_per_unit_and_per_action(tmp_path: Path) -> None:
     policy = Policy(s, ledger)
     p = plan("reset_failed_unit", {"unit": "a.service"}, s)
     for _ in range(2):
-        assert (await policy.decide(p, SCOPE)).verdict is Verdict.RUN
+        assert (await policy.decide(p, SCOPE)).verdict is Ruling.RUN
         ledger.record(p.name, p.params.units())
     d = await policy.decide(p, SCOPE)
     assert d.code == "rate_limited" and "a.service" in d.reason
     q = plan("reset_failed_unit", {"unit": "b.service"}, s)
-    assert (await policy.decide(q, SCOPE)).verdict is Verdict.RUN
+    assert (await policy.decide(q, SCOPE)).verdict is Ruling.RUN
     ledger.record(q.name, q.params.units())
     d = await policy.decide(plan("reset_failed_unit", {"unit": "c.service"}, s), SCOPE)
     assert d.code == "rate_limited" and "max_runs_per_action_per_hour" in d.reason
@@ -213,7 +213,7 @@ async def test_rate_limits_per_unit_and_per_action(tmp_path: Path) -> None:
     old = MemoryRunLedger()
     for _ in range(5):
         old.record(p.name, ["a.service"], at=0.0)
-    assert (await Policy(s, old).decide(p, SCOPE)).verdict is Verdict.RUN
+    assert (await Policy(s, old).decide(p, SCOPE)).verdict is Ruling.RUN
 
 
 async def test_protected_processes(tmp_path: Path) -> None:
@@ -229,7 +229,7 @@ async def test_protected_processes(tmp_path: Path) -> None:
     try:
         # not protected, but in no unit of the incident: held for an admin
         d = await policy.decide(plan("terminate_process", {"pid": child.pid}, s), SCOPE)
-        assert d.verdict is Verdict.WAIT and d.code == "outside_incident", d
+        assert d.verdict is Ruling.WAIT and d.code == "outside_incident", d
         await policy.screen(plan("terminate_process", {"pid": child.pid}, s))  # approvable
     finally:
         child.kill()
@@ -251,16 +251,16 @@ async def test_changes_outside_the_incident_wait_reads_do_not(tmp_path: Path) ->
                          ("journal_vacuum", {"max_size_mb": 64}),
                          ("nix_gc", {})]:  # fmt: skip
         d = await policy.decide(plan(name, params, s), app3)
-        assert d.verdict is Verdict.WAIT and d.code == "outside_incident", (name, d)
+        assert d.verdict is Ruling.WAIT and d.code == "outside_incident", (name, d)
         assert "app3.service" in d.reason
     assert (await policy.decide(plan("restart_unit", {"unit": "app3.service"}, s),
-                                app3)).verdict is Verdict.RUN  # fmt: skip
+                                app3)).verdict is Ruling.RUN  # fmt: skip
     # no incident at all: nothing changes unattended
     d = await policy.decide(plan("reset_failed_unit", {"unit": "app3.service"}, s), NO_SCOPE)
-    assert d.verdict is Verdict.WAIT and d.code == "outside_incident"
+    assert d.verdict is Ruling.WAIT and d.code == "outside_incident"
     # reading another unit is fine
     d = await policy.decide(plan("unit_status", {"unit": "postgresql.service"}, s), app3)
-    assert d.verdict is Verdict.RUN
+    assert d.verdict is Ruling.RUN
 
 
 async def test_scope_follows_aliases_systemd_reports(tmp_path: Path) -> None:
@@ -274,7 +274,7 @@ async def test_scope_follows_aliases_systemd_reports(tmp_path: Path) -> None:
     policy = Policy(s, MemoryRunLedger(), UnitInventory(s, str(st.bindir / "systemctl")))
     nginx = IncidentScope("inc_1", frozenset({"nginx.service"}))
     d = await policy.decide(plan("restart_unit", {"unit": "www.service"}, s), nginx)
-    assert d.verdict is Verdict.RUN, d
+    assert d.verdict is Ruling.RUN, d
     d = await policy.decide(plan("restart_unit", {"unit": "other.service"}, s), nginx)
     assert d.code == "outside_incident"
     assert [c[4] for c in st.calls()] == ["www.service", "other.service"]
@@ -316,12 +316,12 @@ async def test_mode_switching_units_never_started_even_in_scope(tmp_path: Path, 
     policy = Policy(s, MemoryRunLedger())
     for action in ("start_unit", "restart_unit"):
         d = await policy.decide(plan(action, {"unit": unit}, s), scope)
-        assert d.verdict is Verdict.REFUSE and d.code == "never_started", (action, d)
+        assert d.verdict is Ruling.REFUSE and d.code == "never_started", (action, d)
         with pytest.raises(Refusal):  # what an approval re-checks
             await policy.screen(plan(action, {"unit": unit}, s))
     # clearing its failed state starts nothing
     d = await policy.decide(plan("reset_failed_unit", {"unit": unit}, s), scope)
-    assert d.verdict is Verdict.RUN
+    assert d.verdict is Ruling.RUN
 
 
 @pytest.mark.parametrize(
@@ -357,10 +357,10 @@ async def test_units_whose_properties_would_switch_the_system_are_never_started(
     scope = IncidentScope("inc_1", frozenset({"odd.service", "plain.service"}))
     for action in ("start_unit", "restart_unit"):
         d = await policy.decide(plan(action, {"unit": "odd.service"}, s), scope)
-        assert d.verdict is Verdict.REFUSE and d.code == "never_started", d
+        assert d.verdict is Ruling.REFUSE and d.code == "never_started", d
         assert why in d.reason
         ok = await policy.decide(plan(action, {"unit": "plain.service"}, s), scope)
-        assert ok.verdict is Verdict.RUN, ok
+        assert ok.verdict is Ruling.RUN, ok
     assert st.calls()[0] == ["systemctl", "show", SHOW, "--", "odd.service"]
 
 
@@ -394,7 +394,7 @@ async def test_protected_unit_with_or_without_suffix(tmp_path: Path, written: st
     scope = IncidentScope("inc_1", frozenset({"postgresql.service"}))
     d = await Policy(s, MemoryRunLedger()).decide(
         plan("restart_unit", {"unit": "postgresql.service"}, s), scope)  # fmt: skip
-    assert d.verdict is Verdict.REFUSE and d.code == "protected_unit"
+    assert d.verdict is Ruling.REFUSE and d.code == "protected_unit"
 
 
 @pytest.mark.parametrize("written", ["worker@", "worker@.service"])
@@ -455,8 +455,8 @@ async def test_empty_allowlist_allows_nothing_absent_allows_the_catalog(tmp_path
     none = settings_for(tmp_path, st, autonomy="auto-full", allow_auto_full=True, allowlist=[])
     for name, params in BY_RISK.values():
         d = await Policy(none, MemoryRunLedger()).decide(plan(name, params, none), SCOPE)
-        assert d.verdict is Verdict.REFUSE and d.code == "not_allowlisted", name
+        assert d.verdict is Ruling.REFUSE and d.code == "not_allowlisted", name
     every = settings_for(tmp_path, st, autonomy="auto-full", allow_auto_full=True)
     assert every.actions.allowlist is None
     d = await Policy(every, MemoryRunLedger()).decide(plan(*BY_RISK["read-only"], every), SCOPE)
-    assert d.verdict is Verdict.RUN
+    assert d.verdict is Ruling.RUN

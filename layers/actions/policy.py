@@ -53,15 +53,15 @@ from layers.config import AutonomyLevel, Settings
 from layers.events import Event
 
 
-class Verdict(StrEnum):
+class Ruling(StrEnum):
     RUN = "run"
     WAIT = "wait"
     REFUSE = "refuse"
 
 
 @dataclass(frozen=True)
-class Decision:
-    verdict: Verdict
+class PolicyDecision:
+    verdict: Ruling
     code: str
     reason: str
 
@@ -82,12 +82,12 @@ def effective_autonomy(action: str, settings: Settings) -> AutonomyLevel:
     return level
 
 
-def autonomy_verdict(planned: PlannedAction, settings: Settings) -> Decision:
+def autonomy_verdict(planned: PlannedAction, settings: Settings) -> PolicyDecision:
     level = effective_autonomy(planned.name, settings)
     if planned.risk in RUNS_AT[level]:
-        return Decision(Verdict.RUN, "autonomy", f"{planned.risk} action runs at autonomy {level}")
-    return Decision(
-        Verdict.WAIT, "needs_approval", f"{planned.risk} action waits for approval at {level}"
+        return PolicyDecision(Ruling.RUN, "autonomy", f"{planned.risk} action runs at autonomy {level}")
+    return PolicyDecision(
+        Ruling.WAIT, "needs_approval", f"{planned.risk} action waits for approval at {level}"
     )
 
 
@@ -356,7 +356,7 @@ class Policy:
         return frozenset(targets)
 
     def in_scope(self, planned: PlannedAction, targets: frozenset[str],
-                 scope: IncidentScope) -> Decision | None:  # fmt: skip
+                 scope: IncidentScope) -> PolicyDecision | None:  # fmt: skip
         """None when the change is about the incident; else why it waits for an admin."""
         if not planned.spec.is_change:
             return None
@@ -372,8 +372,8 @@ class Policy:
                 f" ({', '.join(sorted(units))})" if units else " (in no unit)")
         else:
             what = "the whole host"
-        return Decision(
-            Verdict.WAIT, "outside_incident",
+        return PolicyDecision(
+            Ruling.WAIT, "outside_incident",
             f"{planned.name} changes {what}, not what the incident is about "
             f"({scope.describe()}): waits for an admin",
         )  # fmt: skip
@@ -409,17 +409,17 @@ class Policy:
                     f"(max_runs_per_unit_per_hour = {cfg.max_runs_per_unit_per_hour})",
                 )
 
-    async def decide(self, planned: PlannedAction, scope: IncidentScope) -> Decision:
+    async def decide(self, planned: PlannedAction, scope: IncidentScope) -> PolicyDecision:
         """Refuse, wait or run a proposal of the incident ``scope`` (NO_SCOPE: none)."""
         try:
             targets = await self.screen(planned)
             verdict = autonomy_verdict(planned, self.settings)
-            if verdict.verdict is Verdict.RUN:
+            if verdict.verdict is Ruling.RUN:
                 verdict = self.in_scope(planned, targets, scope) or verdict
-            if verdict.verdict is Verdict.RUN:
+            if verdict.verdict is Ruling.RUN:
                 await self.check_rate(planned)
         except Refusal as refusal:
-            return Decision(Verdict.REFUSE, refusal.code, refusal.message)
+            return PolicyDecision(Ruling.REFUSE, refusal.code, refusal.message)
         return verdict
 
 

@@ -48,8 +48,8 @@ from layers.actions.policy import (
     RUNS_AT,
     IncidentScope,
     Policy,
+    Ruling,
     UnitInventory,
-    Verdict,
     effective_autonomy,
     evidence_units,
 )
@@ -276,7 +276,7 @@ async def _handle_one(
     async with _run_lock():
         decision = await policy.decide(planned, scope)
         if stored is None:
-            if decision.verdict is Verdict.WAIT:
+            if decision.verdict is Ruling.WAIT:
                 stored = await store.add_proposal(
                     planned.name, planned.params_dict(), rationale, incident_id=incident_id,
                     status="pending", risk=planned.risk.value, dry_run=planned.dry_run,
@@ -289,7 +289,7 @@ async def _handle_one(
             else:
                 stored = await store.add_proposal(
                     planned.name, planned.params_dict(), rationale, incident_id=incident_id,
-                    status="approved" if decision.verdict is Verdict.RUN else "refused",
+                    status="approved" if decision.verdict is Ruling.RUN else "refused",
                     risk=planned.risk.value, dry_run=planned.dry_run, host=host,
                 )
             await _audit(store, actor, "proposed", stored, rationale=rationale,
@@ -300,9 +300,9 @@ async def _handle_one(
             await store.transition_proposal(stored.id, "pending", expected=("pending",),
                                             risk=planned.risk.value, dry_run=planned.dry_run)  # fmt: skip
             await _set_expiry(store, stored.id, time.time() + settings.actions.approval_ttl)
-        if decision.verdict is Verdict.REFUSE:
+        if decision.verdict is Ruling.REFUSE:
             return await _refuse(store, stored, Refusal(decision.code, decision.reason), "policy")
-        if decision.verdict is Verdict.WAIT:
+        if decision.verdict is Ruling.WAIT:
             await _audit(store, "policy", "pending", stored, code=decision.code,
                          reason=decision.reason,
                          expires_in=settings.actions.approval_ttl)  # fmt: skip
@@ -522,7 +522,7 @@ async def run_read(store: Store, settings: Settings, incident_id: str | None, ac
     except Refusal as refusal:
         return ReadOutcome("refused", raw, code=refusal.code, reason=refusal.message)
     decision = await _policy(store, settings).decide(planned, await incident_scope(store, incident_id))
-    if decision.verdict is not Verdict.RUN:
+    if decision.verdict is not Ruling.RUN:
         return ReadOutcome("refused", planned.params_dict(), planned.dry_run, code=decision.code,
                            reason=decision.reason)
     try:
