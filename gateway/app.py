@@ -16,7 +16,7 @@ from gateway.routes import (
     events,
     health,
     incidents,
-    layers,
+    layer_control,
     notify,
     openai,
     responses,
@@ -52,6 +52,6 @@ def create_app(settings: Settings) -> FastAPI:
     alertmanager.install(app)  # POST /v1/alertmanager, after the pipeline (its store)
     notify.install(app)  # the notification outbox's delivery worker (uses that store)
     app.include_router(incidents.router)
-    app.include_router(layers.router)
+    app.include_router(layer_control.router)
     app.include_router(dashboard.router)
     return app
