@@ -14,6 +14,7 @@ a typo must not silently fall back to a default on a machine the sysadmin touche
 
 from __future__ import annotations
 
+import contextvars
 import os
 import socket
 import tomllib
@@ -1033,12 +1034,16 @@ class Settings(BaseSettings):
         return tuple(sources)
 
 
-_config_path_override: Path | None = None
+# The file load_settings is reading, for the TOML settings source while Settings() is
+# built: a context variable, not a module global, so concurrent loads cannot mix.
+_config_path_override: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
+    "ai_sysadmin_config_path", default=None)
 
 
 def _config_path_in_use() -> Path | None:
-    if _config_path_override is not None:
-        return _config_path_override
+    override = _config_path_override.get()
+    if override is not None:
+        return override
     env = os.environ.get("AI_SYSADMIN_CONFIG")
     if env:
         return Path(env)
@@ -1058,7 +1063,6 @@ class ConfigError(Exception):
 def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
     """Load and validate the configuration, raising :class:`ConfigError` with one line
     per problem (field path and reason)."""
-    global _config_path_override
     chosen = Path(path) if path is not None else _config_path_in_use()
     if chosen is not None:
         if not chosen.is_file():
@@ -1067,13 +1071,13 @@ def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
             tomllib.loads(chosen.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError([f"config file {chosen}: not valid TOML: {exc}"]) from exc
-    _config_path_override = chosen
+    token = _config_path_override.set(chosen)
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(_validation_lines(exc, chosen)) from exc
     finally:
-        _config_path_override = None
+        _config_path_override.reset(token)
     problems = check_consistency(settings)
     if problems:
         raise ConfigError(problems)
