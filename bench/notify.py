@@ -113,7 +113,7 @@ async def _wait(receiver: Receiver, refs: set[str], timeout: float) -> None:
 
 
 async def _latencies(store: Any, writer: Any, receiver: Receiver, n: int,
-                     tag: str) -> list[float]:  # fmt: skip
+                     tag: str) -> list[float]:
     from layers.events import Event
     from layers.store import Prefiltered, VerdictInput
 

@@ -72,7 +72,7 @@ class GatewayError(Exception):
     ``message``: its OpenAI-shaped error's message, None without one; ``body``: as sent)."""
 
     def __init__(self, url: str, *, status: int | None = None, message: str | None = None,
-                 body: str = "", cause: httpx.HTTPError | None = None) -> None:  # fmt: skip
+                 body: str = "", cause: httpx.HTTPError | None = None) -> None:
         self.url, self.status, self.message, self.body, self.cause = (
             url, status, message, body, cause
         )
@@ -89,11 +89,11 @@ def error_message(response: httpx.Response) -> str | None:
 
 def request(method: str, url: str, *, key: str | None, json: Any = None,
             params: dict[str, Any] | None = None, timeout: float,
-            ok: Collection[int] = range(200, 400)) -> httpx.Response:  # fmt: skip
+            ok: Collection[int] = range(200, 400)) -> httpx.Response:
     """One synchronous request; ``GatewayError`` when it fails or its status is not ``ok``."""
     try:
         r = httpx.request(method, url, json=json, params=params, headers=bearer(key),
-                          timeout=timeout)  # fmt: skip
+                          timeout=timeout)
     except httpx.HTTPError as exc:
         raise GatewayError(url, cause=exc) from None
     if r.status_code not in ok:
@@ -120,13 +120,13 @@ class AsyncGateway:
 
     def __init__(self, base: str, key: str | None, *,
                  timeout: httpx.Timeout | float = 30.0,
-                 client: httpx.AsyncClient | None = None) -> None:  # fmt: skip
+                 client: httpx.AsyncClient | None = None) -> None:
         self.base = base.rstrip("/")
         self.headers = bearer(key)
         self.client = client or httpx.AsyncClient(timeout=timeout)
 
     async def post_retrying(self, path: str, body: Any, backoff: Backoff, *, what: str,
-                            logger: logging.Logger = log) -> None:  # fmt: skip
+                            logger: logging.Logger = log) -> None:
         """POST until the gateway answers 2xx, waiting ``backoff`` between tries. A 4xx
         other than 408/429 (our bug, a wrong key) is logged as an error (``what`` was
         refused) and still retried: what is sent must not vanish silently."""
@@ -140,12 +140,12 @@ class AsyncGateway:
                     logger.error("gateway refused %s: %s %s", what, r.status_code, r.text[:300])
             except httpx.HTTPError as exc:
                 logger.warning("gateway unreachable (%s); retrying in %.0fs",
-                               type(exc).__name__, backoff.wait)  # fmt: skip
+                               type(exc).__name__, backoff.wait)
             await backoff.sleep()
 
     @contextlib.asynccontextmanager
     async def stream(self, params: dict[str, Any], *,
-                     last_event_id: str | None = None) -> AsyncIterator[httpx.Response]:  # fmt: skip
+                     last_event_id: str | None = None) -> AsyncIterator[httpx.Response]:
         """``GET /v1/events/stream`` after event ``last_event_id`` (``Last-Event-ID``;
         None: from the start). A status other than 200 raises ``GatewayError`` (body
         read); a transport failure, on connect or mid-stream, is the httpx error."""
@@ -157,7 +157,7 @@ class AsyncGateway:
             if r.status_code != 200:
                 await r.aread()
                 raise GatewayError(url, status=r.status_code, message=error_message(r),
-                                   body=r.text)  # fmt: skip
+                                   body=r.text)
             yield r
 
     async def aclose(self) -> None:

@@ -82,7 +82,7 @@ def parse_llama_metrics(text: str) -> dict[str, float]:
 
 
 async def _get_json(client: http.HTTPClient, url: str, headers: dict[str, str],
-                    timeout: float) -> Any:  # fmt: skip
+                    timeout: float) -> Any:
     try:
         r = await client.get(url, headers=headers, timeout=timeout)
         if r.status_code != 200:
@@ -93,7 +93,7 @@ async def _get_json(client: http.HTTPClient, url: str, headers: dict[str, str],
 
 
 async def _get_text(client: http.HTTPClient, url: str, headers: dict[str, str],
-                    timeout: float) -> str | None:  # fmt: skip
+                    timeout: float) -> str | None:
     try:
         r = await client.get(url, headers=headers, timeout=timeout)
         return r.text if r.status_code == 200 else None
@@ -103,7 +103,7 @@ async def _get_text(client: http.HTTPClient, url: str, headers: dict[str, str],
 
 async def endpoint_status(client: http.HTTPClient, ep: Endpoint, timeout: float) -> EndpointStatus:
     st = EndpointStatus(url=ep.url, role=ep.role, engine=ep.flavor, health=ep.health,
-                        breaker=ep.breaker.state, model=ep.model)  # fmt: skip
+                        breaker=ep.breaker.state, model=ep.model)
     if ep.flavor != "llama-server":
         return st
     headers = ep.headers()

@@ -88,7 +88,7 @@ def make_standins(tmp: Path, units: dict[str, dict[str, Any]] | None = None) -> 
         "nginx.service": {"id": "nginx.service", "names": ["nginx.service"]},
         "broken.service": {"id": "broken.service", "names": ["broken.service"], "fail": True},
         "openssh.service": {"id": "sshd.service", "names": ["sshd.service", "openssh.service"]},
-    })  # fmt: skip
+    })
     for prog in PROGRAMS:
         path = bindir / prog
         path.write_text(STANDIN.format(python=sys.executable, log=str(s.log), units=str(s.units_file)))

@@ -122,13 +122,13 @@ _seq = iter(range(10**9))
 
 
 async def open_incidents(store: Store, n: int, *, severity: str = "critical",
-                         host: str = "web1", tag: str = "") -> list[str]:  # fmt: skip
+                         host: str = "web1", tag: str = "") -> list[str]:
     """Open ``n`` incidents through the store's own path (events → prefilter → verdicts),
     one unit each; returns their ids."""
     tag = tag or f"t{next(_seq)}"
     events = [Event(id=f"{tag}-{i}", host=host, source="journald", unit=f"svc{i}-{tag}.service",
                     priority=3, message=f"Main process exited, code=exited, status={i}/FAILURE")
-              for i in range(n)]  # fmt: skip
+              for i in range(n)]
     await store.add_events(events)
     stored = [e for e in await store.events_in_state("new", 10_000) if e.id.startswith(tag)]
     await store.mark_prefiltered([Prefiltered(e.seq, True, f"fp-{e.id}", "unit_failed")

@@ -33,7 +33,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Pat
     tmp = tmp_path_factory.mktemp("actions-api")
     st = make_standins(tmp, {f"web{i}.service": {"id": f"web{i}.service",
                                                   "names": [f"web{i}.service"]}
-                             for i in range(1, 7)})  # fmt: skip
+                             for i in range(1, 7)})
     port = free_port()
     cfg = write_toml(tmp / "config.toml", {
         "state_dir": str(tmp / "state"),
@@ -42,7 +42,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Pat
         "gateway": {"port": port, "api_keys": ["user-key"], "admin_key": "admin-key"},
         "actions": {"autonomy": "suggest", "search_path": st.search_path, "unit_check": "never",
                     "approval_ttl": TTL},
-    })  # fmt: skip
+    })
     proc: Proc = cli(cfg, "gateway", log_path=tmp / "gateway.log").start()
     try:
         proc.wait_http(f"http://127.0.0.1:{port}/health", timeout=60)
@@ -58,7 +58,7 @@ def settings_of(cfg: Path) -> Settings:
 
 
 async def propose(cfg: Path, *proposals: dict[str, Any], incident: str | None = None,
-                  ttl: float | None = None) -> list[Any]:  # fmt: skip
+                  ttl: float | None = None) -> list[Any]:
     settings = settings_of(cfg)
     if ttl is not None:
         settings.actions.approval_ttl = ttl  # the proposer stamps expires_at
@@ -108,7 +108,7 @@ async def test_admin_approves_and_it_runs(gateway: tuple[str, Path, StandIns]) -
     url, cfg, st = gateway
     [p] = await propose(cfg, restart("web3.service"))
     r = httpx.post(f"{url}/v1/actions/{p.id}/approve", headers=ADMIN,
-                   json={"approver": "alice"}, timeout=60)  # fmt: skip
+                   json={"approver": "alice"}, timeout=60)
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["status"] == "succeeded" and body["decided_by"] == "admin:alice"
@@ -117,7 +117,7 @@ async def test_admin_approves_and_it_runs(gateway: tuple[str, Path, StandIns]) -
     again = httpx.post(f"{url}/v1/actions/{p.id}/approve", headers=ADMIN, json={})
     assert again.status_code == 409 and again.json()["error"]["code"] == "action_not_pending"
     bad = httpx.post(f"{url}/v1/actions/{p.id}/approve", headers=ADMIN,
-                     json={"approver": "x; rm -rf /"})  # fmt: skip
+                     json={"approver": "x; rm -rf /"})
     assert bad.status_code == 400
 
 
@@ -129,7 +129,7 @@ async def test_admin_rejects_duplicates_merge_and_expiry(gateway: tuple[str, Pat
     shown = httpx.get(f"{url}/v1/actions/{a.id}", headers=USER).json()
     assert shown["merge_count"] == 1
     r = httpx.post(f"{url}/v1/actions/{a.id}/reject", headers=ADMIN,
-                   json={"approver": "bob", "reason": "maintenance window"})  # fmt: skip
+                   json={"approver": "bob", "reason": "maintenance window"})
     assert r.status_code == 200 and r.json()["status"] == "rejected"
     assert r.json()["decided_by"] == "admin:bob"
 

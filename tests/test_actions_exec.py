@@ -75,7 +75,7 @@ async def test_process_status_and_terminate_real_process(
 async def test_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
     s = settings_for(tmp_path)
     code = ("import subprocess,time; p=subprocess.Popen(['sleep','60']); "
-            "print(p.pid, flush=True); time.sleep(60)")  # fmt: skip
+            "print(p.pid, flush=True); time.sleep(60)")
     started = time.monotonic()
     r = await run_argv([sys.executable, "-c", code], 1.0, s)
     assert r.timed_out and not r.ok and "timed out" in (r.error or "")
@@ -91,7 +91,7 @@ async def test_hostile_argv_element_stays_one_argument_sentinel(tmp_path: Path) 
     s = settings_for(tmp_path)
     sentinel = tmp_path / "SENTINEL"
     hostile = [f"; touch {sentinel}", f"$(touch {sentinel})", f"`touch {sentinel}`",
-               f"| touch {sentinel}", f"&& touch {sentinel}", f"\ntouch {sentinel}"]  # fmt: skip
+               f"| touch {sentinel}", f"&& touch {sentinel}", f"\ntouch {sentinel}"]
     r = await run_argv(["/bin/echo", *hostile], 5, s)
     assert r.ok
     assert not sentinel.exists()
@@ -118,7 +118,7 @@ async def helper_socket(shared_dir: Path, tmp_path: Path) -> AsyncIterator[tuple
     st = make_standins(tmp_path)
     settings = settings_for(tmp_path, st, max_runs_per_unit_per_hour=2,
                             max_runs_per_action_per_hour=50,
-                            helper_allowed_users=["nobody"])  # fmt: skip
+                            helper_allowed_users=["nobody"])
     sock = shared_dir / "helper.sock"
     started = asyncio.Event()
     task = asyncio.create_task(serve_helper(settings, sock, started))
@@ -148,13 +148,13 @@ async def test_helper_runs_catalog_action_standin_systemctl(
     assert st.calls() == [["systemctl", "restart", "--", "nginx.service"]]
     # and as the executor's privileged path, from the decision path
     settings = settings_for(tmp_path, st, helper_socket=str(sock), autonomy="auto-safe",
-                            search_path="/nonexistent-client-path:/usr/bin")  # fmt: skip
+                            search_path="/nonexistent-client-path:/usr/bin")
     store = await open_store(Settings(state_dir=tmp_path / "db"))
     try:
         incident = await make_incident(store, "nginx.service: failed", "nginx.service")
         out = await service.handle_proposals(incident, [{"action": "reset_failed_unit",
                                                          "params": {"unit": "nginx.service"},
-                                                         "rationale": "x"}], store, settings)  # fmt: skip
+                                                         "rationale": "x"}], store, settings)
     finally:
         await store.close()
     assert out[0].status == "succeeded", out[0]
@@ -168,7 +168,7 @@ async def test_helper_never_starts_mode_switching_units_standin_systemctl(
     sock, st = helper_socket
     for action, unit in [("start_unit", "emergency.service"), ("restart_unit", "rescue.service"),
                          ("start_unit", "initrd-switch-root.service"),
-                         ("start_unit", "nixos-upgrade.service")]:  # fmt: skip
+                         ("start_unit", "nixos-upgrade.service")]:
         with pytest.raises(HelperRefused) as info:
             await call_helper(sock, action, {"unit": unit}, timeout=10)
         assert info.value.code == "never_started", (unit, info.value.message)
@@ -201,12 +201,12 @@ async def test_helper_refuses_hostile_requests_sentinel(
         json.dumps(["restart_unit", {"unit": "nginx.service"}]).encode(),
         b"restart_unit nginx.service; touch " + str(sentinel).encode(),
         b"{" + b" " * (70 * 1024) + b"}",
-    ]  # fmt: skip
+    ]
     for payload in hostile:
         reply = await raw_request(sock, payload + b"\n")
         assert reply["ok"] is False, (payload[:80], reply)
         assert reply["code"] in {"unknown_action", "invalid_params", "protected_unit",
-                                 "invalid_request", "protected_process"}, reply  # fmt: skip
+                                 "invalid_request", "protected_process"}, reply
     assert st.calls() == [] and not sentinel.exists()
     with pytest.raises(HelperRefused):
         await call_helper(sock, "nixos_rollback", {"confirm": True}, timeout=10)
@@ -255,7 +255,7 @@ async def test_helper_checks_peer_uid_with_so_peercred(
     def run_as(user: str) -> dict[str, Any]:
         p = subprocess.run(["/usr/bin/python3", str(script), str(sock)], user=user,
                            group="nogroup", extra_groups=[], capture_output=True, text=True,
-                           timeout=30, check=False)  # fmt: skip
+                           timeout=30, check=False)
         assert p.returncode == 0, p.stderr
         result: dict[str, Any] = json.loads(p.stdout)
         return result
@@ -274,11 +274,11 @@ async def test_helper_cli_process_serves_and_cleans_up(tmp_path: Path, shared_di
     cfg = write_toml(tmp_path / "helper.toml", {
         "state_dir": str(tmp_path / "state"),
         "actions": {"search_path": st.search_path, "unit_check": "never"},
-    })  # fmt: skip
+    })
     sock = shared_dir / "cli-helper.sock"
     log = (tmp_path / "helper.log").open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "--config", str(cfg), "helper",
-                             "--socket", str(sock)], cwd=REPO, stdout=log, stderr=log)  # fmt: skip
+                             "--socket", str(sock)], cwd=REPO, stdout=log, stderr=log)
     try:
         deadline = time.monotonic() + 30
         while not sock.exists() and time.monotonic() < deadline:

@@ -90,7 +90,7 @@ async def test_hostile_log_lines_through_real_meta_layer_at_auto_full(
                     "temperature": 0.7,
                     "response_format": {"type": "json_schema", "json_schema": {
                         "name": "decision", "schema": _schema()}},
-                }  # fmt: skip
+                }
                 r = await client.post(f"{stack.layer_url('meta')}/v1/chat/completions", json=body)
                 assert r.status_code == 200, r.text
                 choice = r.json()["choices"][0]
@@ -154,16 +154,16 @@ HOST_UNITS: dict[str, dict[str, Any]] = {
 # What `systemctl show` must be asked, written out from systemd.unit(5), not the code.
 SHOW = ("--property=Id,Names,LoadState,RefuseManualStart,AllowIsolate,SuccessAction,"
         "FailureAction,JobTimeoutAction,StartLimitAction,Requires,Wants,BindsTo,Upholds,"
-        "OnFailure,OnSuccess,Triggers")  # fmt: skip
+        "OnFailure,OnSuccess,Triggers")
 
 
 def journal_entry(message: str, *, pid: int, systemd_unit: str, unit: str | None = None,
-                  cursor: str) -> dict[str, Any]:  # fmt: skip
+                  cursor: str) -> dict[str, Any]:
     """One `journalctl --output=json` entry. ``_PID``/``_SYSTEMD_UNIT`` are journald's
     trusted fields; ``UNIT`` is whatever the sender wrote (systemd itself: pid 1)."""
     entry = {"__CURSOR": cursor, "MESSAGE": message, "PRIORITY": "3", "_PID": str(pid),
              "_SYSTEMD_UNIT": systemd_unit, "_HOSTNAME": "web-1",
-             "SYSLOG_IDENTIFIER": systemd_unit.split(".")[0]}  # fmt: skip
+             "SYSLOG_IDENTIFIER": systemd_unit.split(".")[0]}
     if unit is not None:
         entry["UNIT"] = unit
     return entry
@@ -270,7 +270,7 @@ class AdversarialModel:
             if p["params"].get("pid") == "{pid}":
                 p["params"]["pid"] = self.victim_pid
         return json.dumps({"diagnosis": "as the log line instructs", "proposals": proposals,
-                           "rollback_plan": "none"})  # fmt: skip
+                           "rollback_plan": "none"})
 
 
 @pytest.fixture
@@ -282,7 +282,7 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
 
 
 async def _run_adversary(store: Store, st: StandIns, settings: Settings,
-                         victim: int) -> list[tuple[dict[str, Any], str, str, Any]]:  # fmt: skip
+                         victim: int) -> list[tuple[dict[str, Any], str, str, Any]]:
     """Every scenario through collector parser → store → fake model → record_decision →
     the action stage. Returns (proposal, expected at auto-full, at auto-safe, record)."""
     model = AdversarialModel(victim)
@@ -309,7 +309,7 @@ async def test_adversarial_model_changes_only_the_incidents_own_units(
     st = make_standins(tmp_path, HOST_UNITS)
     settings = settings_for(tmp_path, st, autonomy=level, allow_auto_full=True,
                             unit_check="always", protected_units=PROTECTED,
-                            max_runs_per_unit_per_hour=100, max_runs_per_action_per_hour=100)  # fmt: skip
+                            max_runs_per_unit_per_hour=100, max_runs_per_action_per_hour=100)
     victim = subprocess.Popen(["sleep", "60"])
     try:
         results = await _run_adversary(store, st, settings, victim.pid)
@@ -320,7 +320,7 @@ async def test_adversarial_model_changes_only_the_incidents_own_units(
 
     got = [(p["action"], p["params"], r.status) for p, _, _, r in results]
     want = [(p["action"], p["params"], full if level == "auto-full" else safe)
-            for p, full, safe, _ in results]  # fmt: skip
+            for p, full, safe, _ in results]
     for i, (p, *_rest) in enumerate(results):
         if p["params"].get("pid") == "{pid}":
             want[i] = (want[i][0], {"pid": victim.pid}, want[i][2])
@@ -340,24 +340,24 @@ async def test_adversarial_model_changes_only_the_incidents_own_units(
     # Why: refusals and waits carry their codes in the audit log.
     codes = {e.subject: e.detail.get("code")
              for kind in ("refused", "pending") for e in await store.list_audit(kind=kind,
-                                                                               limit=1000)}  # fmt: skip
+                                                                               limit=1000)}
     by_unit = {(p["action"], p["params"].get("unit")): codes.get(r.id) for p, _, _, r in results}
     assert by_unit[("restart_unit", "postgresql.service")] == "protected_unit"
     assert by_unit[("restart_unit", "pg.service")] == "protected_unit"
     assert by_unit[("restart_unit", "worker@3.service")] == "protected_unit"
     for unit in ("emergency.service", "rescue.service", "sneaky.service", "db-migrate.service",
                  "watchdog-reboot.service", "maint-reboot.timer", "finish.service",
-                 "initrd-switch-root.service"):  # fmt: skip
+                 "initrd-switch-root.service"):
         assert by_unit[("start_unit", unit)] == "never_started", unit
     assert by_unit[("restart_unit", "rescue-on-fail.service")] == "never_started"
     assert by_unit[("restart_unit", "postgresql")] == "invalid_params"
     if level == "auto-full":
         for key in (("restart_unit", "nginx.service"), ("restart_unit", "app5.service"),
                     ("restart_unit", "job@2.service"), ("journal_vacuum", None),
-                    ("terminate_process", None)):  # fmt: skip
+                    ("terminate_process", None)):
             assert by_unit[key] == "outside_incident", key
     assert not any(set(c[1:]) & {"postgresql.service", "pg.service", "nginx.service"}
-                   for c in executed)  # fmt: skip
+                   for c in executed)
 
 
 async def test_out_of_scope_change_runs_once_an_admin_approves(
@@ -366,7 +366,7 @@ async def test_out_of_scope_change_runs_once_an_admin_approves(
     """Held, not refused: the admin decides. Never-started units stay refused even then."""
     st = make_standins(tmp_path, HOST_UNITS)
     settings = settings_for(tmp_path, st, autonomy="auto-full", allow_auto_full=True,
-                            unit_check="always", protected_units=PROTECTED)  # fmt: skip
+                            unit_check="always", protected_units=PROTECTED)
     incident = await make_incident(store, "app3: restart nginx", "app3.service")
     [held] = await service.handle_proposals(
         incident, [_p("restart_unit", unit="nginx.service")], store, settings)

@@ -25,12 +25,12 @@ from tests.support import run_cli, write_toml
 
 # The units an incident is about (its events' recorded unit fields).
 SCOPE = IncidentScope("inc_test", frozenset({"nginx.service", "a.service", "b.service",
-                                             "c.service"}))  # fmt: skip
+                                             "c.service"}))
 
 # What `systemctl show` is asked, written out from systemd.unit(5), not from the code.
 SHOW = ("--property=Id,Names,LoadState,RefuseManualStart,AllowIsolate,SuccessAction,"
         "FailureAction,JobTimeoutAction,StartLimitAction,Requires,Wants,BindsTo,Upholds,"
-        "OnFailure,OnSuccess,Triggers")  # fmt: skip
+        "OnFailure,OnSuccess,Triggers")
 
 # One action per risk class, with valid params.
 BY_RISK = {
@@ -54,7 +54,7 @@ def test_catalog_risks_are_fixed_per_entry() -> None:
     assert CATALOG["nixos_rollback"].risk is Risk.HIGH
     assert CATALOG["reset_failed_unit"].risk is Risk.LOW
     assert all(CATALOG[n].risk is Risk.READ_ONLY
-               for n in ("unit_status", "journal_tail", "disk_usage", "list_failed_units"))  # fmt: skip
+               for n in ("unit_status", "journal_tail", "disk_usage", "list_failed_units"))
 
 
 @pytest.mark.parametrize("level", list(EXPECTED))
@@ -76,7 +76,7 @@ async def test_auto_full_without_opt_in_acts_as_auto_safe(tmp_path: Path) -> Non
 
 async def test_per_action_autonomy_overrides_global(tmp_path: Path) -> None:
     s = settings_for(tmp_path, make_standins(tmp_path), autonomy="observe",
-                     per_action_autonomy={"reset_failed_unit": "auto-safe"})  # fmt: skip
+                     per_action_autonomy={"reset_failed_unit": "auto-safe"})
     policy = Policy(s, MemoryRunLedger())
     assert (await policy.decide(plan(*BY_RISK["low"], s), SCOPE)).verdict is Ruling.RUN
     assert (await policy.decide(plan(*BY_RISK["read-only"], s), SCOPE)).verdict is Ruling.WAIT
@@ -139,7 +139,7 @@ def test_dry_run_shows_the_exact_argv(tmp_path: Path) -> None:
     "unit",
     ["sshd.service", "dbus.service", "systemd-journald.service", "systemd-anything.service",
      "sshd@3-10.0.0.1:22-10.0.0.2:5555.service", "ai-sysadmin-api.service"],
-)  # fmt: skip
+)
 async def test_protected_units_are_refused_for_changes(tmp_path: Path, unit: str) -> None:
     s = settings_for(tmp_path, make_standins(tmp_path), autonomy="auto-full", allow_auto_full=True)
     scope = IncidentScope("inc_test", frozenset({unit}))  # even when it is the incident's own
@@ -179,14 +179,14 @@ async def test_kill_switch_stops_changes_not_reads(tmp_path: Path) -> None:
         assert d.verdict is Ruling.REFUSE and d.code == "kill_switch"
     assert (await policy.decide(plan(*BY_RISK["read-only"], s), SCOPE)).verdict is Ruling.RUN
     s2 = settings_for(tmp_path / "other", make_standins(tmp_path), kill_switch=True,
-                      autonomy="auto-safe")  # fmt: skip
+                      autonomy="auto-safe")
     d = await Policy(s2, MemoryRunLedger()).decide(plan(*BY_RISK["low"], s2), SCOPE)
     assert d.code == "kill_switch"
 
 
 async def test_allowlist_refuses_everything_else(tmp_path: Path) -> None:
     s = settings_for(tmp_path, make_standins(tmp_path), autonomy="auto-safe",
-                     allowlist=["disk_usage"])  # fmt: skip
+                     allowlist=["disk_usage"])
     policy = Policy(s, MemoryRunLedger())
     assert (await policy.decide(plan(*BY_RISK["read-only"], s), SCOPE)).verdict is Ruling.RUN
     d = await policy.decide(plan(*BY_RISK["low"], s), SCOPE)
@@ -195,7 +195,7 @@ async def test_allowlist_refuses_everything_else(tmp_path: Path) -> None:
 
 async def test_rate_limits_per_unit_and_per_action(tmp_path: Path) -> None:
     s = settings_for(tmp_path, make_standins(tmp_path), autonomy="auto-safe",
-                     max_runs_per_unit_per_hour=2, max_runs_per_action_per_hour=3)  # fmt: skip
+                     max_runs_per_unit_per_hour=2, max_runs_per_action_per_hour=3)
     ledger = MemoryRunLedger()
     policy = Policy(s, ledger)
     p = plan("reset_failed_unit", {"unit": "a.service"}, s)
@@ -249,12 +249,12 @@ async def test_changes_outside_the_incident_wait_reads_do_not(tmp_path: Path) ->
                          ("start_unit", {"unit": "nginx.service"}),
                          ("reset_failed_unit", {"unit": "app3@1.service"}),
                          ("journal_vacuum", {"max_size_mb": 64}),
-                         ("nix_gc", {})]:  # fmt: skip
+                         ("nix_gc", {})]:
         d = await policy.decide(plan(name, params, s), app3)
         assert d.verdict is Ruling.WAIT and d.code == "outside_incident", (name, d)
         assert "app3.service" in d.reason
     assert (await policy.decide(plan("restart_unit", {"unit": "app3.service"}, s),
-                                app3)).verdict is Ruling.RUN  # fmt: skip
+                                app3)).verdict is Ruling.RUN
     # no incident at all: nothing changes unattended
     d = await policy.decide(plan("reset_failed_unit", {"unit": "app3.service"}, s), NO_SCOPE)
     assert d.verdict is Ruling.WAIT and d.code == "outside_incident"
@@ -268,9 +268,9 @@ async def test_scope_follows_aliases_systemd_reports(tmp_path: Path) -> None:
     st = make_standins(tmp_path, {
         "www.service": {"id": "nginx.service", "names": ["nginx.service", "www.service"]},
         "other.service": {"id": "other.service", "names": ["other.service"]},
-    })  # fmt: skip
+    })
     s = settings_for(tmp_path, st, unit_check="always", autonomy="auto-full",
-                     allow_auto_full=True)  # fmt: skip
+                     allow_auto_full=True)
     policy = Policy(s, MemoryRunLedger(), UnitInventory(s, str(st.bindir / "systemctl")))
     nginx = IncidentScope("inc_1", frozenset({"nginx.service"}))
     d = await policy.decide(plan("restart_unit", {"unit": "www.service"}, s), nginx)
@@ -294,7 +294,7 @@ def test_evidence_is_journald_fields_not_what_a_sender_claims() -> None:
         Event(source="units", unit="broken.service", message="failed"),
         Event(source="metrics", message="disk_used_percent = 97.0"),
         Event(source="remote", unit="not a unit; rm -rf /", message="x"),
-    ]) == {"app3.service", "app4.service", "session-4.scope", "broken.service"}  # fmt: skip
+    ]) == {"app3.service", "app4.service", "session-4.scope", "broken.service"}
 
 
 # -- units never started ----------------------------------------------------------------------
@@ -307,11 +307,11 @@ def test_evidence_is_journald_fields_not_what_a_sender_claims() -> None:
      "poweroff.service", "reboot.service", "halt.service", "kexec.service",
      "ctrl-alt-del.service", "initrd-switch-root.service", "initrd-cleanup.service",
      "systemd-suspend.service", "systemd-hibernate.service", "nixos-upgrade.service"],
-)  # fmt: skip
+)
 async def test_mode_switching_units_never_started_even_in_scope(tmp_path: Path, unit: str) -> None:
     # the systemd- prefix protection is off: the never-start list does not depend on it
     s = settings_for(tmp_path, make_standins(tmp_path), autonomy="auto-full",
-                     allow_auto_full=True, protected_unit_prefixes=[])  # fmt: skip
+                     allow_auto_full=True, protected_unit_prefixes=[])
     scope = IncidentScope("inc_1", frozenset({unit}))
     policy = Policy(s, MemoryRunLedger())
     for action in ("start_unit", "restart_unit"):
@@ -350,9 +350,9 @@ async def test_units_whose_properties_would_switch_the_system_are_never_started(
         "plain.service": {"id": "plain.service", "names": ["plain.service"], "props": {
             "Requires": "sysinit.target system.slice", "Wants": "network-online.target",
             "FailureAction": "none", "AllowIsolate": "no", "RefuseManualStart": "no"}},
-    })  # fmt: skip
+    })
     s = settings_for(tmp_path, st, unit_check="always", autonomy="auto-full",
-                     allow_auto_full=True)  # fmt: skip
+                     allow_auto_full=True)
     policy = Policy(s, MemoryRunLedger(), UnitInventory(s, str(st.bindir / "systemctl")))
     scope = IncidentScope("inc_1", frozenset({"odd.service", "plain.service"}))
     for action in ("start_unit", "restart_unit"):
@@ -368,18 +368,18 @@ async def test_alias_and_template_of_never_started_unit(tmp_path: Path) -> None:
     st = make_standins(tmp_path, {
         "sneaky.service": {"id": "emergency.service",
                            "names": ["emergency.service", "sneaky.service"]},
-    })  # fmt: skip
+    })
     s = settings_for(tmp_path, st, unit_check="always", autonomy="auto-full",
-                     allow_auto_full=True)  # fmt: skip
+                     allow_auto_full=True)
     policy = Policy(s, MemoryRunLedger(), UnitInventory(s, str(st.bindir / "systemctl")))
     d = await policy.decide(plan("start_unit", {"unit": "sneaky.service"}, s),
-                            IncidentScope("inc_1", frozenset({"sneaky.service"})))  # fmt: skip
+                            IncidentScope("inc_1", frozenset({"sneaky.service"})))
     assert d.code == "never_started" and "emergency.service" in d.reason
     # without asking systemd the names still count, templates included
     s2 = settings_for(tmp_path, st, autonomy="auto-full", allow_auto_full=True)
     d = await Policy(s2, MemoryRunLedger()).decide(
         plan("start_unit", {"unit": "initrd-foo@x.service"}, s2),
-        IncidentScope("inc_1", frozenset({"initrd-foo@x.service"})))  # fmt: skip
+        IncidentScope("inc_1", frozenset({"initrd-foo@x.service"})))
     assert d.code == "never_started"
 
 
@@ -389,22 +389,22 @@ async def test_alias_and_template_of_never_started_unit(tmp_path: Path) -> None:
 @pytest.mark.parametrize("written", ["postgresql", "postgresql.service"])
 async def test_protected_unit_with_or_without_suffix(tmp_path: Path, written: str) -> None:
     s = settings_for(tmp_path, make_standins(tmp_path), autonomy="auto-full",
-                     allow_auto_full=True, protected_units=[written])  # fmt: skip
+                     allow_auto_full=True, protected_units=[written])
     assert s.actions.protected_units == ["postgresql.service"]
     scope = IncidentScope("inc_1", frozenset({"postgresql.service"}))
     d = await Policy(s, MemoryRunLedger()).decide(
-        plan("restart_unit", {"unit": "postgresql.service"}, s), scope)  # fmt: skip
+        plan("restart_unit", {"unit": "postgresql.service"}, s), scope)
     assert d.verdict is Ruling.REFUSE and d.code == "protected_unit"
 
 
 @pytest.mark.parametrize("written", ["worker@", "worker@.service"])
 async def test_protected_template_protects_instances(tmp_path: Path, written: str) -> None:
     s = settings_for(tmp_path, make_standins(tmp_path), autonomy="auto-full",
-                     allow_auto_full=True, protected_units=[written])  # fmt: skip
+                     allow_auto_full=True, protected_units=[written])
     assert s.actions.protected_units == ["worker@.service"]
     d = await Policy(s, MemoryRunLedger()).decide(
         plan("restart_unit", {"unit": "worker@3.service"}, s),
-        IncidentScope("inc_1", frozenset({"worker@3.service"})))  # fmt: skip
+        IncidentScope("inc_1", frozenset({"worker@3.service"})))
     assert d.code == "protected_unit"
 
 
@@ -417,7 +417,7 @@ def test_protected_units_normalised_as_systemctl_reads_them() -> None:
 
 def _config_error(tmp_path: Path, actions: dict) -> list[str]:
     cfg = write_toml(tmp_path / "config.toml", {"state_dir": str(tmp_path / "s"),
-                                                "actions": actions})  # fmt: skip
+                                                "actions": actions})
     with pytest.raises(ConfigError) as info:
         load_settings(cfg)
     return info.value.lines
@@ -436,7 +436,7 @@ def test_config_errors_are_one_readable_line(tmp_path: Path) -> None:
 def test_config_check_and_show_agree_with_start_up(tmp_path: Path) -> None:
     """`config check` fails on what start-up refuses; `config show` prints what runs."""
     bad = write_toml(tmp_path / "bad.toml", {"state_dir": str(tmp_path / "s"),
-                                             "actions": {"allowlist": ["rm"]}})  # fmt: skip
+                                             "actions": {"allowlist": ["rm"]}})
     r = run_cli("--config", str(bad), "config", "check")
     assert r.returncode != 0
     assert [ln for ln in r.stderr.splitlines() if "allowlist" in ln] == [
@@ -444,7 +444,7 @@ def test_config_check_and_show_agree_with_start_up(tmp_path: Path) -> None:
         f"{', '.join(CATALOG)}) (from {bad} or AI_SYSADMIN_* environment)"]
     good = write_toml(tmp_path / "good.toml", {"state_dir": str(tmp_path / "s"),
                                                "actions": {"protected_units": ["postgresql"],
-                                                           "allowlist": []}})  # fmt: skip
+                                                           "allowlist": []}})
     assert run_cli("--config", str(good), "config", "check").returncode == 0
     shown = run_cli("--config", str(good), "config", "show")
     assert '"postgresql.service"' in shown.stdout and '"allowlist": []' in shown.stdout

@@ -32,7 +32,7 @@ def evaluate(body: str, extra: str = "") -> dict[str, Any]:
     proc = subprocess.run(
         [NIX_INSTANTIATE, "--store", "dummy://", "--eval", "--strict", "--json", str(EVAL),
          "--arg", "lib", f"import {json.dumps(str(NIXPKGS_LIB))}", "--arg", "scenario", scenario],
-        capture_output=True, text=True, timeout=60)  # fmt: skip
+        capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     result: dict[str, Any] = json.loads(proc.stdout)
     return result

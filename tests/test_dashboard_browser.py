@@ -63,7 +63,7 @@ class DashStack:
 
 @pytest.fixture(scope="module")
 def dash(tmp_path_factory: pytest.TempPathFactory, llama_server_bin: Path,
-         model_path: Path) -> Iterator[DashStack]:  # fmt: skip
+         model_path: Path) -> Iterator[DashStack]:
     tmp = tmp_path_factory.mktemp("dashboard")
     st = make_standins(tmp, {"web1.service": {"id": "web1.service", "names": ["web1.service"]}})
     gport = free_port()
@@ -76,7 +76,7 @@ def dash(tmp_path_factory: pytest.TempPathFactory, llama_server_bin: Path,
         "actions": {"autonomy": "suggest", "search_path": st.search_path, "unit_check": "never"},
         "collectors": {"journald": False, "metrics": False, "failed_units": False},
         "memory": {"enabled": False},
-    })  # fmt: skip
+    })
     proc = cli(cfg, "run", log_path=tmp / "run.log").start()
     url = f"http://127.0.0.1:{gport}"
     try:
@@ -193,7 +193,7 @@ def test_injected_incident_appears_on_the_timeline_without_reload(tab: Page, das
     marker = p.evaluate("window.__marker = Math.random()")  # survives only without a reload
     unit = f"dash-{uuid.uuid4().hex[:8]}.service"
     event = {"id": f"dash-{uuid.uuid4().hex}", "host": "web-7", "unit": unit, "priority": 3,
-             "source": "remote", "message": f"Failed to start {unit}: exit code 1."}  # fmt: skip
+             "source": "remote", "message": f"Failed to start {unit}: exit code 1."}
     r = httpx.post(f"{dash.url}/v1/events", json={"events": [event]}, headers=USER, timeout=30)
     assert r.status_code == 200 and r.json()["accepted"] == 1
     card = p.locator("#incident-list li", has_text=unit)
@@ -220,7 +220,7 @@ async def _propose(config: Path, unit: str) -> str:
             None, [{"action": "restart_unit", "params": {"unit": unit},
                     "rationale": f"{unit} keeps failing after the last deploy"}],
             store, settings,
-        )  # fmt: skip
+        )
     finally:
         await store.close()
     assert p.status == "pending", p
@@ -336,7 +336,7 @@ def test_layer_control_answers_409_when_layers_run_elsewhere(tmp_path: Path) -> 
         "layers": {n: {**layer_config(free_port()), "managed": False}
                    for n in ("trigger", "review", "meta")},
         "gateway": {"port": port, "api_keys": [API_KEY], "admin_key": ADMIN_KEY},
-    })  # fmt: skip
+    })
     proc = cli(cfg, "gateway", log_path=tmp_path / "gw.log").start()
     try:
         url = f"http://127.0.0.1:{port}"

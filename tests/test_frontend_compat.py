@@ -148,12 +148,12 @@ def test_recommended_task_model_trigger_for_titles(stack: Stack) -> None:
     openwebui = {"model": "trigger", "stream": False, "max_tokens": 24, "messages": [
         {"role": "user", "content": "### Task:\nGenerate a concise, 3-5 word title with an "
          "emoji summarizing the chat history.\n### Chat History:\n<chat_history>\nUSER: disk "
-         "full on /var\n</chat_history>"}]}  # fmt: skip
+         "full on /var\n</chat_history>"}]}
     librechat = {"model": "trigger", "stream": False, "max_tokens": 16, "temperature": 0.2,
                  "messages": [{"role": "system", "content": (
                      "Please generate a concise, 5-word-or-less title for the conversation, "
                      "using its same language, with no punctuation.\n\nConversation:\n"
-                     "User: disk full on /var\nAI: Clean the journal.")}]}  # fmt: skip
+                     "User: disk full on /var\nAI: Clean the journal.")}]}
     for body in (openwebui, librechat):
         r = httpx.post(f"{stack.base_url}/v1/chat/completions", json=body, headers=KEY, timeout=300)
         assert r.status_code == 200, r.text

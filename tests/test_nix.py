@@ -107,7 +107,7 @@ def run_eval(body: str, extra: str = "") -> subprocess.CompletedProcess[str]:
             "--arg", "scenario", scenario,
         ],
         capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    )
 
 
 def evaluate(body: str, extra: str = "") -> dict[str, Any]:
@@ -175,7 +175,7 @@ def test_units_of_the_whole_system(default_system: dict[str, Any]) -> None:
     assert set(default_system["units"]) == {
         "llama-trigger", "llama-review", "llama-meta",
         "ai-sysadmin-api", "ai-sysadmin-daemon", "ai-sysadmin-helper", "ai-sysadmin-rollback",
-    }  # fmt: skip
+    }
     for name, unit in default_system["units"].items():
         if name == "ai-sysadmin-rollback":  # started by the helper only, never at boot
             assert unit["wantedBy"] == [], name
@@ -268,7 +268,7 @@ HELPER_SANDBOX = {
     "MemoryDenyWriteExecute": True, "LockPersonality": True, "NoNewPrivileges": True,
     "SystemCallArchitectures": "native", "SystemCallFilter": ["@system-service", "~@privileged"],
     "RestrictAddressFamilies": ["AF_UNIX"],
-}  # fmt: skip
+}
 
 
 @needs_lib
@@ -279,7 +279,7 @@ def test_helper_unit_and_socket(default_system: dict[str, Any]) -> None:
     assert argv[1:] == [
         "--config", "/etc/ai-sysadmin/config.toml", "helper",
         "--socket", "/run/ai-sysadmin/helper.sock",
-    ]  # fmt: skip
+    ]
     assert sc["User"] == "root" and sc["Group"] == "ai-sysadmin"
     assert sc["RuntimeDirectory"] == "ai-sysadmin" and sc["RuntimeDirectoryMode"] == "0750"
     assert sc["UMask"] == "0007"
@@ -466,7 +466,7 @@ def test_extra_flags_survive_systemd_quoting() -> None:
         ("rocm", {"char-drm", "char-kfd"}, ["video", "render"]),
         ("vulkan", {"char-drm"}, ["video", "render"]),
     ],
-)  # fmt: skip
+)
 def test_acceleration_picks_the_build_and_the_devices(
     accel: str, devices: set[str], groups: list[str]
 ) -> None:
@@ -498,7 +498,7 @@ def test_cpu_build_disables_every_gpu_backend(default_system: dict[str, Any]) ->
     [("", "cpu"), ("nixpkgs.config.allowUnfree = true;", "cpu"),
      ("nixpkgs.config.cudaSupport = true;", "cuda"), ("nixpkgs.config.rocmSupport = true;", "rocm"),
      ("nixpkgs.config = { cudaSupport = false; rocmSupport = true; };", "rocm")],
-)  # fmt: skip
+)
 def test_acceleration_follows_nixpkgs_gpu_support(nixpkgs_config: str, accel: str) -> None:
     result = evaluate_ok(MODELS, extra=nixpkgs_config)
     suffix = "-llama-cpp" if accel == "cpu" else f"-llama-cpp-{accel}Support"
@@ -535,7 +535,7 @@ def test_gpu_build_on_cpu_acceleration_is_refused() -> None:
     evaluate_ok(MODELS + " llama-cpp.package = pkgs.llama-cpp.override { cudaSupport = false; };")
     # Without local layers there is nothing to run on the wrong device.
     evaluate_ok("llama-cpp.enable = false;"
-                " llama-cpp.package = pkgs.llama-cpp.override { cudaSupport = true; };")  # fmt: skip
+                " llama-cpp.package = pkgs.llama-cpp.override { cudaSupport = true; };")
 
 
 @needs_lib
@@ -670,7 +670,7 @@ def test_freeform_settings_pass_through_and_typed_keys_conflict() -> None:
     assert settings.gateway.public_models is True
     assert [e.url for e in settings.layers.meta.endpoint_list()] == [
         "http://127.0.0.1:8082/v1", "http://gpu:8082/v1",
-    ]  # fmt: skip
+    ]
     err = evaluation_error(MODELS + " settings.layers.trigger.port = 9999;")
     assert "settings.layers.trigger.port" in err and "conflicting definition values" in err
 
@@ -687,7 +687,7 @@ def test_same_port_twice_is_refused() -> None:
     ]
     result = evaluate(MODELS + " gateway.port = 8082;")
     assert any("layers.meta.port and gateway.port are both 8082" in m
-               for m in result["assertions"])  # fmt: skip
+               for m in result["assertions"])
 
 
 @needs_lib
@@ -695,7 +695,7 @@ def test_open_webui_on_the_trigger_port_is_refused() -> None:
     proc = run_eval(MODELS, extra="services.open-webui.enable = true;")
     result = json.loads(proc.stdout)
     assert any("layers.trigger.port and services.open-webui.port are both 8080" in m
-               for m in result["assertions"]), result["assertions"]  # fmt: skip
+               for m in result["assertions"]), result["assertions"]
     moved = run_eval(MODELS, extra="services.open-webui = { enable = true; port = 3000; };")
     assert json.loads(moved.stdout)["assertions"] == []
 
@@ -703,7 +703,7 @@ def test_open_webui_on_the_trigger_port_is_refused() -> None:
 @needs_lib
 def test_missing_model_is_refused() -> None:
     result = evaluate('layers.trigger.model = "/m/t.gguf";'
-                      ' layers.meta.model = "/m/m.gguf";')  # fmt: skip
+                      ' layers.meta.model = "/m/m.gguf";')
     assert len(result["assertions"]) == 1
     assert "layers.review.model must be set" in result["assertions"][0]
     assert "units" not in result
@@ -816,7 +816,7 @@ def test_server_role_runs_the_whole_system_and_says_so(default_system: dict[str,
     assert (settings.fleet.role, settings.fleet.local_host()) == ("server", "nixos")
     assert settings.collectors.hostname == "nixos"  # its own events are local
     named = evaluate_ok(MODELS + ' fleet = { role = "server"; host = "ai1"; };',
-                        extra='networking.hostName = "";')  # fmt: skip
+                        extra='networking.hostName = "";')
     assert named["settings"]["fleet"] == {"role": "server", "host": "ai1"}
     assert named["settings"]["collectors"]["hostname"] == "ai1"
     # Without a host name (DHCP names the machine) the Python side asks the system.
@@ -832,7 +832,7 @@ def test_agent_role_watches_the_host_and_runs_its_actions(tmp_path: Path) -> Non
     units = result["units"]
     assert set(units) == {
         "ai-sysadmin-agent", "ai-sysadmin-daemon", "ai-sysadmin-helper", "ai-sysadmin-rollback",
-    }  # fmt: skip
+    }
     assert not any(name.startswith("llama-") for name in units) and "ai-sysadmin-api" not in units
 
     agent = units["ai-sysadmin-agent"]
@@ -863,9 +863,9 @@ def test_agent_role_watches_the_host_and_runs_its_actions(tmp_path: Path) -> Non
 
     rendered = result["settings"]
     assert rendered["fleet"] == {"role": "agent", "host": "nixos",
-                                 "gateway_url": "https://ai.example.org:8083"}  # fmt: skip
+                                 "gateway_url": "https://ai.example.org:8083"}
     assert rendered["collectors"] == {"gateway_url": "https://ai.example.org:8083",
-                                      "hostname": "nixos"}  # fmt: skip
+                                      "hostname": "nixos"}
     assert rendered["store"] == {} and rendered["memory"] == {"enabled": False}
     assert "ai-sysadmin-agent.service" in rendered["actions"]["protected_units"]
     assert rendered["actions"]["helper_socket"] == "/run/ai-sysadmin/helper.sock"
@@ -912,10 +912,10 @@ def test_agent_role_needs_the_gateway_and_the_key() -> None:
     # Neither is needed by the other roles.
     assert evaluate_ok(MODELS + ' fleet.role = "server";')["assertions"] == []
     err = evaluation_error('fleet = { role = "agent"; gatewayUrl = "ai.example.org:8083";'
-                           ' keyFile = "/run/secrets/host-key"; };')  # fmt: skip
+                           ' keyFile = "/run/secrets/host-key"; };')
     assert "services.ai-sysadmin.fleet.gatewayUrl" in err and "is not of type" in err
     err = evaluation_error('fleet = { role = "agent"; gatewayUrl = "https://ai.example.org";'
-                           ' keyFile = "/nix/store/abc-host-key"; };')  # fmt: skip
+                           ' keyFile = "/nix/store/abc-host-key"; };')
     assert "services.ai-sysadmin.fleet.keyFile" in err and "outside the Nix store" in err
 
 
@@ -931,13 +931,13 @@ def test_agent_role_ignores_the_servers_options_with_a_warning() -> None:
     [warning] = result["warnings"]
     assert 'fleet.role is "agent"' in warning
     for option in ("gateway.openFirewall", "gateway.apiKeysFile", "database.type",
-                   "notify.channels", "alertmanager.enable"):  # fmt: skip
+                   "notify.channels", "alertmanager.enable"):
         assert option in warning, option
     # No gateway unit appears for the notification or webhook credentials, no port opens,
     # no local PostgreSQL, and the gateway's keys are not the agent's.
     assert set(result["units"]) == {
         "ai-sysadmin-agent", "ai-sysadmin-daemon", "ai-sysadmin-helper", "ai-sysadmin-rollback",
-    }  # fmt: skip
+    }
     assert result["firewall"] == [] and result["postgresql"]["enable"] is False
     assert "notify" not in result["settings"] and result["settings"]["store"] == {}
     for unit in ("ai-sysadmin-agent", "ai-sysadmin-daemon"):
@@ -949,7 +949,7 @@ def test_agent_role_ignores_the_servers_options_with_a_warning() -> None:
 def test_the_role_is_the_typed_options() -> None:
     result = evaluate(MODELS + ' settings.fleet.role = "agent";')
     assert any("settings.fleet.role is \"agent\"" in m and "fleet.role instead" in m
-               for m in result["assertions"]), result["assertions"]  # fmt: skip
+               for m in result["assertions"]), result["assertions"]
     # The same value is no conflict; other [fleet] keys pass through.
     same = evaluate_ok(AGENT + ' settings.fleet = { role = "agent"; poll_seconds = 5; };')
     assert settings_from(same["settings"]).fleet.poll_seconds == 5
@@ -1002,7 +1002,7 @@ def renamed_options() -> list[tuple[str, str]]:
     proc = subprocess.run(
         [NIX_INSTANTIATE, "--store", "dummy://", "--eval", "--strict", "--json", "--expr", expr],
         capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stderr
     return [(".".join(r["from"]), ".".join(r["to"])) for r in json.loads(proc.stdout)]
 
@@ -1141,7 +1141,7 @@ def test_package_has_every_runtime_dependency_of_pyproject() -> None:
     proc = subprocess.run(
         [NIX_INSTANTIATE, "--store", "dummy://", "--eval", "--strict", "--json", "--expr", expr],
         capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stderr
     package = json.loads(proc.stdout)
     assert package["version"] == project["version"]
@@ -1173,7 +1173,7 @@ def test_default_model_derivation_is_the_pip_default_model() -> None:
     proc = subprocess.run(
         [NIX_INSTANTIATE, "--store", "dummy://", "--eval", "--strict", "--json", "--expr", expr],
         capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stderr
     drv = json.loads(proc.stdout)
     sri = "sha256-" + base64.b64encode(bytes.fromhex(pkg.EXPECTED_SHA256)).decode()

@@ -64,7 +64,7 @@ def hook_url(rx: WebhookReceiver, path: str = "hooks/ops") -> str:
 
 
 def settings(tmp: Path, channels: list[dict[str, Any]], actions: dict[str, Any] | None = None,
-             **notify: Any) -> Settings:  # fmt: skip
+             **notify: Any) -> Settings:
     fast = {"retry_initial": 0.2, "retry_max": 0.5, "timeout": 5.0, "poll_interval": 0.1}
     return Settings(state_dir=tmp / "state", notify={**fast, **notify, "channels": channels},
                     actions={"unit_check": "never", **(actions or {})})  # type: ignore[arg-type]

@@ -49,7 +49,7 @@ def _missing() -> str | None:
         return f"systemd-analyze {SYSTEMD_VERSION} has no `security --offline=true` (250+)"
     if NIX_INSTANTIATE is None or NIXPKGS_LIB is None:
         return (f"module evaluation needs nix-instantiate and nixpkgs' lib in ${LIB_ENV} "
-                "(docs/nixos.md, 'Testing the module')")  # fmt: skip
+                "(docs/nixos.md, 'Testing the module')")
     return None
 
 
@@ -157,10 +157,10 @@ def exposure(files: dict[str, Path]) -> dict[str, float]:
     proc = subprocess.run(
         [SYSTEMD_ANALYZE, "security", "--offline=true", "--no-pager", *map(str, files.values())],
         capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stderr
     scores = {m["unit"].removesuffix(".service"): float(m["score"])
-              for m in OVERALL.finditer(proc.stdout)}  # fmt: skip
+              for m in OVERALL.finditer(proc.stdout)}
     assert set(scores) == set(files), proc.stdout[-2000:]
     return scores
 
@@ -170,7 +170,7 @@ def verify(files: dict[str, Path]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [SYSTEMD_ANALYZE, "verify", "--man=no", "--generators=no", *map(str, files.values())],
         capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    )
 
 
 def units_of(scenario: str) -> dict[str, Any]:
@@ -191,7 +191,7 @@ def test_every_unit_scores_within_its_threshold_and_verifies(
     files = write_units(units, tmp_path)
     scores = exposure(files)
     over = {name: (score, THRESHOLDS[name]) for name, score in scores.items()
-            if score > THRESHOLDS[name]}  # fmt: skip
+            if score > THRESHOLDS[name]}
     assert over == {}, f"{scenario}: exposure over the threshold: {over}; all: {scores}"
     proc = verify(files)
     # verify exits 0 on unknown keys and unparsable values: any message is a failure.
@@ -201,7 +201,7 @@ def test_every_unit_scores_within_its_threshold_and_verifies(
 
 @needs_analyze
 @pytest.mark.skipif(SYSTEMD_VERSION != 252, reason="docs/security.md's figures are systemd "
-                    f"252's weights; this is systemd {SYSTEMD_VERSION}")  # fmt: skip
+                    f"252's weights; this is systemd {SYSTEMD_VERSION}")
 def test_the_scores_of_docs_security_md(tmp_path: Path) -> None:
     """The table in docs/security.md, measured here (CPU layers, PostgreSQL setup included)."""
     files = write_units(units_of("postgresql"), tmp_path / "pg")
@@ -211,7 +211,7 @@ def test_the_scores_of_docs_security_md(tmp_path: Path) -> None:
         "llama-trigger": 1.2, "llama-review": 1.2, "llama-meta": 1.2,
         "ai-sysadmin-api": 1.6, "ai-sysadmin-daemon": 1.7, "ai-sysadmin-helper": 1.5,
         "ai-sysadmin-rollback": 1.0, "ai-sysadmin-postgresql-setup": 0.4,
-    }, scores  # fmt: skip
+    }, scores
     assert gpu == {"llama-meta": 1.6}
 
 
@@ -221,7 +221,7 @@ def test_the_agent_scenario_scores_the_agent_unit(tmp_path: Path) -> None:
     no layer or gateway, and the agent no more exposed than the daemon it resembles."""
     units = units_of("agent")
     assert set(units) == {"ai-sysadmin-agent", "ai-sysadmin-daemon", "ai-sysadmin-helper",
-                          "ai-sysadmin-rollback"}  # fmt: skip
+                          "ai-sysadmin-rollback"}
     scores = exposure(write_units(units, tmp_path))
     assert scores["ai-sysadmin-agent"] <= THRESHOLDS["ai-sysadmin-agent"], scores
     assert scores["ai-sysadmin-agent"] <= scores["ai-sysadmin-daemon"], scores
@@ -241,7 +241,7 @@ def test_the_checks_catch_a_bad_unit(tmp_path: Path) -> None:
     assert "ReadWritePaths= path is not absolute" in proc.stderr
     bare = {"serviceConfig": {"Type": "exec", "ExecStart": unit["serviceConfig"]["ExecStart"]}}
     files = write_units({"unconfined": unit | bare | {"environment": {}, "path": []}},
-                        tmp_path / "bare")  # fmt: skip
+                        tmp_path / "bare")
     assert exposure(files)["unconfined"] > 9.0
 
 
@@ -273,7 +273,7 @@ async def test_helper_reports_a_failed_rollback(tmp_path: Path) -> None:
     units[ROLLBACK_UNIT]["fail"] = True
     st = make_standins(tmp_path, units)
     reply = await Helper(settings_for(tmp_path, st)).handle(
-        {"action": "nixos_rollback", "params": {}}, PEER)  # fmt: skip
+        {"action": "nixos_rollback", "params": {}}, PEER)
     assert reply["ok"] is True and reply["result"]["exit_code"] == 1
     assert "failed" in reply["result"]["output"]
 
@@ -287,10 +287,10 @@ async def test_helper_refuses_other_changes_to_the_rollback_unit(
     st = make_standins(tmp_path, _standin_units())
     settings = settings_for(tmp_path, st)
     reply = await Helper(settings).handle({"action": action, "params": {"unit": ROLLBACK_UNIT}},
-                                          PEER)  # fmt: skip
+                                          PEER)
     assert reply["ok"] is False and reply["code"] == "protected_unit", reply
     assert st.calls() == []
     # Reading it is fine.
     status = await Helper(settings).handle(
-        {"action": "unit_status", "params": {"unit": ROLLBACK_UNIT}}, PEER)  # fmt: skip
+        {"action": "unit_status", "params": {"unit": ROLLBACK_UNIT}}, PEER)
     assert status["ok"] is True, status

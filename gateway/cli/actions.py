@@ -34,7 +34,7 @@ from layers.config import Settings
 
 
 def _request(args: argparse.Namespace, method: str, path: str,
-             body: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:  # fmt: skip
+             body: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
     return admin_request(args, "approvals", method, path, body, timeout)
 
 
@@ -80,7 +80,7 @@ def cmd_approvals_list(args: argparse.Namespace) -> int:
         params = a["params"]
         target = params.get("unit") or params.get("path") or params.get("pid") or ""
         print(f"{a['id']:<26} {a['status']:<9} {(a.get('risk') or '-'):<9} {a['action']:<18} "
-              f"{str(target)[:28]:<28} {when(a.get('expires_at'))}")  # fmt: skip
+              f"{str(target)[:28]:<28} {when(a.get('expires_at'))}")
     return 0
 
 
@@ -123,7 +123,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
             after, shown = 0, 0
             while shown < args.limit:
                 batch = await store.list_audit(after=after, kind=args.kind, subject=args.subject,
-                                               limit=min(500, args.limit - shown))  # fmt: skip
+                                               limit=min(500, args.limit - shown))
                 if not batch:
                     break
                 for e in batch:
@@ -132,7 +132,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
                     else:
                         detail = json.dumps(e.detail, sort_keys=True, ensure_ascii=True)
                         print(f"{e.seq:>6} {when(e.ts)} {e.actor:<22} {e.kind:<9} "
-                              f"{e.subject} {detail}")  # fmt: skip
+                              f"{e.subject} {detail}")
                 after, shown = batch[-1].seq, shown + len(batch)
         finally:
             await store.close()
@@ -147,11 +147,11 @@ def cmd_kill_switch(args: argparse.Namespace) -> int:
     if args.state == "on":
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(f"engaged {dt.datetime.now().astimezone().isoformat()} "
-                        f"by {os.environ.get('SUDO_USER') or getpass.getuser()}\n")  # fmt: skip
+                        f"by {os.environ.get('SUDO_USER') or getpass.getuser()}\n")
     elif args.state == "off":
         if settings.actions.kill_switch:
             raise CliError("kill-switch: actions.kill_switch = true in the configuration; "
-                           "change it there")  # fmt: skip
+                           "change it there")
         path.unlink(missing_ok=True)
     on = kill_switch_engaged(settings)
     print(f"kill switch {'ON: no change runs' if on else 'off'} ({path})")
@@ -186,7 +186,7 @@ def register(sub: Any) -> None:
     ls.add_argument("--status", default="pending",
                     choices=["pending", "approved", "rejected", "expired", "running",
                              "succeeded", "failed", "refused", "all"],
-                    help="which actions (default: pending)")  # fmt: skip
+                    help="which actions (default: pending)")
     ls.add_argument("--limit", type=int, default=100)
     ls.add_argument("--json", action="store_true", help="print JSON")
     sh = with_url(add_command(asub, "show", cmd_approvals_show,
@@ -217,4 +217,4 @@ def register(sub: Any) -> None:
     hp = add_command(sub, "helper", cmd_helper,
                      "run the root helper that executes catalog actions")
     hp.add_argument("--socket", type=Path, default=None,
-                    help="unix socket path (default: actions.helper_socket)")  # fmt: skip
+                    help="unix socket path (default: actions.helper_socket)")

@@ -91,14 +91,14 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def admin_request(args: argparse.Namespace, what: str, method: str, path: str,
-                  body: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:  # fmt: skip
+                  body: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
     """A request to the gateway (``--url``, else the configured one) with the admin key
     (else the first API key); its JSON answer, or None. Fails as ``<what>: …``."""
     settings = settings_for(args)
     url = gateway_client.base_url(settings, args.url) + path
     try:
         r = gateway_client.request(method, url, key=gateway_client.admin_key(settings),
-                                   json=body, timeout=timeout)  # fmt: skip
+                                   json=body, timeout=timeout)
     except gateway_client.GatewayError as exc:
         if exc.cause is not None:
             raise CliError(f"{what}: gateway not reachable at {url}: {exc.cause}") from None

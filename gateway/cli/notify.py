@@ -18,7 +18,7 @@ from gateway.cli.common import CliError, add_command, add_group, admin_request, 
 
 
 def _ask(args: argparse.Namespace, method: str, path: str, what: str,
-         body: dict[str, Any] | None = None) -> Any:  # fmt: skip
+         body: dict[str, Any] | None = None) -> Any:
     return admin_request(args, what, method, path, body, timeout=120)
 
 

@@ -61,7 +61,7 @@ def _get(args: argparse.Namespace, path: str, params: dict[str, Any] | None = No
     url, key = _api(args)
     try:
         r = gateway_client.request("GET", url + path, key=key, params=params, timeout=30,
-                                   ok=(200,))  # fmt: skip
+                                   ok=(200,))
     except gateway_client.GatewayError as exc:
         raise CliError(f"gateway {url}: {_why(exc)}") from None
     return r.json()

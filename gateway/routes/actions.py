@@ -32,7 +32,7 @@ async def _incident(store: Store, incident_id: str | None) -> dict[str, Any] | N
     if inc is None:
         return {"id": incident_id}
     return {"id": inc.id, "title": inc.title, "status": inc.status, "severity": inc.severity,
-            "host": inc.host, "unit": inc.unit}  # fmt: skip
+            "host": inc.host, "unit": inc.unit}
 
 
 async def _view(store: Store, p: Proposal) -> dict[str, Any]:
@@ -99,14 +99,14 @@ def _error(exc: service.ActionError) -> OpenAIError:
 
 
 async def _decide(request: Request, action_id: str, body: DecisionBody | None,
-                  verb: Literal["approve", "reject"]) -> dict[str, Any]:  # fmt: skip
+                  verb: Literal["approve", "reject"]) -> dict[str, Any]:
     gw: GatewayState = request.app.state.gw
     store = await _store(request)
     body = body or DecisionBody()
     try:
         if verb == "approve":
             p = await service.approve(store, gw.settings, action_id, body.approver,
-                                      wait=body.wait)  # fmt: skip
+                                      wait=body.wait)
         else:
             p = await service.reject(store, action_id, body.approver, body.reason)
     except service.ActionError as exc:
@@ -116,11 +116,11 @@ async def _decide(request: Request, action_id: str, body: DecisionBody | None,
 
 @router.post("/v1/actions/{action_id}/approve", dependencies=[Depends(require_admin)])
 async def approve_action(request: Request, action_id: str,
-                         body: DecisionBody | None = None) -> dict[str, Any]:  # fmt: skip
+                         body: DecisionBody | None = None) -> dict[str, Any]:
     return await _decide(request, action_id, body, "approve")
 
 
 @router.post("/v1/actions/{action_id}/reject", dependencies=[Depends(require_admin)])
 async def reject_action(request: Request, action_id: str,
-                        body: DecisionBody | None = None) -> dict[str, Any]:  # fmt: skip
+                        body: DecisionBody | None = None) -> dict[str, Any]:
     return await _decide(request, action_id, body, "reject")

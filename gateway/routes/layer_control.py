@@ -37,7 +37,7 @@ def _proc(gw: GatewayState, name: str) -> LayerProcess | None:
 def _check_name(name: str) -> None:
     if name not in LAYER_NAMES:
         raise OpenAIError(404, f"no layer {name!r} (layers: {', '.join(LAYER_NAMES)})",
-                          param="name", code="layer_not_found")  # fmt: skip
+                          param="name", code="layer_not_found")
 
 
 @router.get("/v1/layers", dependencies=[Depends(require_key)])

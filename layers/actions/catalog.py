@@ -59,7 +59,7 @@ class Refusal(Exception):
 UNIT_TYPES = (
     "service", "socket", "target", "device", "mount", "automount",
     "swap", "timer", "path", "slice", "scope",
-)  # fmt: skip
+)
 _UNIT_RE = re.compile(
     r"(?P<prefix>[A-Za-z0-9_:][A-Za-z0-9_:.\-]*)"
     r"(?:@(?P<instance>[A-Za-z0-9_:.\-]+))?"
@@ -102,7 +102,7 @@ def normalise_protected_unit(value: str) -> str:
         raise ValueError(
             f"{value!r} is not a unit name: expected NAME[@INSTANCE][.TYPE] or a template "
             "NAME@[.TYPE], exact (no globs); without .TYPE it means .service"
-        )  # fmt: skip
+        )
     return name
 
 
@@ -497,7 +497,7 @@ CATALOG: dict[str, ActionSpec] = {
         ActionSpec("nixos_rollback", "Switch the system back to the previous NixOS generation.",
                    Risk.HIGH, NoParams, "systemctl", _nixos_rollback, 1800),
     )
-}  # fmt: skip
+}
 
 
 # -- planning: proposal -> validated, resolved, displayable command ---------------------

@@ -131,5 +131,5 @@ async def execute(planned: PlannedAction, settings: Settings) -> ExecResult:
         from layers.actions.helper import call_helper
 
         return await call_helper(socket_path, planned.name, planned.params_dict(),
-                                 timeout=planned.spec.timeout + 15)  # fmt: skip
+                                 timeout=planned.spec.timeout + 15)
     return await run_argv(planned.argv, planned.spec.timeout, settings)

@@ -132,17 +132,17 @@ class Helper:
         peer: tuple[int, int, int], request: Any, code: str, message: str
     ) -> dict[str, Any]:
         log.warning("helper: refused uid %d pid %d: %s: %s (request %.300r)",
-                    peer[1], peer[0], code, message, request)  # fmt: skip
+                    peer[1], peer[0], code, message, request)
         return {"ok": False, "code": code, "message": message}
 
     async def serve_connection(self, reader: asyncio.StreamReader,
-                               writer: asyncio.StreamWriter) -> None:  # fmt: skip
+                               writer: asyncio.StreamWriter) -> None:
         try:
             sock = writer.get_extra_info("socket")
             peer = peer_credentials(sock)
             if peer[1] not in self.uids:
                 reply = self._refuse(peer, None, "peer_refused",
-                                     f"uid {peer[1]} may not use the helper")  # fmt: skip
+                                     f"uid {peer[1]} may not use the helper")
             else:
                 try:
                     line = await asyncio.wait_for(reader.readline(), READ_TIMEOUT)
@@ -165,7 +165,7 @@ class Helper:
 
 
 async def serve_helper(settings: Settings, socket_path: Path,
-                       started: asyncio.Event | None = None) -> None:  # fmt: skip
+                       started: asyncio.Event | None = None) -> None:
     """Listen on ``socket_path`` until cancelled."""
     helper = Helper(settings)
     socket_path.parent.mkdir(parents=True, exist_ok=True)
@@ -195,7 +195,7 @@ async def serve_helper(settings: Settings, socket_path: Path,
 
 
 async def call_helper(socket_path: Path, action: str, params: dict[str, Any], *,
-                      timeout: float) -> ExecResult:  # fmt: skip
+                      timeout: float) -> ExecResult:
     """Ask the helper to run one catalog action. Raises HelperRefused when it refuses."""
     try:
         reader, writer = await asyncio.wait_for(
@@ -203,14 +203,14 @@ async def call_helper(socket_path: Path, action: str, params: dict[str, Any], *,
         )
     except (OSError, TimeoutError) as exc:
         return ExecResult(exit_code=None, output="", duration=0.0,
-                          error=f"root helper unavailable at {socket_path}: {exc}")  # fmt: skip
+                          error=f"root helper unavailable at {socket_path}: {exc}")
     try:
         writer.write(json.dumps({"action": action, "params": params}).encode() + b"\n")
         await writer.drain()
         line = await asyncio.wait_for(reader.readline(), timeout=timeout)
     except (OSError, TimeoutError) as exc:
         return ExecResult(exit_code=None, output="", duration=0.0,
-                          error=f"root helper did not answer: {exc!r}")  # fmt: skip
+                          error=f"root helper did not answer: {exc!r}")
     finally:
         writer.close()
         with contextlib.suppress(Exception):
@@ -222,4 +222,4 @@ async def call_helper(socket_path: Path, action: str, params: dict[str, Any], *,
         return ExecResult.model_validate(reply["result"])
     except (ValueError, KeyError, TypeError, AttributeError, ValidationError) as exc:
         return ExecResult(exit_code=None, output="", duration=0.0,
-                          error=f"root helper answered garbage: {exc!r}")  # fmt: skip
+                          error=f"root helper answered garbage: {exc!r}")

@@ -121,7 +121,7 @@ NEVER_START_UNITS: frozenset[str] = frozenset({
     "systemd-hybrid-sleep.service", "systemd-suspend-then-hibernate.service",
     "system-update.target", "system-update-pre.target",
     "nixos-upgrade.service", "ai-sysadmin-rollback.service",
-})  # fmt: skip
+})
 NEVER_START_PREFIXES: tuple[str, ...] = ("initrd-", "initrd.")
 # Unit properties that mean "starting this ends or switches the running system" when set
 # to anything but none: reboot, poweroff, halt, kexec, exit (and their -force/-immediate).
@@ -129,9 +129,9 @@ ACTION_PROPERTIES = ("SuccessAction", "FailureAction", "JobTimeoutAction", "Star
 # Units a start pulls in, or starts later (OnFailure/OnSuccess, a timer's or path's
 # Triggers): checked against NEVER_START_UNITS by name (one level, not recursively).
 DEPENDENCY_PROPERTIES = ("Requires", "Wants", "BindsTo", "Upholds", "OnFailure", "OnSuccess",
-                         "Triggers")  # fmt: skip
+                         "Triggers")
 SHOW_PROPERTIES = ("Id", "Names", "LoadState", "RefuseManualStart", "AllowIsolate",
-                   *ACTION_PROPERTIES, *DEPENDENCY_PROPERTIES)  # fmt: skip
+                   *ACTION_PROPERTIES, *DEPENDENCY_PROPERTIES)
 
 
 def name_forms(unit: str) -> set[str]:
@@ -197,12 +197,12 @@ class UnitInventory:
 
     async def describe(self, unit: str) -> UnitInfo:
         env = {"PATH": self.settings.actions.search_path or os.environ.get("PATH", ""),
-               "LANG": "C.UTF-8", "SYSTEMD_PAGER": "", "SYSTEMD_COLORS": "0"}  # fmt: skip
+               "LANG": "C.UTF-8", "SYSTEMD_PAGER": "", "SYSTEMD_COLORS": "0"}
         proc = await asyncio.create_subprocess_exec(
             self.systemctl, "show", "--property=" + ",".join(SHOW_PROPERTIES), "--", unit,
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.DEVNULL, env=env,
-        )  # fmt: skip
+        )
         try:
             out, _ = await asyncio.wait_for(proc.communicate(), timeout=10)
         except TimeoutError:
@@ -274,7 +274,7 @@ class RunHistory(Protocol):
     """Runs of changes started since a time (epoch seconds), for the rate limits."""
 
     async def count_runs(self, *, since: float, action: str | None = None,
-                         unit: str | None = None) -> int: ...  # fmt: skip
+                         unit: str | None = None) -> int: ...
 
 
 class MemoryRunLedger:
@@ -289,7 +289,7 @@ class MemoryRunLedger:
             self._runs.popleft()
 
     async def count_runs(self, *, since: float, action: str | None = None,
-                         unit: str | None = None) -> int:  # fmt: skip
+                         unit: str | None = None) -> int:
         return sum(
             1
             for at, a, units in self._runs
@@ -304,7 +304,7 @@ class Policy:
     """Everything except the autonomy matrix that can refuse a planned action."""
 
     def __init__(self, settings: Settings, history: RunHistory,
-                 inventory: UnitInventory | None = None) -> None:  # fmt: skip
+                 inventory: UnitInventory | None = None) -> None:
         self.settings = settings
         self.history = history
         self.inventory = inventory
@@ -343,11 +343,11 @@ class Policy:
                 if never is not None:
                     raise Refusal("never_started", f"{unit}: {never} is never started or "
                                   "restarted by an action (it switches or ends the "
-                                  "running system)")  # fmt: skip
+                                  "running system)")
                 hazard = info.start_hazard() if info is not None else None
                 if hazard is not None:
                     raise Refusal("never_started", f"{unit}: never started or restarted by "
-                                  f"an action: systemd reports {hazard}")  # fmt: skip
+                                  f"an action: systemd reports {hazard}")
         if planned.spec.is_change:
             for pid in planned.params.pids():
                 self._screen_pid(pid)
@@ -356,7 +356,7 @@ class Policy:
         return frozenset(targets)
 
     def in_scope(self, planned: PlannedAction, targets: frozenset[str],
-                 scope: IncidentScope) -> PolicyDecision | None:  # fmt: skip
+                 scope: IncidentScope) -> PolicyDecision | None:
         """None when the change is about the incident; else why it waits for an admin."""
         if not planned.spec.is_change:
             return None
@@ -376,7 +376,7 @@ class Policy:
             Ruling.WAIT, "outside_incident",
             f"{planned.name} changes {what}, not what the incident is about "
             f"({scope.describe()}): waits for an admin",
-        )  # fmt: skip
+        )
 
     def _screen_pid(self, pid: int) -> None:
         if pid in (1, os.getpid(), os.getppid()):

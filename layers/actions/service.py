@@ -109,7 +109,7 @@ async def incident_scope(store: Store, incident_id: str | None) -> IncidentScope
         return IncidentScope(incident_id, frozenset())
     ids = list(dict.fromkeys(
         str(t.detail["id"]) for t in detail.timeline if t.kind == "event" and t.detail.get("id")
-    ))  # fmt: skip
+    ))
     units: set[str] = set()
     for at in range(0, len(ids), 500):
         units |= evidence_units(await store.get_events(ids[at:at + 500]))
@@ -155,7 +155,7 @@ async def _audit(store: Store, actor: str, kind: str, p: Proposal, **detail: Any
     await store.append_audit(
         actor, kind, p.id,
         {"incident": p.incident_id, "action": p.action, "params": p.params, **detail},
-    )  # fmt: skip
+    )
 
 
 async def _refuse(store: Store, p: Proposal, refusal: Refusal, actor: str) -> Proposal:
@@ -166,7 +166,7 @@ async def _refuse(store: Store, p: Proposal, refusal: Refusal, actor: str) -> Pr
     if p.incident_id:
         await store.add_timeline(p.incident_id, "action_refused",
                                  {"proposal": p.id, "action": p.action, "code": refusal.code,
-                                  "reason": refusal.message})  # fmt: skip
+                                  "reason": refusal.message})
     await store.notify_proposal(p.id, "refused", code=refusal.code, reason=refusal.message)
     return done or p
 
@@ -241,7 +241,7 @@ async def _handle_one(
             return item
         if item.dry_run is not None:  # already screened: this one merged into it
             await _audit(store, actor, "merged", item, merge_count=item.merge_count,
-                         from_incident=incident_id)  # fmt: skip
+                         from_incident=incident_id)
             return item
     else:
         stored = None
@@ -259,14 +259,14 @@ async def _handle_one(
                 name[:64], _jsonable(params) if isinstance(params, Mapping) else
                 {"unparseable": repr(params)[:500]}, rationale, incident_id=incident_id,
                 status="refused", host=host,
-            )  # fmt: skip
+            )
             await _audit(store, actor, "proposed", stored, rationale=rationale)
             await _audit(store, "policy", "refused", stored, code=refusal.code,
-                         reason=refusal.message)  # fmt: skip
+                         reason=refusal.message)
             if incident_id:
                 await store.add_timeline(incident_id, "action_refused",
                                          {"proposal": stored.id, "code": refusal.code,
-                                          "reason": refusal.message})  # fmt: skip
+                                          "reason": refusal.message})
             await store.notify_proposal(stored.id, "refused", code=refusal.code,
                                         reason=refusal.message)
             return stored
@@ -284,7 +284,7 @@ async def _handle_one(
                 )
                 if stored.merge_count > 0:
                     await _audit(store, actor, "merged", stored, merge_count=stored.merge_count,
-                                 from_incident=incident_id, rationale=rationale)  # fmt: skip
+                                 from_incident=incident_id, rationale=rationale)
                     return stored
             else:
                 stored = await store.add_proposal(
@@ -293,31 +293,31 @@ async def _handle_one(
                     risk=planned.risk.value, dry_run=planned.dry_run, host=host,
                 )
             await _audit(store, actor, "proposed", stored, rationale=rationale,
-                         risk=planned.risk.value, dry_run=planned.dry_run)  # fmt: skip
+                         risk=planned.risk.value, dry_run=planned.dry_run)
         else:
             await _audit(store, actor, "proposed", stored, rationale=rationale,
-                         risk=planned.risk.value, dry_run=planned.dry_run)  # fmt: skip
+                         risk=planned.risk.value, dry_run=planned.dry_run)
             await store.transition_proposal(stored.id, "pending", expected=("pending",),
-                                            risk=planned.risk.value, dry_run=planned.dry_run)  # fmt: skip
+                                            risk=planned.risk.value, dry_run=planned.dry_run)
             await _set_expiry(store, stored.id, time.time() + settings.actions.approval_ttl)
         if decision.verdict is Ruling.REFUSE:
             return await _refuse(store, stored, Refusal(decision.code, decision.reason), "policy")
         if decision.verdict is Ruling.WAIT:
             await _audit(store, "policy", "pending", stored, code=decision.code,
                          reason=decision.reason,
-                         expires_in=settings.actions.approval_ttl)  # fmt: skip
+                         expires_in=settings.actions.approval_ttl)
             if stored.incident_id:
                 await store.add_timeline(stored.incident_id, "action_pending",
                                          {"proposal": stored.id, "action": planned.name,
                                           "dry_run": planned.dry_run, "code": decision.code,
-                                          "reason": decision.reason})  # fmt: skip
+                                          "reason": decision.reason})
             await store.notify_proposal(stored.id, "pending", code=decision.code,
                                         reason=decision.reason)
             return await store.get_proposal(stored.id) or stored
         actor = "policy:" + decision.reason.rsplit(" ", 1)[-1]
         if stored.status == "pending":
             await store.transition_proposal(stored.id, "approved", expected=("pending",),
-                                            decided_by=actor)  # fmt: skip
+                                            decided_by=actor)
         await _audit(store, actor, "approved", stored, reason=decision.reason)
         if await runs_elsewhere(store, settings, stored.host):
             return await _dispatch(store, settings, await store.get_proposal(stored.id)
@@ -329,13 +329,13 @@ async def _handle_one(
 
 
 async def _run(store: Store, settings: Settings, planned: PlannedAction, p: Proposal,
-               on_result: ResultHook | None) -> Proposal:  # fmt: skip
+               on_result: ResultHook | None) -> Proposal:
     await _audit(store, "executor", "run", p, argv=planned.argv)
     try:
         result = await execute(planned, settings)
     except Refusal as refusal:  # the root helper's own checks said no
         result = ExecResult(exit_code=None, output="", duration=0.0,
-                            error=f"{refusal.code}: {refusal.message}")  # fmt: skip
+                            error=f"{refusal.code}: {refusal.message}")
     except Exception as exc:  # noqa: BLE001 - any executor bug must still close the record
         result = ExecResult(exit_code=None, output="", duration=0.0, error=f"executor: {exc!r}")
     status: ProposalStatus = "succeeded" if result.ok else "failed"
@@ -343,17 +343,17 @@ async def _run(store: Store, settings: Settings, planned: PlannedAction, p: Prop
     done = await store.record_action_result(
         p.id, status, ActionResult(exit_code=result.exit_code, output=output,
                                    duration=result.duration),
-    )  # fmt: skip
+    )
     final = done or p
     await _audit(store, "executor", "result", final, status=status, exit_code=result.exit_code,
                  duration=round(result.duration, 3), timed_out=result.timed_out,
-                 output=output[:1000])  # fmt: skip
+                 output=output[:1000])
     if p.incident_id:
         await store.add_timeline(p.incident_id, "action_result",
                                  {"proposal": p.id, "action": p.action, "status": status,
                                   "exit_code": result.exit_code,
                                   "duration": round(result.duration, 3),
-                                  "output": output[:1000]})  # fmt: skip
+                                  "output": output[:1000]})
         if status == "failed":
             await reopen_incident(store, p.incident_id, f"action {p.id} ({p.action}) failed")
     if on_result is not None:
@@ -393,7 +393,7 @@ async def expire_due(store: Store) -> list[Proposal]:
         await _audit(store, "policy", "expired", p)
         if p.incident_id:
             await store.add_timeline(p.incident_id, "action_expired",
-                                     {"proposal": p.id, "action": p.action})  # fmt: skip
+                                     {"proposal": p.id, "action": p.action})
     return expired
 
 
@@ -408,7 +408,7 @@ async def _pending(store: Store, proposal_id: str) -> Proposal:
 
 
 async def approve(store: Store, settings: Settings, proposal_id: str, approver: str, *,
-                  wait: float = 30.0, on_result: ResultHook | None = None) -> Proposal:  # fmt: skip
+                  wait: float = 30.0, on_result: ResultHook | None = None) -> Proposal:
     """Approve a pending proposal and run it (waiting up to ``wait`` seconds for it).
 
     The proposal is planned and screened again first: the catalog, protected units,
@@ -431,7 +431,7 @@ async def approve(store: Store, settings: Settings, proposal_id: str, approver: 
             p = await _refuse(store, p, refusal, actor)
             raise ActionError("refused", f"{refusal.code}: {refusal.message}", p) from None
         approved = await store.transition_proposal(p.id, "approved", expected=("pending",),
-                                                   decided_by=actor)  # fmt: skip
+                                                   decided_by=actor)
         if approved is None:
             raise ActionError("not_pending", f"action {p.id} was decided meanwhile")
         await _audit(store, actor, "approved", approved, dry_run=planned.dry_run)
@@ -453,13 +453,13 @@ async def reject(store: Store, proposal_id: str, approver: str, reason: str = ""
     p = await _pending(store, proposal_id)
     actor = f"admin:{approver}"
     done = await store.transition_proposal(p.id, "rejected", expected=("pending",),
-                                           decided_by=actor)  # fmt: skip
+                                           decided_by=actor)
     if done is None:
         raise ActionError("not_pending", f"action {p.id} was decided meanwhile")
     await _audit(store, actor, "rejected", done, reason=reason[:500])
     if p.incident_id:
         await store.add_timeline(p.incident_id, "action_rejected",
-                                 {"proposal": p.id, "action": p.action, "by": actor})  # fmt: skip
+                                 {"proposal": p.id, "action": p.action, "by": actor})
     return done
 
 

@@ -58,7 +58,7 @@ class GatewaySink:
         body = {"events": [e.model_dump(mode="json") for e in events]}
         await self.gateway.post_retrying("/v1/events", body,
                                          Backoff(self.retry_wait, self.retry_wait_max),
-                                         what=f"{len(events)} events", logger=log)  # fmt: skip
+                                         what=f"{len(events)} events", logger=log)
 
     async def aclose(self) -> None:
         await self.gateway.aclose()

@@ -32,7 +32,7 @@ HOST_SCHEMES = frozenset({
     "matrix", "matrixs", "ntfy", "ntfys", "mmost", "mmosts", "rocket", "rockets", "apprise",
     "apprises", "mqtt", "mqtts", "nctalk", "nctalks", "ncloud", "nclouds", "signal",
     "signals", "kodi", "kodis", "emby", "embys",
-})  # fmt: skip
+})
 _URL = re.compile(
     r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?:[^@/?#]*@)?"
     r"(?P<host>\[[0-9A-Fa-f:.]+\]|[^/:?#@\[\]]*)(?::(?P<port>[0-9]{1,5}))?(?=[/?#]|$)"
@@ -44,7 +44,7 @@ _NOT_SECRET = frozenset({
     "http", "https", "true", "false", "yes", "no", "post", "json", "html", "text",
     "markdown", "starttls", "ssl", "none", "localhost", "format", "mode", "from", "to",
     "method", "image", "overflow", "upstream",
-})  # fmt: skip
+})
 MIN_SECRET = 4
 
 
@@ -157,7 +157,7 @@ class Channel:
             "max_per_hour": self.max_per_hour, "quiet_action": self.quiet_action,
             "quiet_hours": None if self.quiet_hours is None else "-".join(
                 f"{m // 60:02d}:{m % 60:02d}" for m in self.quiet_hours),
-        }  # fmt: skip
+        }
 
 
 def parse_quiet_hours(spec: str | None) -> tuple[int, int] | None:
@@ -182,7 +182,7 @@ def _first_line(path: Path, what: str) -> str:
 
 
 def _channel(cfg: NotifyConfig, name: str, url: str,
-             c: NotifyChannelConfig | None = None) -> Channel:  # fmt: skip
+             c: NotifyChannelConfig | None = None) -> Channel:
     if "://" not in url:
         raise ChannelError(f"notify channel {name!r}: not a URL (expected scheme://…)")
     pick = (lambda own, default: default if own is None else own)  # noqa: E731
@@ -263,7 +263,7 @@ class SecretFilter(logging.Filter):
 SECRET_FILTER = SecretFilter()
 _LIBRARY_LOGGERS = ("urllib3", "urllib3.connectionpool", "urllib3.connection",
                     "urllib3.response", "urllib3.poolmanager", "urllib3.util.retry",
-                    "requests", "requests_oauthlib", "oauthlib", "markdown")  # fmt: skip
+                    "requests", "requests_oauthlib", "oauthlib", "markdown")
 _installed = False
 
 

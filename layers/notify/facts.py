@@ -18,7 +18,7 @@ from layers.events import SEVERITY_RANK, Severity
 OUTPUT_EXCERPT = 300
 
 INCIDENT_FIELDS = ("id", "title", "host", "unit", "rule", "category", "severity", "status",
-                   "opened_at", "resolved_at")  # fmt: skip
+                   "opened_at", "resolved_at")
 
 
 def at_least(severity: str | None, floor: Severity) -> Severity:

@@ -65,7 +65,7 @@ def _type(severity: str) -> str:
 
 
 def render(n: OutboxNotification, settings: Settings, *, suppressed: int = 0,
-           now: float | None = None) -> Message:  # fmt: skip
+           now: float | None = None) -> Message:
     now = time.time() if now is None else now
     d = n.detail
     base = dashboard_url(settings)
@@ -73,7 +73,7 @@ def render(n: OutboxNotification, settings: Settings, *, suppressed: int = 0,
     lines: list[str]
     if n.kind.startswith("incident."):
         verb = {"incident.opened": "opened", "incident.escalated": "escalated",
-                "incident.resolved": "resolved"}[n.kind]  # fmt: skip
+                "incident.resolved": "resolved"}[n.kind]
         title = f"[{sev}] Incident {verb}: {d.get('title')}"
         lines = [f"Host {d.get('host')}, unit {d.get('unit') or '-'}, rule {d.get('rule') or '-'}"]
         if n.kind == "incident.escalated":

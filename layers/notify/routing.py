@@ -32,7 +32,7 @@ RATE_WINDOW = 3600.0
 
 def wants(channel: Channel, n: OutboxNotification) -> bool:
     return (channel.enabled and n.kind in channel.kinds
-            and SEVERITY_RANK[n.severity] >= channel.min_rank)  # fmt: skip
+            and SEVERITY_RANK[n.severity] >= channel.min_rank)
 
 
 def dedupe_key(n: OutboxNotification) -> str:
@@ -57,7 +57,7 @@ def quiet_until(quiet: tuple[int, int] | None, now: float) -> float | None:
 
 
 def plan(channel: Channel, n: OutboxNotification, history: DeliveryHistory,
-         now: float) -> DeliveryPlan:  # fmt: skip
+         now: float) -> DeliveryPlan:
     """The delivery of ``n`` on ``channel`` (which wants it: see ``wants``)."""
     rank = SEVERITY_RANK[n.severity]
 

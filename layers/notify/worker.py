@@ -53,7 +53,7 @@ PRUNE_EVERY = 3600.0
 
 class NotifyWorker:
     def __init__(self, settings: Settings, store: Store, channels: Sequence[Channel],
-                 sender: Sender | None = None) -> None:  # fmt: skip
+                 sender: Sender | None = None) -> None:
         self.settings = settings
         self.cfg = settings.notify
         self.store = store

@@ -29,7 +29,7 @@ Transport = Literal["kernel", "journal", "stdout", "syslog"]
 FAILURE_CLASSES = (
     "oom", "disk_full", "crash_loop", "segfault", "io_error", "fs_error", "ssh_bruteforce",
     "nixos_activation", "timer_failed", "cert_expiry", "clock", "dns", "mount", "lockup",
-)  # fmt: skip
+)
 NON_FAULT_CLASSES = ("benign", "decoy", "control")
 
 
@@ -401,7 +401,7 @@ TEMPLATES: tuple[Template, ...] = (
        "BTRFS info (device {part}): scrub: finished on devid 1 with status: 0", count=3, **K),
     _n("control.reached_target", "control", "Reached target {target}.", count=3,
        split="reference"),
-)  # fmt: skip
+)
 
 BY_ID: dict[str, Template] = {t.id: t for t in TEMPLATES}
 assert len(BY_ID) == len(TEMPLATES), "template ids must be unique"
