@@ -239,3 +239,16 @@ async def test_the_agent_command_takes_and_runs_its_hosts_action_end_to_end(
         assert "agent of host hostc" in agent.log()
     finally:
         agent.stop()
+
+
+async def test_incidents_and_actions_filter_by_host(
+    server: tuple[str, Settings, Programs], server_store: Store
+) -> None:
+    url, settings, _ = server
+    a = await _pending_restart(server_store, settings, "hosta")
+    b = await _pending_restart(server_store, settings, "hostb")
+    async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+        incs = (await c.get("/v1/incidents", headers=ADMIN, params={"host": "hosta"})).json()
+        assert {i["host"] for i in incs["data"]} == {"hosta"}
+        acts = (await c.get("/v1/actions", headers=ADMIN, params={"host": "hostb"})).json()
+        assert [x["id"] for x in acts["data"]] == [b] and a != b

@@ -20,10 +20,11 @@ Status = Literal["open", "reviewed", "escalated", "resolved", "unreviewed"]
 async def list_incidents(
     request: Request,
     status: Annotated[list[Status] | None, Query()] = None,
+    host: Annotated[str | None, Query(max_length=255, description="only this host's")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict[str, Any]:
     store = pipeline(request).store
-    items = await store.list_incidents(status=status, limit=limit)
+    items = await store.list_incidents(status=status, host=host, limit=limit)
     return {"object": "list", "data": [{"object": "incident", **i.model_dump()} for i in items]}
 
 

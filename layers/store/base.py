@@ -435,12 +435,18 @@ class Store(abc.ABC):
         return [self._verdict(r) for r in rows]
 
     async def list_incidents(
-        self, *, status: Sequence[str] | None = None, limit: int = 100
+        self, *, status: Sequence[str] | None = None, host: str | None = None,
+        limit: int = 100,
     ) -> list[Incident]:
-        where, params = "", []
+        clauses: list[str] = []
+        params: list[Any] = []
         if status:
-            where = f"WHERE status IN ({','.join('?' * len(status))})"
-            params = list(status)
+            clauses.append(f"status IN ({','.join('?' * len(status))})")
+            params += list(status)
+        if host is not None:
+            clauses.append("host = ?")
+            params.append(host)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         async with self.tx() as tx:
             rows = await tx.execute(
                 f"SELECT * FROM incidents {where} ORDER BY updated_at DESC LIMIT ?",
