@@ -43,7 +43,6 @@ class Daemon:
     async def run(self) -> None:
         s = self.settings
         store = await open_store(s)
-        store.incident_window = s.pipeline.incident_window
         layers = LayerClients(s)
         memory: Memory | None = None
         if s.memory.enabled and s.fleet.role != "agent":

@@ -74,7 +74,6 @@ class PipelineService:
         cfg = self.settings.pipeline
         prefilter = Prefilter(load_rules(cfg.rules_file), debounce=cfg.debounce)
         self._store = await open_store(self.settings)
-        self._store.incident_window = cfg.incident_window
         self.bus.last_seq = await self._latest_seq()
         self.trigger = TriggerStage(
             self.settings, self._store, self.layers["trigger"], prefilter, self.bus

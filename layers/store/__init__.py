@@ -56,5 +56,6 @@ async def open_store(settings: Settings) -> Store:
     """Open (and migrate) the configured store."""
     store = make_store(settings.store.url, settings.state_dir)
     store.work_lease = settings.store.work_lease
+    store.incident_window = settings.pipeline.incident_window
     await store.open()
     return store

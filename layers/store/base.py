@@ -288,19 +288,10 @@ class Store(abc.ABC):
     async def recent_events(
         self, *, host: str | None = None, unit: str | None = None, limit: int = 20
     ) -> list[StoredEvent]:
-        where: list[str] = ["1 = 1"]
-        params: list[Any] = []
-        if host is not None:
-            where.append("host = ?")
-            params.append(host)
-        if unit is not None:
-            where.append("unit = ?")
-            params.append(unit)
+        w = Where().eq("host", host).eq("unit", unit)
         async with self.tx() as tx:
-            rows = await tx.execute(
-                f"SELECT * FROM events WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?",
-                (*params, limit),
-            )
+            rows = await tx.execute(f"SELECT * FROM events {w.sql} ORDER BY seq DESC LIMIT ?",
+                                    (*w.params, limit))
         return [self._event(r) for r in reversed(rows)]
 
     # -- verdicts and incidents -------------------------------------------------------
@@ -409,48 +400,30 @@ class Store(abc.ABC):
         host: str | None = None,
         anomalies_only: bool = False,
     ) -> list[Verdict]:
-        where: list[str] = ["seq > ?"]
-        params: list[Any] = [after]
-        if min_severity is not None:
-            where.append("severity_rank >= ?")
-            params.append(SEVERITY_RANK[min_severity])
-        if host is not None:
-            where.append("host = ?")
-            params.append(host)
-        if anomalies_only:
-            where.append("anomaly = 1")
+        w = (Where("seq > ?", params=[after])
+             .at_least("severity_rank", SEVERITY_RANK[min_severity] if min_severity else None)
+             .eq("host", host).when(anomalies_only, "anomaly = 1"))
         async with self.tx() as tx:
-            rows = await tx.execute(
-                f"SELECT * FROM verdicts WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?",
-                (*params, limit),
-            )
+            rows = await tx.execute(f"SELECT * FROM verdicts {w.sql} ORDER BY seq LIMIT ?",
+                                    (*w.params, limit))
         return [self._verdict(r) for r in rows]
 
     async def recent_verdicts(self, limit: int = 20, *, anomalies_only: bool = True) -> list[Verdict]:
-        where = "WHERE anomaly = 1" if anomalies_only else ""
+        w = Where().when(anomalies_only, "anomaly = 1")
         async with self.tx() as tx:
-            rows = await tx.execute(
-                f"SELECT * FROM verdicts {where} ORDER BY seq DESC LIMIT ?", (limit,)
-            )
+            rows = await tx.execute(f"SELECT * FROM verdicts {w.sql} ORDER BY seq DESC LIMIT ?",
+                                    (limit,))
         return [self._verdict(r) for r in rows]
 
     async def list_incidents(
         self, *, status: Sequence[str] | None = None, host: str | None = None,
         limit: int = 100,
     ) -> list[Incident]:
-        clauses: list[str] = []
-        params: list[Any] = []
-        if status:
-            clauses.append(f"status IN ({','.join('?' * len(status))})")
-            params += list(status)
-        if host is not None:
-            clauses.append("host = ?")
-            params.append(host)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        w = Where().among("status", status).eq("host", host)
         async with self.tx() as tx:
             rows = await tx.execute(
-                f"SELECT * FROM incidents {where} ORDER BY updated_at DESC LIMIT ?",
-                (*params, limit),
+                f"SELECT * FROM incidents {w.sql} ORDER BY updated_at DESC LIMIT ?",
+                (*w.params, limit),
             )
         return [self._incident(r) for r in rows]
 
@@ -702,22 +675,11 @@ class Store(abc.ABC):
         host: str | None = None,
         limit: int = 100,
     ) -> list[Proposal]:
-        where: list[str] = ["1 = 1"]
-        params: list[Any] = []
-        if status:
-            where.append(f"status IN ({','.join('?' * len(status))})")
-            params.extend(status)
-        if incident_id is not None:
-            where.append("incident_id = ?")
-            params.append(incident_id)
-        if host is not None:
-            where.append("host = ?")
-            params.append(host)
+        w = Where().among("status", status).eq("incident_id", incident_id).eq("host", host)
         async with self.tx() as tx:
             rows = await tx.execute(
-                f"SELECT * FROM proposals WHERE {' AND '.join(where)} "
-                "ORDER BY created_at DESC LIMIT ?",
-                (*params, limit),
+                f"SELECT * FROM proposals {w.sql} ORDER BY created_at DESC LIMIT ?",
+                (*w.params, limit),
             )
         return [self._proposal(r) for r in rows]
 
@@ -846,18 +808,10 @@ class Store(abc.ABC):
         self, *, since: float, action: str | None = None, unit: str | None = None
     ) -> int:
         """Runs started since ``since`` (status running/succeeded/failed), for rate limits."""
-        where: list[str] = ["status IN ('running','succeeded','failed')", "updated_at >= ?"]
-        params: list[Any] = [since]
-        if action is not None:
-            where.append("action = ?")
-            params.append(action)
-        if unit is not None:
-            where.append("unit = ?")
-            params.append(unit)
+        w = (Where("status IN ('running','succeeded','failed')", "updated_at >= ?",
+                   params=[since]).eq("action", action).eq("unit", unit))
         async with self.tx() as tx:
-            rows = await tx.execute(
-                f"SELECT COUNT(*) AS n FROM proposals WHERE {' AND '.join(where)}", params
-            )
+            rows = await tx.execute(f"SELECT COUNT(*) AS n FROM proposals {w.sql}", w.params)
         return int(rows[0]["n"])
 
     # -- audit log (append-only) -----------------------------------------------------
@@ -881,19 +835,10 @@ class Store(abc.ABC):
         subject: str | None = None,
         limit: int = 100,
     ) -> list[AuditEntry]:
-        where: list[str] = ["seq > ?"]
-        params: list[Any] = [after]
-        if kind is not None:
-            where.append("kind = ?")
-            params.append(kind)
-        if subject is not None:
-            where.append("subject = ?")
-            params.append(subject)
+        w = Where("seq > ?", params=[after]).eq("kind", kind).eq("subject", subject)
         async with self.tx() as tx:
-            rows = await tx.execute(
-                f"SELECT * FROM audit WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?",
-                (*params, limit),
-            )
+            rows = await tx.execute(f"SELECT * FROM audit {w.sql} ORDER BY seq LIMIT ?",
+                                    (*w.params, limit))
         return [self._audit(r) for r in rows]
 
     # -- cursors (journald cursor, stream consumers) ------------------------------------
@@ -1290,6 +1235,42 @@ class Store(abc.ABC):
             seq=r["seq"], ts=r["ts"], actor=r["actor"], kind=r["kind"], subject=r["subject"],
             detail=json.loads(r["detail"]),
         )
+
+
+class Where:
+    """A WHERE clause built from optional filters: each condition skipped when its value
+    is None (or an empty list), values always passed as parameters, never in the SQL."""
+
+    def __init__(self, *fixed: str, params: Sequence[Any] = ()) -> None:
+        self.clauses: list[str] = list(fixed)
+        self.params: list[Any] = list(params)
+
+    def eq(self, column: str, value: Any) -> Where:
+        if value is not None:
+            self.clauses.append(f"{column} = ?")
+            self.params.append(value)
+        return self
+
+    def at_least(self, column: str, value: Any) -> Where:
+        if value is not None:
+            self.clauses.append(f"{column} >= ?")
+            self.params.append(value)
+        return self
+
+    def among(self, column: str, values: Sequence[Any] | None) -> Where:
+        if values:
+            self.clauses.append(f"{column} IN ({','.join('?' * len(values))})")
+            self.params.extend(values)
+        return self
+
+    def when(self, flag: bool, clause: str) -> Where:
+        if flag:
+            self.clauses.append(clause)
+        return self
+
+    @property
+    def sql(self) -> str:
+        return "WHERE " + " AND ".join(self.clauses) if self.clauses else ""
 
 
 def _chunks(items: Sequence[Any], n: int) -> list[list[Any]]:
