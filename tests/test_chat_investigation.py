@@ -36,7 +36,12 @@ from layers.pipeline import prompts
 from layers.pipeline.investigation import asked_changes, named_units
 from tests.fake_upstream import FakeUpstream
 from tests.support import free_port, llama_server
-from tests.test_evidence import Programs, assert_only_reads_ran, make_programs
+from tests.test_evidence import (
+    Programs,
+    assert_only_reads_ran,
+    fake_layer_settings,
+    make_programs,
+)
 
 USER_KEY = "sk-user-chat"
 ADMIN_KEY = "sk-admin-chat"
@@ -145,18 +150,8 @@ def layer() -> Iterator[ChatLayer]:
 
 def chat_settings(tmp: Path, port: int, progs: Programs, *, autonomy: str = "suggest",
                   **gateway: Any) -> Settings:
-    actions: dict[str, Any] = {"search_path": progs.search_path, "unit_check": "never",
-                               "autonomy": autonomy}
-    if autonomy == "auto-full":
-        actions["allow_auto_full"] = True
-    return Settings.model_validate({
-        "state_dir": str(tmp / "state"), "memory": {"enabled": False},
-        "layers": {n: {"port": port, "managed": False, "parallel": 2}
-                   for n in ("trigger", "review", "meta")},
-        "actions": actions,
-        "gateway": {"api_keys": [USER_KEY], "admin_key": ADMIN_KEY, "task_layer": None,
-                    **gateway},
-    })
+    return fake_layer_settings(tmp, port, progs, autonomy=autonomy, gateway={
+        "api_keys": [USER_KEY], "admin_key": ADMIN_KEY, "task_layer": None, **gateway})
 
 
 @pytest.fixture

@@ -269,8 +269,9 @@ def adversary() -> Iterator[AdversarialLayer]:
     layer.stop()
 
 
-def loop_settings(tmp: Path, port: int, progs: Programs, *, autonomy: str = "suggest",
-                  **pipeline: Any) -> Settings:
+def fake_layer_settings(tmp: Path, port: int, progs: Programs, *, autonomy: str = "suggest",
+                        **sections: Any) -> Settings:
+    """Every layer on one fake server at ``port``, actions through the stand-ins."""
     actions: dict[str, Any] = {"search_path": progs.search_path, "unit_check": "never",
                                "autonomy": autonomy}
     if autonomy == "auto-full":
@@ -279,9 +280,14 @@ def loop_settings(tmp: Path, port: int, progs: Programs, *, autonomy: str = "sug
         "state_dir": str(tmp / "state"), "memory": {"enabled": False},
         "layers": {n: {"port": port, "managed": False, "parallel": 2}
                    for n in ("trigger", "review", "meta")},
-        "actions": actions,
-        "pipeline": {"layer_retries": 1, "evidence_steps": 3, **pipeline},
+        "actions": actions, **sections,
     })
+
+
+def loop_settings(tmp: Path, port: int, progs: Programs, *, autonomy: str = "suggest",
+                  **pipeline: Any) -> Settings:
+    return fake_layer_settings(tmp, port, progs, autonomy=autonomy, pipeline={
+        "layer_retries": 1, "evidence_steps": 3, **pipeline})
 
 
 async def escalated_incident(store: Store, message: str = EVENT,
