@@ -75,15 +75,18 @@ def test_layer_killed_mid_stream_gives_error_event_and_gateway_stays_up(
 ) -> None:
     layer, port = real_layer
     gw, url = gateway(port)
+    # Temperature 0 and the kill at the first chunk: sampled, the base model sometimes
+    # ended its turn (a stop string) within three chunks, and the stream finished
+    # cleanly before the kill (a flaky "did not raise").
     stream = sdk(url).chat.completions.create(model="meta", messages=LONG, max_tokens=400,
-                                              stream=True)
+                                              stream=True, temperature=0)
     got = 0
     with pytest.raises(openai.APIError) as exc:
         for _chunk in stream:
             got += 1
-            if got == 3:
+            if got == 1:
                 os.kill(layer.pid, signal.SIGKILL)
-    assert got >= 3
+    assert got >= 1
     assert "broke off" in str(exc.value) or "ended the stream early" in str(exc.value)
     assert gw.popen is not None and gw.popen.poll() is None
     assert httpx.get(f"{url}/health").json() == {"status": "ok"}
