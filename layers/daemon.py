@@ -42,7 +42,7 @@ class Daemon:
 
     async def run(self) -> None:
         s = self.settings
-        store = await open_store(s)
+        store = await open_store(s, worker="daemon")
         layers = LayerClients(s)
         memory: Memory | None = None
         if s.memory.enabled and s.fleet.role != "agent":

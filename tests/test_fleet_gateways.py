@@ -51,9 +51,10 @@ TEMPLATES = (
 )
 
 
-def _wait_for_two_workers(db: str, pid_b: int, timeout: float = 60.0) -> list[str]:
-    """Wait until both gateways hold leases; the ids of events gateway B (process
-    ``pid_b``) holds that are not yet decided: what it will die holding."""
+def _wait_for_two_workers(db: str, port_b: int, timeout: float = 60.0) -> list[str]:
+    """Wait until both gateways hold leases; the ids of events gateway B (the one on
+    ``port_b``: its lease owner is ``host:gateway:port``) holds that are not yet decided:
+    what it will die holding."""
     import psycopg
 
     deadline = time.monotonic() + timeout
@@ -63,7 +64,7 @@ def _wait_for_two_workers(db: str, pid_b: int, timeout: float = 60.0) -> list[st
                 "SELECT lease_owner, id FROM events WHERE lease_owner IS NOT NULL AND state"
                 " NOT IN ('classified', 'dropped')").fetchall()
         owners = {r[0] for r in rows}
-        held = [r[1] for r in rows if f":{pid_b}:" in r[0]]
+        held = [r[1] for r in rows if r[0].endswith(f":gateway:{port_b}")]
         if len(owners) >= 2 and held:
             return held
         time.sleep(0.1)
@@ -93,7 +94,7 @@ async def test_two_gateways_share_work_once_and_a_killed_one_loses_nothing(
                 r = c.post(f"{url}/v1/events", headers=KEY, json={"events": [_event(i)]})
                 assert r.status_code == 200, r.text
                 accepted.append(f"fleet-{i}")
-            held_by_b = _wait_for_two_workers(db, gw_b.pid)  # B holds some of the work…
+            held_by_b = _wait_for_two_workers(db, int(url_b.rsplit(':', 1)[1]))  # B holds some of the work…
             gw_b.stop(signal.SIGKILL)  # …and dies with it
             for i in range(EVENTS, EVENTS + 6):  # load goes on, on A alone
                 r = c.post(f"{url_a}/v1/events", headers=KEY, json={"events": [_event(i)]})

@@ -1,8 +1,8 @@
-"""Issue 9, disk full: the SQLite store on a 2 MiB tmpfs that fills up. Events are then
+"""Issue 9, disk full: the SQLite store on a 3 MiB tmpfs that fills up. Events are then
 refused with a clear 503 (never a 500), nothing already stored is corrupted or lost, and
 intake resumes on its own once there is space again.
 
-A real filesystem runs out of space: ``mount -t tmpfs -o size=2m`` (needs root, which
+A real filesystem runs out of space: ``mount -t tmpfs -o size=3m`` (needs root, which
 this sandbox and CI have; the test skips, saying why, when it cannot mount)."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     mnt.mkdir()
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)],
                           capture_output=True, text=True, check=False)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
@@ -59,7 +59,7 @@ def test_disk_full_refuses_events_with_503_and_keeps_the_store_intact(
                 continue
             refused = r
             break
-        assert refused is not None, "2 MiB never filled up"
+        assert refused is not None, "3 MiB never filled up"
         assert refused.status_code == 503, refused.text
         assert refused.headers["retry-after"]
         err = refused.json()["error"]
@@ -87,5 +87,7 @@ def test_disk_full_refuses_events_with_503_and_keeps_the_store_intact(
         conn.close()
     stored = {r[0] for r in store_rows(db, "SELECT id FROM events")}
     assert acked <= stored, f"{len(acked - stored)} acknowledged events lost"
+    # Enough accepted before the disk filled for the check to mean something (3 MiB: the
+    # fleet's lease columns and hosts table made 2 MiB fill after 70-90 events).
     assert len(acked) >= 100
     print(f"\nFIGURE diskfull: acked={len(acked)} stored={len(stored)} lost=0 integrity=ok")

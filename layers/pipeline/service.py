@@ -73,7 +73,7 @@ class PipelineService:
     async def start(self) -> None:
         cfg = self.settings.pipeline
         prefilter = Prefilter(load_rules(cfg.rules_file), debounce=cfg.debounce)
-        self._store = await open_store(self.settings)
+        self._store = await open_store(self.settings, worker="gateway")
         self.bus.last_seq = await self._latest_seq()
         self.trigger = TriggerStage(
             self.settings, self._store, self.layers["trigger"], prefilter, self.bus

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 from layers.config import Settings
@@ -52,9 +53,14 @@ def make_store(url: str, state_dir: Path) -> Store:
     raise StoreError(f"store.url {url!r}: expected sqlite:///path or postgresql://…")
 
 
-async def open_store(settings: Settings) -> Store:
-    """Open (and migrate) the configured store."""
+async def open_store(settings: Settings, worker: str | None = None) -> Store:
+    """Open (and migrate) the configured store. ``worker`` names the process that leases
+    work in it (``gateway``, ``daemon``): with this host and the gateway's port its lease
+    owner is the same after a restart, so a gateway killed and started again takes its
+    own leased work back at once instead of waiting for the lease to run out."""
     store = make_store(settings.store.url, settings.state_dir)
+    if worker is not None:
+        store.worker_id = f"{socket.gethostname()}:{worker}:{settings.gateway.port}"
     store.work_lease = settings.store.work_lease
     store.incident_window = settings.pipeline.incident_window
     await store.open()

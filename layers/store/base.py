@@ -229,18 +229,28 @@ class Store(abc.ABC):
         """Up to ``limit`` events in ``state``, oldest first, leased to this worker for
         ``work_lease`` seconds: several gateways (or daemons) on one store each take
         different events, and a dead one's are taken over when its lease runs out. This
-        worker's own leases are its to take again (work it left after a failure)."""
+        worker's own leases are its to take again (work it left after a failure); they
+        are only written again when half their time is gone, so a worker waiting on a
+        layer that is down does not rewrite its rows at every retry."""
         now = time.time()
+        me = self.worker_id
         async with self.tx() as tx:
             rows = await tx.execute(
-                "UPDATE events SET lease_owner = ?, lease_state = ?, lease_until = ? WHERE seq IN"
-                " (SELECT seq FROM events WHERE state = ? AND (lease_until IS NULL OR"
+                "SELECT * FROM events WHERE state = ? AND (lease_until IS NULL OR"
                 " lease_until < ? OR lease_owner = ? OR lease_state <> ?) ORDER BY seq LIMIT ?"
-                f"{self._skip_locked()}) RETURNING *",
-                (self.worker_id, state, now + self.work_lease, state, now, self.worker_id, state,
-                 limit),
+                f"{self._skip_locked()}",
+                (state, now, me, state, limit),
             )
-        return sorted((self._event(r) for r in rows), key=lambda e: e.seq)
+            renew = [r["seq"] for r in rows
+                     if not (r["lease_owner"] == me and r["lease_state"] == state
+                             and (r["lease_until"] or 0.0) > now + self.work_lease / 2)]
+            for chunk in _chunks(renew, 500):
+                await tx.execute(
+                    "UPDATE events SET lease_owner = ?, lease_state = ?, lease_until = ? WHERE"
+                    f" seq IN ({','.join('?' * len(chunk))})",
+                    (me, state, now + self.work_lease, *chunk),
+                )
+        return [self._event(r) for r in rows]
 
     async def events_in_state(self, state: str, limit: int = 500) -> list[StoredEvent]:
         async with self.tx() as tx:
