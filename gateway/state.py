@@ -1,7 +1,9 @@
-"""Everything a running gateway holds: settings, keys, layer clients, metrics, context.
+"""Everything a running gateway holds: settings, keys, layer clients, metrics, context,
+the chat gate, the task detector and the store. Every attribute is declared here; routes
+reach the store only through :func:`store_of` (or :func:`request_store`).
 
-Stages added later (store, pipeline, actions) attach here and are started and closed
-with the app's lifespan.
+Stages added later (pipeline, notify, alertmanager) hook into ``on_start``/``on_close``
+and are started and closed with the app's lifespan.
 """
 
 from __future__ import annotations
@@ -11,8 +13,12 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
+from fastapi import Request
+
 from gateway.auth import KeyRing
+from gateway.bounds import ChatGate
 from gateway.metrics import GatewayMetrics
+from gateway.tasks import TaskDetector
 from layers.client import LayerClients
 from layers.config import Settings
 from layers.context import ContextSource, HostFacts
@@ -31,6 +37,10 @@ class GatewayState:
         self.keys = KeyRing(settings)
         self.layers = LayerClients(settings)
         self.metrics = GatewayMetrics()
+        # Built from the settings once, here: one gate (one count of running chats) and one
+        # detector per gateway.
+        self.chat_gate = ChatGate.from_config(settings.gateway)
+        self.task_detector = TaskDetector(settings.gateway.task_patterns)
         self.context_sources: list[ContextSource] = [HostFacts()]
         # The in-process layer supervisor when started by `ai-sysadmin run`; None when the
         # layers run elsewhere (systemd, `layers serve`): layer control then answers 409.
@@ -39,10 +49,12 @@ class GatewayState:
         self.on_start: list[Callable[[], Awaitable[None]]] = []
         self.on_close: list[Callable[[], Awaitable[None]]] = []
         self._tasks: list[asyncio.Task[None]] = []
-        # The store: the pipeline's when a stage attached one (``store``), else one opened
-        # on first use by :func:`store_of` (``actions_store``).
+        # The one store: the pipeline's, put here by its start hook (gateway/routes/events.py);
+        # without a pipeline, opened on first use by :func:`store_of` and closed with the
+        # gateway. Read it through store_of, which waits on ``store_lock`` so that concurrent
+        # first uses open it once.
         self.store: Store | None = None
-        self.actions_store: Store | None = None
+        self.store_lock = asyncio.Lock()
         self.hosts: Hosts | None = None  # fleet host keys, on the store (host_keys)
 
     async def start(self) -> None:
@@ -85,22 +97,23 @@ class GatewayState:
             await asyncio.sleep(interval)
 
 
-_open_lock = asyncio.Lock()
-
-
 async def store_of(gw: GatewayState) -> Store:
-    """The gateway's store: the one a stage attached, else opened here once (and closed
-    with the gateway)."""
-    existing = gw.store or gw.actions_store
-    if existing is not None:
-        return existing
-    async with _open_lock:
-        if gw.actions_store is None:
+    """The gateway's store: the pipeline's, else opened here once (and closed with the
+    gateway)."""
+    if gw.store is not None:
+        return gw.store
+    async with gw.store_lock:
+        if gw.store is None:
             opened = await open_store(gw.settings)
-            gw.actions_store = opened
+            gw.store = opened
             gw.on_close.append(opened.close)
-    assert gw.actions_store is not None
-    return gw.actions_store
+        return gw.store
+
+
+async def request_store(request: Request) -> Store:
+    """The store of the gateway serving ``request`` (for routes)."""
+    gw: GatewayState = request.app.state.gw
+    return await store_of(gw)
 
 
 async def host_keys(gw: GatewayState) -> Hosts:

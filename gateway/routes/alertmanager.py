@@ -21,7 +21,7 @@ from gateway.auth import authenticate
 from gateway.body import parse_json_object, read_body, validate
 from gateway.errors import OpenAIError
 from gateway.routes.events import pipeline
-from gateway.state import GatewayState
+from gateway.state import GatewayState, store_of
 from layers.alertmanager import SUPPORTED_VERSION, AlertIntake, Notification
 
 log = logging.getLogger("ai_sysadmin.gateway")
@@ -60,7 +60,7 @@ def install(app: FastAPI) -> None:
 
     async def start() -> None:
         service = app.state.pipeline
-        intake = AlertIntake(gw.settings, service.store, service.bus, service.intake)
+        intake = AlertIntake(gw.settings, await store_of(gw), service.bus, service.intake)
         app.state.alertmanager = intake
         tasks.append(asyncio.create_task(intake.follow(), name="alertmanager-resolver"))
 

@@ -26,7 +26,6 @@ from gateway.routes.openai import (
     LAYER_HEADER,
     MAX_TOKENS_HEADER,
     STREAM_HEADERS,
-    _chat_gate,
     _gw,
     bound_generation,
     chat_watch,
@@ -61,7 +60,7 @@ async def create_response(request: Request) -> Response:
     watch = chat_watch(gw, pool, chat, req.stream, req.stream)
     if gw.settings.gateway.log_level == "debug":
         log.debug("responses %s → %s: %s", req.model, pool.name, json.dumps(chat)[:2000])
-    gate = _chat_gate(gw)
+    gate = gw.chat_gate
     upstream = await open_upstream(gw, pool, "/chat/completions", chat, req.model,
                                    route=ROUTE, gate=gate)
     extra = {LAYER_HEADER: pool.name, **headers}
