@@ -19,6 +19,7 @@ from gateway.auth import KeyRing
 from gateway.bounds import ChatGate
 from gateway.metrics import GatewayMetrics
 from gateway.tasks import TaskDetector
+from layers.actions.service import ActionRuns
 from layers.client import LayerClients
 from layers.config import Settings
 from layers.context import ContextSource, HostFacts
@@ -41,6 +42,9 @@ class GatewayState:
         # detector per gateway.
         self.chat_gate = ChatGate.from_config(settings.gateway)
         self.task_detector = TaskDetector(settings.gateway.task_patterns)
+        # This process's action runs (run lock, approved actions still running): shared by
+        # the approvals API and chat investigations.
+        self.action_runs = ActionRuns()
         self.context_sources: list[ContextSource] = [HostFacts()]
         # The in-process layer supervisor when started by `ai-sysadmin run`; None when the
         # layers run elsewhere (systemd, `layers serve`): layer control then answers 409.

@@ -102,7 +102,7 @@ async def _decide(request: Request, action_id: str, body: DecisionBody | None,
     try:
         if verb == "approve":
             p = await service.approve(store, gw.settings, action_id, body.approver,
-                                      wait=body.wait)
+                                      runs=gw.action_runs, wait=body.wait)
         else:
             p = await service.reject(store, action_id, body.approver, body.reason)
     except service.ActionError as exc:
