@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 
@@ -26,6 +27,11 @@ from layers.context import ContextSource, HostFacts
 from layers.store import Store, open_store
 from layers.store.hosts import Hosts
 from layers.supervisor import Supervisor
+
+if TYPE_CHECKING:  # the stages' modules import the gateway's routes' helpers
+    from layers.alertmanager import AlertIntake
+    from layers.notify.worker import NotifyService
+    from layers.pipeline.service import PipelineService
 
 log = logging.getLogger("ai_sysadmin.gateway")
 
@@ -60,6 +66,13 @@ class GatewayState:
         self.store: Store | None = None
         self.store_lock = asyncio.Lock()
         self.hosts: Hosts | None = None  # fleet host keys, on the store (host_keys)
+        # The stages, set when they install themselves with the app (gateway/routes/events.py,
+        # notify.py, alertmanager.py; the alert intake when it starts, on the store); None
+        # in a gateway built without them.
+        self.pipeline: PipelineService | None = None
+        self.notify: NotifyService | None = None
+        self.alertmanager: AlertIntake | None = None
+        self.alertmanager_keys: list[bytes] = []  # keys that may post alerts
 
     async def start(self) -> None:
         if self.keys.open_to_loopback:

@@ -83,7 +83,7 @@ async def overview(request: Request) -> dict[str, Any]:
     """What the page needs to start: where the verdict stream stands, and what the key
     and this process allow."""
     gw: GatewayState = request.app.state.gw
-    pipeline = getattr(request.app.state, "pipeline", None)
+    pipeline = gw.pipeline
     last_seq = int(pipeline.bus.last_seq) if pipeline is not None else 0
     return {
         "object": "dashboard",

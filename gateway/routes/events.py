@@ -40,7 +40,7 @@ def install(app: FastAPI) -> None:
     """Attach the pipeline (store, trigger stage, context source) to the gateway."""
     gw: GatewayState = app.state.gw
     service = PipelineService(gw.settings, gw.layers)
-    app.state.pipeline = service
+    gw.pipeline = service
 
     async def start() -> None:
         await service.start()
@@ -57,8 +57,10 @@ def install(app: FastAPI) -> None:
 
 
 def pipeline(request: Request) -> PipelineService:
-    service: PipelineService = request.app.state.pipeline
-    return service
+    gw: GatewayState = request.app.state.gw
+    if gw.pipeline is None:
+        raise RuntimeError("the pipeline is not installed")
+    return gw.pipeline
 
 
 @router.post("/v1/events", dependencies=[Depends(require_key_or_host)])

@@ -23,7 +23,7 @@ def install(app: FastAPI) -> None:
     """Start the delivery worker on the gateway's store (after the pipeline opened it)."""
     gw: GatewayState = app.state.gw
     service = NotifyService(gw.settings)
-    app.state.notify = service
+    gw.notify = service
 
     async def start() -> None:
         await service.start(await store_of(gw))
@@ -34,8 +34,10 @@ def install(app: FastAPI) -> None:
 
 
 def _service(request: Request) -> NotifyService:
-    service: NotifyService = request.app.state.notify
-    return service
+    gw: GatewayState = request.app.state.gw
+    if gw.notify is None:
+        raise RuntimeError("the notification service is not installed")
+    return gw.notify
 
 
 @router.get("/v1/notify/channels", dependencies=[Depends(require_key)])
