@@ -1,6 +1,8 @@
 """Everything a running gateway holds: settings, keys, layer clients, metrics, context,
-the chat gate, the task detector and the store. Every attribute is declared here; routes
-reach the store only through :func:`store_of` (or :func:`request_store`).
+the chat gate, the task detector, the action runs, the store and the stages (pipeline,
+notifications, alert intake). Every attribute is declared here, nothing is set on the app's
+untyped ``app.state`` but ``gw`` itself; routes reach the store only through
+:func:`store_of` (or :func:`request_store`).
 
 Stages added later (pipeline, notify, alertmanager) hook into ``on_start``/``on_close``
 and are started and closed with the app's lifespan.
@@ -12,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
 
 from fastapi import Request
 
@@ -21,17 +22,15 @@ from gateway.bounds import ChatGate
 from gateway.metrics import GatewayMetrics
 from gateway.tasks import TaskDetector
 from layers.actions.service import ActionRuns
+from layers.alertmanager import AlertIntake
 from layers.client import LayerClients
 from layers.config import Settings
 from layers.context import ContextSource, HostFacts
+from layers.notify.worker import NotifyService
+from layers.pipeline.service import PipelineService
 from layers.store import Store, open_store
 from layers.store.hosts import Hosts
 from layers.supervisor import Supervisor
-
-if TYPE_CHECKING:  # the stages' modules import the gateway's routes' helpers
-    from layers.alertmanager import AlertIntake
-    from layers.notify.worker import NotifyService
-    from layers.pipeline.service import PipelineService
 
 log = logging.getLogger("ai_sysadmin.gateway")
 
