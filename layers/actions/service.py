@@ -12,10 +12,6 @@ Entry point for the pipeline's meta stage::
         on_result: Callable[[Proposal], Awaitable[None]] | None = None,
     ) -> list[Proposal]
 
-``runs`` is the process's :class:`ActionRuns` (its run lock and the approved actions
-still running), held by whoever runs the loop: the gateway (``GatewayState.action_runs``)
-or the daemon. Every call in one process passes the same one.
-
 ``proposals`` may be the records ``Store.record_decision`` just stored (status
 ``pending``, not yet screened) or raw proposals (``ProposedAction`` or plain dicts with
 exactly ``action``, ``params``, ``rationale``). Each one ends in exactly one of:
@@ -32,6 +28,10 @@ exactly ``action``, ``params``, ``rationale``). Each one ends in exactly one of:
   ``on_result`` (the memory hook).
 
 Nothing from a proposal is "fixed up": it is used exactly as given or refused.
+
+``runs`` is the process's :class:`ActionRuns` (its run lock and the approved actions
+still running), held by whoever runs the loop: the gateway (``GatewayState.action_runs``)
+or the daemon. Every call in one process passes the same one.
 """
 
 from __future__ import annotations
