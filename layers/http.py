@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from layers.errors import Unavailable
+
 # llama-server (cpp-httplib) closes a keep-alive connection after 5 s idle; one idle
 # longer than this is not reused, so a request rarely meets a connection being closed.
 IDLE_REUSE_SECONDS = 4.0
@@ -39,7 +41,7 @@ READ_SIZE = 64 * 1024
 SPARE_CONNECT_TIMEOUT = 5.0
 
 
-class HTTPError(Exception):
+class HTTPError(Unavailable):
     """Any failure to get an answer over HTTP."""
 
 

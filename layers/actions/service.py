@@ -58,6 +58,7 @@ from layers.actions.policy import (
     evidence_units,
 )
 from layers.config import Settings
+from layers.errors import Refused
 from layers.events import ActionResult, Proposal, ProposalStatus, ProposedAction
 from layers.store import Store
 
@@ -96,7 +97,7 @@ class ActionRuns:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
 
-class ActionError(Exception):
+class ActionError(Refused):
     """An approval request that cannot be honoured; ``code`` says why."""
 
     def __init__(self, code: str, message: str, proposal: Proposal | None = None) -> None:
