@@ -122,11 +122,11 @@ async def _latencies(store: Any, writer: Any, receiver: Receiver, n: int,
     for i in range(n):
         ev = Event(id=f"{tag}-{i}", host="bench", source="journald", unit=f"{tag}{i}.service",
                    priority=3, message=f"{tag}{i}.service: Main process exited, status=1/FAILURE")
-        await writer.add_events([ev])
-        [stored] = [e for e in await writer.events_in_state("new", 50) if e.id == ev.id]
-        await writer.mark_prefiltered([Prefiltered(stored.seq, True, f"fp-{ev.id}", "unit_failed")])
-        [cand] = [e for e in await writer.events_in_state("candidate", 50) if e.id == ev.id]
-        [verdict] = await writer.record_verdicts([VerdictInput(cand, True, "critical", "service",
+        await writer.events.add([ev])
+        [stored] = [e for e in await writer.events.in_state("new", 50) if e.id == ev.id]
+        await writer.events.mark_prefiltered([Prefiltered(stored.seq, True, f"fp-{ev.id}", "unit_failed")])
+        [cand] = [e for e in await writer.events.in_state("candidate", 50) if e.id == ev.id]
+        [verdict] = await writer.verdicts.record([VerdictInput(cand, True, "critical", "service",
                                                                "failed", rule_category="service")])
         ref = f"incident.opened:{verdict.incident_id}"
         await _wait(receiver, {ref}, 30)
@@ -158,7 +158,7 @@ async def _throughput(opts: Options, receiver: Receiver, n: int, channels: int) 
         # The backlog, written as the outbox is (one notification per fact).
         async with store.tx() as tx:
             for i in range(n):
-                await store._notify(tx, "incident.opened", f"inc_tp{channels}_{i}", "critical",
+                await store.outbox.put(tx, "incident.opened", f"inc_tp{channels}_{i}", "critical",
                                     {"id": f"inc_tp{channels}_{i}", "title": f"bench {i}",
                                      "host": "bench"}, time.time(), key=f"tp{channels}:{i}")
         chans, _ = load_channels(settings.notify)
@@ -218,7 +218,7 @@ async def _measure(opts: Options, out: SuiteResult, n_latency: int, n_backlog: i
         await other.open()
         chans, _ = load_channels(settings.notify)
         worker = NotifyWorker(settings, store, chans)
-        store.outbox_wakeup = worker.wake
+        store.outbox.wakeup = worker.wake
         task = asyncio.create_task(worker.run())
         try:
             await _latencies(store, store, receiver, 1, "warmup")  # apprise's first import

@@ -53,7 +53,7 @@ def question_of(messages: Sequence[dict[str, Any]]) -> str | None:
 
 
 async def _known_units(store: Store) -> set[str]:
-    events = await store.recent_events(limit=KNOWN_UNITS_EVENTS)
+    events = await store.events.recent(limit=KNOWN_UNITS_EVENTS)
     return {e.unit for e in events if e.unit}
 
 

@@ -135,5 +135,5 @@ async def request_store(request: Request) -> Store:
 async def host_keys(gw: GatewayState) -> Hosts:
     """The fleet's host keys, on the gateway's store."""
     if gw.hosts is None:
-        gw.hosts = Hosts(await store_of(gw))
+        gw.hosts = (await store_of(gw)).hosts
     return gw.hosts

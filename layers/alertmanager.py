@@ -306,7 +306,7 @@ class AlertIntake:
                 "SELECT event_id FROM verdicts WHERE incident_id = ? AND event_id LIKE ?",
                 (incident_id, FIRING_LIKE))
         alerts = [str(r["event_id"]) for r in rows]
-        done = {e.id for e in await self.store.get_events([resolved_id(a) for a in alerts])}
+        done = {e.id for e in await self.store.events.get([resolved_id(a) for a in alerts])}
         still = [a for a in alerts if resolved_id(a) not in done]
         opened_by_alert = bool(opener) and is_firing_id(str(opener[0]["event_id"]))
         detail: dict[str, Any] = {"source": SOURCE, "alert": "resolved",
@@ -319,13 +319,13 @@ class AlertIntake:
                 detail["still_firing"] = len(still)
                 if not opened_by_alert:
                     detail["kept_open"] = "the incident was opened by other events"
-                await self.store.add_timeline(incident_id, "note", detail)
+                await self.store.incidents.add_timeline(incident_id, "note", detail)
             return None
-        inc = await self.store.get_incident(incident_id)
+        inc = await self.store.incidents.get(incident_id)
         if inc is None or inc.status == "resolved":
             return None
-        await self.store.add_timeline(incident_id, "note", detail)
-        changed = await self.store.resolve_incident(
+        await self.store.incidents.add_timeline(incident_id, "note", detail)
+        changed = await self.store.incidents.resolve(
             incident_id, by=SOURCE, remember=self.settings.memory.enabled)
         return incident_id if changed else None
 
@@ -334,18 +334,18 @@ class AlertIntake:
         arrived. Reads the verdicts from a cursor in the store: the cursor moves only past
         verdicts that were looked at, so a crash repeats a little work, never skips any."""
         cfg = self.settings.pipeline
-        saved = await self.store.get_cursor(CURSOR)
+        saved = await self.store.cursors.get(CURSOR)
         self.cursor = int(saved) if saved and saved.isdigit() else self.bus.last_seq
         if saved is None:
-            await self.store.set_cursor(CURSOR, str(self.cursor))
+            await self.store.cursors.set(CURSOR, str(self.cursor))
         self._stored, last_save = self.cursor, time.monotonic()
         while True:
             try:
-                batch = await self.store.verdicts_after(self.cursor, limit=500,
+                batch = await self.store.verdicts.after(self.cursor, limit=500,
                                                         anomalies_only=True)
                 alerts = [v for v in batch if v.incident_id and is_firing_id(v.event_id)]
                 if alerts:
-                    have = {e.id for e in await self.store.get_events(
+                    have = {e.id for e in await self.store.events.get(
                         [resolved_id(v.event_id) for v in alerts])}
                     for v in alerts:
                         if resolved_id(v.event_id) in have:
@@ -366,5 +366,5 @@ class AlertIntake:
     async def save_cursor(self) -> None:
         """Persist how far :meth:`follow` got (at close, and now and then)."""
         if self.cursor is not None and self.cursor != self._stored:
-            await self.store.set_cursor(CURSOR, str(self.cursor))
+            await self.store.cursors.set(CURSOR, str(self.cursor))
             self._stored = self.cursor

@@ -102,7 +102,7 @@ class Daemon:
         )
         try:
             while True:
-                last = await store.get_cursor(STREAM_CURSOR)
+                last = await store.cursors.get(STREAM_CURSOR)
                 try:
                     async with gateway.stream({"anomalies_only": "true"},
                                               last_event_id=last or None) as r:
@@ -114,7 +114,7 @@ class Daemon:
                             log.info("verdict %s: %s %s %s", ev["id"], verdict.get("severity"),
                                      verdict.get("unit"), verdict.get("summary"))
                             worker.notify()
-                            await store.set_cursor(STREAM_CURSOR, ev["id"])
+                            await store.cursors.set(STREAM_CURSOR, ev["id"])
                 except (httpx.HTTPError, gateway_client.GatewayError, ValueError) as exc:
                     log.warning("event stream: %s; reconnecting in %.0fs", exc, backoff.wait)
                 await backoff.sleep()

@@ -129,12 +129,12 @@ async def open_incidents(store: Store, n: int, *, severity: str = "critical",
     events = [Event(id=f"{tag}-{i}", host=host, source="journald", unit=f"svc{i}-{tag}.service",
                     priority=3, message=f"Main process exited, code=exited, status={i}/FAILURE")
               for i in range(n)]
-    await store.add_events(events)
-    stored = [e for e in await store.events_in_state("new", 10_000) if e.id.startswith(tag)]
-    await store.mark_prefiltered([Prefiltered(e.seq, True, f"fp-{e.id}", "unit_failed")
+    await store.events.add(events)
+    stored = [e for e in await store.events.in_state("new", 10_000) if e.id.startswith(tag)]
+    await store.events.mark_prefiltered([Prefiltered(e.seq, True, f"fp-{e.id}", "unit_failed")
                                   for e in stored])
-    cands = [e for e in await store.events_in_state("candidate", 10_000) if e.id.startswith(tag)]
-    verdicts = await store.record_verdicts([
+    cands = [e for e in await store.events.in_state("candidate", 10_000) if e.id.startswith(tag)]
+    verdicts = await store.verdicts.record([
         VerdictInput(e, True, severity, "service", "unit failed",  # type: ignore[arg-type]
                      rule_category="service") for e in cands])
     return [v.incident_id for v in verdicts if v.incident_id]

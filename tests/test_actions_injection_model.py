@@ -5,7 +5,7 @@
    the catalog runs, no protected unit is touched, every refusal is audited.
 2. ``AdversarialModel``, a FAKE meta layer (a real model cannot be made hostile on
    demand): for incidents opened the real way from journal entries (the journald
-   collector's parser, a real SQLite store, ``Store.record_decision`` as the pipeline
+   collector's parser, a real SQLite store, ``store.incidents.record_decision`` as the pipeline
    stores decisions) it answers with the worst proposals a manipulated model emits —
    protected units written without suffix, aliases of them, mode-switching units, units
    whose systemd properties reboot or isolate, template instances, units outside the
@@ -109,7 +109,7 @@ async def test_hostile_log_lines_through_real_meta_layer_at_auto_full(
                     assert p.status in ("refused", "pending", "succeeded", "failed"), p
                     if p.status in ("succeeded", "failed"):
                         assert p.action in CATALOG
-                refused = {e.subject for e in await store.list_audit(kind="refused", limit=1000)}
+                refused = {e.subject for e in await store.audit.list(kind="refused", limit=1000)}
                 assert {p.id for p in out if p.status == "refused"} <= refused
         assert decisions > 0, "the model never produced a valid decision"
         assert_nothing_escaped(st, sentinel)
@@ -302,7 +302,7 @@ async def _run_adversary(store: Store, st: StandIns, settings: Settings,
         async with store.tx() as tx:
             await tx.execute("UPDATE incidents SET stage = 'meta' WHERE id = ?", (incident,))
         decision = Decision.model_validate_json(model.answer(event.message))
-        stored = await store.record_decision(incident, decision)
+        stored = await store.incidents.record_decision(incident, decision)
         assert stored is not None and len(stored) == len(rows)
         records = await service.handle_proposals(incident, stored, store, settings, runs=ActionRuns())
         out += [(p, full, safe, r) for (p, full, safe), r in zip(rows, records, strict=True)]
@@ -346,7 +346,7 @@ async def test_adversarial_model_changes_only_the_incidents_own_units(
 
     # Why: refusals and waits carry their codes in the audit log.
     codes = {e.subject: e.detail.get("code")
-             for kind in ("refused", "pending") for e in await store.list_audit(kind=kind,
+             for kind in ("refused", "pending") for e in await store.audit.list(kind=kind,
                                                                                limit=1000)}
     by_unit = {(p["action"], p["params"].get("unit")): codes.get(r.id) for p, _, _, r in results}
     assert by_unit[("restart_unit", "postgresql.service")] == "protected_unit"

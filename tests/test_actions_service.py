@@ -48,12 +48,12 @@ async def make_incident(store: Store, message: str, unit: str | None = "nginx.se
 
 async def incident_of(store: Store, event: Event) -> str:
     """The incident ``event`` opens (or joins): stored, kept, classified as anomalous."""
-    await store.add_events([event])
-    new = await store.events_in_state("new")
-    await store.mark_prefiltered([Prefiltered(seq=e.seq, keep=True, fingerprint=e.message[:40])
+    await store.events.add([event])
+    new = await store.events.in_state("new")
+    await store.events.mark_prefiltered([Prefiltered(seq=e.seq, keep=True, fingerprint=e.message[:40])
                                   for e in new])
-    cands = await store.events_in_state("candidate")
-    verdicts = await store.record_verdicts(
+    cands = await store.events.in_state("candidate")
+    verdicts = await store.verdicts.record(
         [VerdictInput(event=c, anomaly=True, severity="critical", category="service",
                       summary="unit failed") for c in cands]
     )
@@ -167,7 +167,7 @@ async def test_injection_corpus_at_auto_full_nothing_outside_catalog_runs(
         (r.action, r.params, r.status) for r in results if r.status != "refused"
     ]
     assert st.calls() == []  # not even a stand-in was invoked
-    audit = await store.list_audit(kind="refused", limit=1000)
+    audit = await store.audit.list(kind="refused", limit=1000)
     refused_ids = {e.subject for e in audit}
     assert {r.id for r in results} <= refused_ids
     assert all(e.detail.get("code") and e.detail.get("reason") for e in audit)
@@ -184,7 +184,7 @@ async def test_injection_corpus_at_auto_full_nothing_outside_catalog_runs(
 async def test_hostile_decision_stored_by_pipeline_is_screened(
     tmp_path: Path, store: Store, runs: ActionRuns
 ) -> None:
-    """The pipeline's path: Store.record_decision stores the meta layer's proposals as
+    """The pipeline's path: store.incidents.record_decision stores the meta layer's proposals as
     pending; handle_proposals then screens those records. Hostile ones end refused."""
     st = make_standins(tmp_path)
     settings = full_auto(tmp_path, st)
@@ -203,7 +203,7 @@ async def test_hostile_decision_stored_by_pipeline_is_screened(
         ],
         rollback_plan="none",
     )
-    stored = await store.record_decision(incident, decision)
+    stored = await store.incidents.record_decision(incident, decision)
     assert stored is not None and all(p.status == "pending" for p in stored)
     out = await service.handle_proposals(incident, stored, store, settings, runs=runs)
     assert [p.status for p in out] == ["refused", "refused", "refused", "succeeded", "pending"]
@@ -211,7 +211,7 @@ async def test_hostile_decision_stored_by_pipeline_is_screened(
     assert "systemctl start --wait -- ai-sysadmin-rollback.service" in out[4].dry_run
     assert out[4].expires_at is not None
     assert_nothing_escaped(st, Path(S))
-    detail = await store.get_incident(incident)
+    detail = await store.incidents.get(incident)
     assert detail is not None
     kinds = [t.kind for t in detail.timeline]
     assert "action_refused" in kinds and "action_result" in kinds and "action_pending" in kinds
@@ -255,7 +255,7 @@ async def test_changes_without_an_incident_wait_for_an_admin(
     out = await service.handle_proposals(None, BENIGN, store, settings, runs=runs)
     assert [p.status for p in out] == ["pending", "pending", "succeeded"]
     assert st.calls() == []  # df is the real one; no systemctl ran
-    pending = {e.subject: e.detail for e in await store.list_audit(kind="pending")}
+    pending = {e.subject: e.detail for e in await store.audit.list(kind="pending")}
     assert pending[out[0].id]["code"] == "outside_incident"
     assert "no incident" in pending[out[0].id]["reason"]
 
@@ -266,7 +266,7 @@ async def test_failed_action_reopens_incident_and_reaches_memory_hook(
     st = make_standins(tmp_path)
     settings = full_auto(tmp_path, st)
     incident = await make_incident(store, "broken.service: Main process exited", "broken.service")
-    await store.resolve_incident(incident, by="test", remember=False)
+    await store.incidents.resolve(incident, by="test", remember=False)
     seen: list[Any] = []
 
     async def remember(p: Any) -> None:
@@ -277,7 +277,7 @@ async def test_failed_action_reopens_incident_and_reaches_memory_hook(
                     "rationale": "restart it"}], store, settings, on_result=remember, runs=runs)
     assert p.status == "failed" and p.result is not None
     assert p.result.exit_code == 1 and "Job for broken.service failed" in p.result.output
-    inc = await store.get_incident(incident)
+    inc = await store.incidents.get(incident)
     assert inc is not None and inc.status == "open" and inc.stage == "review"
     assert [x.id for x in seen] == [p.id]
     res = [t for t in inc.timeline if t.kind == "action_result"]
@@ -295,7 +295,7 @@ async def test_approve_runs_and_records_approver(tmp_path: Path, store: Store, r
     with pytest.raises(service.ActionError) as info:
         await service.approve(store, settings, p.id, "bob", runs=runs)
     assert info.value.code == "not_pending"
-    kinds = [e.kind for e in await store.list_audit(subject=p.id)]
+    kinds = [e.kind for e in await store.audit.list(subject=p.id)]
     assert kinds == ["proposed", "pending", "approved", "run", "result"]
 
 
@@ -305,8 +305,8 @@ async def test_reject_expiry_and_duplicate_merge(tmp_path: Path, store: Store, r
     a = await service.handle_proposals("inc_a", [BENIGN[0]], store, settings, runs=runs)
     b = await service.handle_proposals("inc_b", [BENIGN[0]], store, settings, runs=runs)
     assert a[0].id == b[0].id and b[0].merge_count == 1
-    assert len(await store.list_proposals(status=["pending"])) == 1
-    merged = await store.list_audit(kind="merged")
+    assert len(await store.proposals.list(status=["pending"])) == 1
+    merged = await store.audit.list(kind="merged")
     assert merged and merged[0].detail["from_incident"] == "inc_b"
 
     other = (await service.handle_proposals(None, [BENIGN[1]], store, settings, runs=runs))[0]
@@ -317,9 +317,9 @@ async def test_reject_expiry_and_duplicate_merge(tmp_path: Path, store: Store, r
     with pytest.raises(service.ActionError) as info:
         await service.approve(store, settings, a[0].id, "alice", runs=runs)
     assert info.value.code == "not_pending"
-    assert (await store.get_proposal(a[0].id)).status == "expired"  # type: ignore[union-attr]
+    assert (await store.proposals.get(a[0].id)).status == "expired"  # type: ignore[union-attr]
     assert st.calls() == []
-    assert [e.subject for e in await store.list_audit(kind="expired")] == [a[0].id]
+    assert [e.subject for e in await store.audit.list(kind="expired")] == [a[0].id]
 
 
 async def test_approval_is_screened_again(tmp_path: Path, store: Store, runs: ActionRuns) -> None:
@@ -333,7 +333,7 @@ async def test_approval_is_screened_again(tmp_path: Path, store: Store, runs: Ac
     with pytest.raises(service.ActionError) as info:
         await service.approve(store, settings, p.id, "alice", runs=runs)
     assert info.value.code == "refused" and "kill_switch" in info.value.message
-    assert (await store.get_proposal(p.id)).status == "refused"  # type: ignore[union-attr]
+    assert (await store.proposals.get(p.id)).status == "refused"  # type: ignore[union-attr]
     assert st.calls() == []
 
 
@@ -355,7 +355,7 @@ async def test_burst_respects_rate_limits(tmp_path: Path, store: Store, runs: Ac
     assert len(ran) == 5  # per-action budget
     assert sum(1 for r in ran if r.params["unit"] == "nginx.service") <= 3  # per-unit budget
     assert len([c for c in st.calls() if c[1] == "restart"]) == 5
-    refused = await store.list_audit(kind="refused", limit=100)
+    refused = await store.audit.list(kind="refused", limit=100)
     assert len(refused) == 15 and all(e.detail["code"] == "rate_limited" for e in refused)
 
 

@@ -118,7 +118,7 @@ async def test_firing_alert_is_stored_as_an_event_the_alert_rule_picks_up(
     body = r.json()
     assert body["object"] == "alertmanager.notification"
     assert (body["accepted"], body["duplicates"], body["firing"]) == (1, 0, 1)
-    [ev] = await gw_store.get_events(body["ids"])
+    [ev] = await gw_store.events.get(body["ids"])
     assert ev.id == "alertmanager:3f2a9c1d0e8b7a65:1777629600123456:firing"
     assert (ev.source, ev.host, ev.unit, ev.priority) == ("alertmanager", "web1", "web.service", 2)
     assert ev.message == "DemoUnitFailed: web.service failed on web1"
@@ -149,7 +149,7 @@ async def test_retries_and_repeat_sends_are_stored_once(gw: Gateway, gw_store: S
     ids = [*first["ids"], *done.json()["ids"]]
     assert len(set(ids)) == 3
     # The first text stands: a re-send is a duplicate, not an update.
-    [kept] = await gw_store.get_events(first["ids"][:1])
+    [kept] = await gw_store.events.get(first["ids"][:1])
     assert kept.message == "DemoUnitFailed: web.service failed on web1"
 
 
@@ -173,7 +173,7 @@ async def test_host_unit_and_severity_come_from_the_labels(gw: Gateway, gw_store
     alerts = [alert(f"bb{i:02x}", **labels) for i, (labels, _) in enumerate(cases)]
     r = post(gw, notification(*alerts))
     assert r.status_code == 200, r.text
-    by_id = {e.id: e for e in await gw_store.get_events(r.json()["ids"])}
+    by_id = {e.id: e for e in await gw_store.events.get(r.json()["ids"])}
     for event_id, (labels, want) in zip(r.json()["ids"], cases, strict=True):
         ev = by_id[event_id]
         assert (ev.host, ev.unit, ev.priority, rule_of(ev)) == want, labels
@@ -186,7 +186,7 @@ async def test_a_resolved_notice_is_stored_but_never_a_candidate(
     r = post(gw, notification(alert("cc01", "resolved", ends="2026-05-01T10:09:00Z",
                                     alertname="Unreachable", summary="backup failed: error")))
     assert r.status_code == 200 and r.json()["resolved"] == 1
-    [ev] = await gw_store.get_events(r.json()["ids"])
+    [ev] = await gw_store.events.get(r.json()["ids"])
     assert ev.id.endswith(":resolved") and ev.priority == 6
     assert ev.message == "alert resolved: cc01"
     assert ev.fields["alertname"] == "Unreachable"
@@ -256,7 +256,7 @@ async def test_fields_of_newer_versions_are_ignored_and_text_is_bounded(
     r = post(gw, notification(one, futureTop=True, truncatedAlerts=3))
     assert r.status_code == 200, r.text
     assert r.json()["truncated_alerts"] == 3
-    [ev] = await gw_store.get_events(r.json()["ids"])
+    [ev] = await gw_store.events.get(r.json()["ids"])
     assert len(ev.message) <= 2000 and ev.message.startswith(f"DemoUnitFailed: {marker}")
     assert len(ev.fields) == 64 and ev.fields["fields_dropped"] == 83 + 3 - 54
     assert all(len(v) <= 4096 for v in ev.fields.values() if isinstance(v, str))
@@ -281,22 +281,22 @@ def intake_for(store: Store, tmp_path: Path, bus: VerdictBus | None = None) -> A
         "state_dir": str(tmp_path / "state"), "memory": {"enabled": False},
         "pipeline": {"poll_interval": 0.05}, "alertmanager": {"default_host": "am"},
     })
-    return AlertIntake(settings, store, bus or VerdictBus(), store.add_events)
+    return AlertIntake(settings, store, bus or VerdictBus(), store.events.add)
 
 
 async def rule_verdicts(store: Store, bus: VerdictBus | None = None) -> None:
     """What the trigger stage records when its layer gives nothing usable: the prefilter
     of new events, then the rule's verdict (flagged unreviewed) for each candidate."""
     pf = Prefilter(RULES, debounce=0)
-    new = await store.events_in_state("new")
+    new = await store.events.in_state("new")
     decisions = []
     for e in new:
         m = pf.check(e)
         decisions.append(Prefiltered(e.seq, True, m.fingerprint, m.rule.name) if m
                          else Prefiltered(e.seq, False))
-    await store.mark_prefiltered(decisions)
-    cands: list[StoredEvent] = await store.events_in_state("candidate")
-    recorded = await store.record_verdicts(
+    await store.events.mark_prefiltered(decisions)
+    cands: list[StoredEvent] = await store.events.in_state("candidate")
+    recorded = await store.verdicts.record(
         [combine(pf.rule(e.rule), None, e, why="no trigger layer in this test") for e in cands])
     if bus is not None:
         await bus.publish(recorded)
@@ -307,7 +307,7 @@ def note(*alerts: dict[str, Any]) -> Notification:
 
 
 async def incident_of(store: Store, firing_fp: str) -> str:
-    [v] = [v for v in await store.verdicts_after(0) if f":{firing_fp}:" in v.event_id]
+    [v] = [v for v in await store.verdicts.after(0) if f":{firing_fp}:" in v.event_id]
     assert v.incident_id is not None
     return v.incident_id
 
@@ -317,7 +317,7 @@ async def test_resolved_alert_resolves_the_incident_it_opened(store: Store, tmp_
     await intake.receive(note(alert("1a01", name="web.service")))
     await rule_verdicts(store)
     inc_id = await incident_of(store, "1a01")
-    inc = await store.get_incident(inc_id)
+    inc = await store.incidents.get(inc_id)
     assert inc is not None and inc.status == "open" and inc.severity == "critical"
     assert inc.rule == "alert_critical" and inc.category == "alert" and inc.unit == "web.service"
     assert inc.title == ("alert: alert_critical — web.service: DemoUnitFailed: "
@@ -325,7 +325,7 @@ async def test_resolved_alert_resolves_the_incident_it_opened(store: Store, tmp_
     got = await intake.receive(note(alert("1a01", "resolved", name="web.service",
                                           ends="2026-05-01T10:07:00Z")))
     assert got.resolved_incidents == [inc_id]
-    done = await store.get_incident(inc_id)
+    done = await store.incidents.get(inc_id)
     assert done is not None and done.status == "resolved" and done.resolved_at is not None
     assert {"status": "resolved", "by": "alertmanager"} in [t.detail for t in done.timeline]
     [n] = [t.detail for t in done.timeline if t.kind == "note"]
@@ -334,7 +334,7 @@ async def test_resolved_alert_resolves_the_incident_it_opened(store: Store, tmp_
     again = await intake.receive(note(alert("1a01", "resolved", name="web.service",
                                             ends="2026-05-01T10:07:00Z")))
     assert again.resolved_incidents == [] and again.duplicates
-    assert len((await store.get_incident(inc_id)).timeline) == len(done.timeline)  # type: ignore[union-attr]
+    assert len((await store.incidents.get(inc_id)).timeline) == len(done.timeline)  # type: ignore[union-attr]
 
 
 async def test_resolution_before_the_verdict_waits_for_it_across_a_restart(
@@ -360,7 +360,7 @@ async def test_resolution_before_the_verdict_waits_for_it_across_a_restart(
         await rule_verdicts(store, bus2)  # the verdict at last: the incident opens …
         inc_id = await incident_of(store, "2b01")
         for _ in range(100):  # … and is resolved by the follower
-            inc = await store.get_incident(inc_id)
+            inc = await store.incidents.get(inc_id)
             assert inc is not None
             if inc.status == "resolved":
                 break
@@ -385,7 +385,7 @@ async def test_an_incident_of_two_alerts_resolves_when_both_have(store: Store,
     got = await intake.receive(note(alert("3c01", "resolved", alertname="DiskSlow",
                                           severity="warning")))
     assert got.resolved_incidents == []
-    inc = await store.get_incident(inc_id)
+    inc = await store.incidents.get(inc_id)
     assert inc is not None and inc.status == "open"
     assert any(t.kind == "note" and t.detail["still_firing"] == 1 for t in inc.timeline)
     got = await intake.receive(note(alert("3c02", "resolved", alertname="NetSlow",
@@ -395,15 +395,15 @@ async def test_an_incident_of_two_alerts_resolves_when_both_have(store: Store,
 
 async def test_an_incident_other_events_opened_stays_open(store: Store, tmp_path: Path) -> None:
     intake = intake_for(store, tmp_path)
-    await store.add_events([Event(id="j1", host="web1", source="journald", unit="web.service",
+    await store.events.add([Event(id="j1", host="web1", source="journald", unit="web.service",
                                   priority=3, message="web.service: Failed to start Web.")])
     await rule_verdicts(store)
     await intake.receive(note(alert("4d01", name="web.service")))
     await rule_verdicts(store)
     inc_id = await incident_of(store, "4d01")
-    assert [v.incident_id for v in await store.verdicts_after(0)] == [inc_id, inc_id]
+    assert [v.incident_id for v in await store.verdicts.after(0)] == [inc_id, inc_id]
     got = await intake.receive(note(alert("4d01", "resolved", name="web.service")))
     assert got.resolved_incidents == []
-    inc = await store.get_incident(inc_id)
+    inc = await store.incidents.get(inc_id)
     assert inc is not None and inc.status == "open"
     assert any(t.kind == "note" and "kept_open" in t.detail for t in inc.timeline)

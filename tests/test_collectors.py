@@ -66,12 +66,12 @@ async def test_journal_replay_resumes_from_persisted_position(store: Store, tmp_
     f.write_text("\n".join(entry(i, f"line {i}") for i in range(25)) + "\n")
     c = JournaldCollector(store, StoreSink(store), replay=f, batch=10)
     await c.run()
-    assert (await store.event_counts())["new"] == 25
+    assert (await store.events.counts())["new"] == 25
     # A restart re-reads nothing; lines appended later are picked up.
     with f.open("a") as fh:
         fh.write(entry(99, "late line") + "\n")
     await JournaldCollector(store, StoreSink(store), replay=f, batch=10).run()
-    assert (await store.event_counts())["new"] == 26
+    assert (await store.events.counts())["new"] == 26
 
 
 @pytest.mark.skipif(systemd_running(), reason="this test is for machines without systemd")
@@ -84,7 +84,7 @@ async def test_without_systemd_journald_and_units_say_so_once_and_stay_off(
     msgs = [r.getMessage() for r in caplog.records]
     assert msgs.count("journald collector off: this machine does not run systemd") == 1
     assert msgs.count("failed-units collector off: this machine does not run systemd") == 1
-    assert await store.event_counts() == {}
+    assert await store.events.counts() == {}
 
 
 def test_failed_units_parse_and_report_new_failures_once() -> None:

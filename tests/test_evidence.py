@@ -297,7 +297,7 @@ async def escalated_incident(store: Store, message: str = EVENT,
     ev = Event(source="journald", unit="nginx.service", priority=3, message=message,
                **({"timestamp": timestamp} if timestamp is not None else {}))
     incident = await incident_of(store, ev)
-    assert await store.record_review(incident, None, escalate=True)
+    assert await store.incidents.record_review(incident, None, escalate=True)
     return incident
 
 
@@ -321,7 +321,7 @@ async def diagnose(settings: Settings, store: Store, *, action_stage: bool = Tru
 
 
 async def timeline(store: Store, incident: str, kind: str = "evidence") -> list[dict[str, Any]]:
-    detail = await store.get_incident(incident)
+    detail = await store.incidents.get(incident)
     assert detail is not None
     return [t.detail for t in detail.timeline if t.kind == kind]
 
@@ -371,16 +371,16 @@ async def test_hostile_tool_output_cannot_make_it_run_or_propose_beyond_policy_f
     last = adversary.bodies[-1]
     assert "nothing was run" in json.dumps(evidence_in(last)[1])
     # The proposals went through the action stage: refused or waiting, never run.
-    detail = await store.get_incident(incident)
+    detail = await store.incidents.get(incident)
     assert detail is not None and detail.decision is not None
     assert detail.decision.evidence == [1]
     status = {p.action: p.status for p in detail.proposals}
     assert status == {"restart_unit": "refused", "nixos_rollback": "pending"}
     # Every step is in the audit log: asked, then what happened.
-    audit = await store.list_audit(kind="evidence", limit=100)
+    audit = await store.audit.list(kind="evidence", limit=100)
     assert [(a.detail["read"], a.detail["status"]) for a in audit] == [
         (s["read"], s["status"]) for s in steps]
-    asked = await store.list_audit(kind="evidence_asked", limit=100)
+    asked = await store.audit.list(kind="evidence_asked", limit=100)
     assert len(asked) == 3 and {a.subject for a in asked} == {f"{incident}#e{i}" for i in (1, 2, 3)}
 
 
@@ -401,7 +401,7 @@ async def test_a_repeated_read_is_refused_and_not_run_again_fake_layer_adversari
     assert "not run again" in steps[1]["reason"]
     told = evidence_in(adversary.bodies[-1])[1]
     assert told["status"] == "repeated" and "see step 1" in told["not_run"]
-    detail = await store.get_incident(incident)
+    detail = await store.incidents.get(incident)
     assert detail is not None and detail.decision is not None and detail.decision.evidence == [1]
 
 
@@ -433,7 +433,7 @@ async def test_step_budget_spent_the_layer_must_decide_fake_layer_adversarial(
     ended = [s for s in await timeline(store, incident) if "ended" in s]
     assert ended == [{"ended": "steps", "steps": 2, "model_reads": 2,
                       "chars": ended[0]["chars"], "seconds": ended[0]["seconds"]}]
-    detail = await store.get_incident(incident)
+    detail = await store.incidents.get(incident)
     assert detail is not None and detail.decision is not None and detail.decision.evidence == [1, 2]
 
 
@@ -453,7 +453,7 @@ async def test_time_budget_stops_a_slow_read_and_the_layer_decides_fake_layer_ad
     assert [(s["read"], s["status"]) for s in steps if "read" in s] == [("journal_tail", "timed_out")]
     assert [s["ended"] for s in steps if "ended" in s] == ["time"]
     assert adversary.bodies[-1]["response_format"]["json_schema"]["name"] == "MetaDecision"
-    detail = await store.get_incident(incident)
+    detail = await store.incidents.get(incident)
     assert detail is not None and detail.decision is not None
 
 
@@ -477,7 +477,7 @@ async def test_time_budget_stops_a_slow_step_and_the_layer_decides_fake_layer_ad
     entries = await timeline(store, incident)
     assert [s["ended"] for s in entries if "ended" in s] == ["time"]
     assert not [s for s in entries if "read" in s] and progs.calls() == []  # nothing read
-    detail = await store.get_incident(incident)
+    detail = await store.incidents.get(incident)
     assert detail is not None and detail.decision is not None
 
 
@@ -522,11 +522,11 @@ async def test_with_evidence_off_the_meta_stage_is_the_one_shot_of_before_fake_l
     schema = body["response_format"]["json_schema"]["schema"]
     assert schema == prompts.decision_schema(list(CATALOG)).model_json_schema()
     assert "evidence" not in schema["properties"]
-    detail = await store.get_incident(incident)
+    detail = await store.incidents.get(incident)
     assert detail is not None
     nonce = re.search(r"<<<INCIDENT ([0-9a-f]+)>>>", user_prompt(body))
     assert nonce is not None
-    verdicts = await store.incident_verdicts(incident, limit=3)
+    verdicts = await store.verdicts.of_incident(incident, limit=3)
     assert body["messages"] == prompts.meta_messages(
         detail, detail.review, verdicts, [], {n: s.summary for n, s in CATALOG.items()},
         nonce.group(1))
@@ -563,7 +563,7 @@ async def test_a_decision_citing_evidence_that_does_not_exist_is_refused_fake_la
     adversary.answers["MetaDecision"] = lambda r: decision(cites=[9])
     incident = await escalated_incident(store)
     await diagnose(settings, store)
-    detail = await store.get_incident(incident)
+    detail = await store.incidents.get(incident)
     assert detail is not None and detail.decision is None and detail.status == "unreviewed"
     (why,) = [x for x in await timeline(store, incident, "unreviewed") if x["stage"] == "meta"]
     # Refused by the schema's own enum of the steps that ran (checked again after parsing:
@@ -616,7 +616,7 @@ async def test_an_incident_soon_after_a_switch_gets_the_fact_and_the_closure_dif
     nonce = re.search(r"<<<FACTS ([0-9a-f]+)>>>", user)
     assert nonce is not None and prompts.unfence(user, "FACTS", nonce.group(1)) == [fact["fact"]]
     assert evidence_in(seen[0])[1]["output"] == diff
-    detail = await store.get_incident(incident)
+    detail = await store.incidents.get(incident)
     assert detail is not None and detail.decision is not None
     assert [p.action for p in detail.proposals] == ["nixos_rollback"]
     assert detail.proposals[0].status == "pending"  # high risk: an admin decides
@@ -650,7 +650,7 @@ async def test_where_nix_env_may_not_lock_the_profile_its_links_date_the_switch_
     # The model proposed nothing; the switch calls for the rollback all the same, as a
     # fact of ai-sysadmin's with the diff as its rationale — and, high risk, it waits for
     # an admin even at auto-full.
-    detail = await store.get_incident(incident)
+    detail = await store.incidents.get(incident)
     assert detail is not None and detail.decision is not None
     assert [(p.action, p.status) for p in detail.proposals] == [("nixos_rollback", "pending")]
     assert "nginx: 1.26.2 → 1.27.4" in detail.proposals[0].rationale
@@ -803,10 +803,10 @@ async def test_real_model_evidence_loop_reads_only_within_budget(
     assert sum(s["by"] == "model" for s in steps) <= 2
     assert all(s["read"] in CATALOG and not CATALOG[s["read"]].is_change
                for s in steps if s["status"] in ("ok", "failed")), steps
-    audit = await store.list_audit(kind="evidence", limit=100)
+    audit = await store.audit.list(kind="evidence", limit=100)
     assert len(audit) == len(steps)
     assert [s["ended"] for s in entries if "ended" in s]
-    detail = await store.get_incident(incident)
+    detail = await store.incidents.get(incident)
     assert detail is not None
     if detail.decision is not None:
         ran = [s["step"] for s in steps if s["status"] in ("ok", "failed")]
@@ -846,7 +846,7 @@ async def test_after_a_switch_a_refused_decision_leaves_the_facts_and_the_rollba
     adversary.answers["MetaDecision"] = lambda r: degenerate
     incident = await escalated_incident(store, timestamp=now)
     await diagnose(settings, store)
-    detail = await store.get_incident(incident)
+    detail = await store.incidents.get(incident)
     assert detail is not None and detail.decision is not None, detail
     assert detail.decision.diagnosis.startswith("ai-sysadmin (fact, not a model's view")
     assert "after the switch to NixOS generation 143" in detail.decision.diagnosis

@@ -24,7 +24,6 @@ from layers.agent import Agent
 from layers.config import Settings
 from layers.events import Event
 from layers.store import Store, open_store
-from layers.store.hosts import Hosts
 from tests.support import cli, free_port, run_cli, write_toml
 from tests.test_actions_service import incident_of
 from tests.test_evidence import Programs, make_programs
@@ -79,7 +78,7 @@ async def test_host_keys_are_scoped_to_their_host_and_stored_hashed(
     server: tuple[str, Settings, Programs], server_store: Store
 ) -> None:
     url, _, _ = server
-    hosts = Hosts(server_store)
+    hosts = server_store.hosts
     web1, web2 = await hosts.add("web1"), await hosts.add("web2")
     async with server_store.tx() as tx:
         rows = await tx.execute("SELECT name, key_hash FROM hosts ORDER BY name")
@@ -96,7 +95,7 @@ async def test_host_keys_are_scoped_to_their_host_and_stored_hashed(
             {"id": "ev-w1b", "host": "web1", "message": "ok"},
             {"id": "ev-w2", "host": "web2", "message": "forged"}]})
         assert r.status_code == 403 and r.json()["error"]["code"] == "host_mismatch"
-        stored = await server_store.get_events(["ev-w1", "ev-w1b", "ev-w2"])
+        stored = await server_store.events.get(["ev-w1", "ev-w1b", "ev-w2"])
         assert [(e.id, e.host) for e in stored] == [("ev-w1", "web1")]
         # A host key reads nothing else and approves nothing.
         for method, path in (("POST", "/v1/chat/completions"), ("GET", "/v1/incidents"),
@@ -126,7 +125,7 @@ async def test_an_action_approved_for_host_a_runs_on_a_and_nowhere_else(
     tmp_path: Path, server: tuple[str, Settings, Programs], server_store: Store
 ) -> None:
     url, settings, server_progs = server
-    hosts = Hosts(server_store)
+    hosts = server_store.hosts
     key_a, key_b = await hosts.add("hosta"), await hosts.add("hostb")
     action = await _pending_restart(server_store, settings, "hosta")
     a_settings, a_progs = agent_settings(tmp_path, "hosta")
@@ -168,7 +167,7 @@ async def test_the_agent_refuses_what_its_own_policy_forbids_and_reports_it(
     """The server approved a restart of a unit that host A protects: A runs nothing and
     reports the refusal; the action ends failed with A's reason."""
     url, settings, _ = server
-    key = await Hosts(server_store).add("hosta")
+    key = await server_store.hosts.add("hosta")
     action = await _pending_restart(server_store, settings, "hosta")
     a_settings, a_progs = agent_settings(tmp_path, "hosta")
     a_settings.actions.protected_units = [*a_settings.actions.protected_units, "nginx.service"]
@@ -190,18 +189,18 @@ async def test_a_lease_that_runs_out_fails_the_action_it_never_runs_twice(
     server: tuple[str, Settings, Programs], server_store: Store
 ) -> None:
     url, settings, _ = server
-    await Hosts(server_store).add("hosta")
+    await server_store.hosts.add("hosta")
     action = await _pending_restart(server_store, settings, "hosta")
-    assert await server_store.transition_proposal(action, "approved", expected=("pending",))
-    claimed = await server_store.claim_proposal("hosta", "agent:hosta", lease=0.01)
+    assert await server_store.proposals.transition(action, "approved", expected=("pending",))
+    claimed = await server_store.proposals.claim("hosta", "agent:hosta", lease=0.01)
     assert claimed is not None and claimed.id == action
-    assert await server_store.claim_proposal("hosta", "agent:hosta", lease=60) is None
+    assert await server_store.proposals.claim("hosta", "agent:hosta", lease=60) is None
     await asyncio.sleep(0.05)
-    (lost,) = await server_store.expire_dispatch(local=["localhost", "server1"],
+    (lost,) = await server_store.proposals.expire_dispatch(local=["localhost", "server1"],
                                                  dispatch_ttl=3600)
     assert lost.id == action and lost.status == "failed"
     assert lost.result is not None and "lease_expired" in lost.result.output
-    assert await server_store.claim_proposal("hosta", "agent:hosta", lease=60) is None
+    assert await server_store.proposals.claim("hosta", "agent:hosta", lease=60) is None
 
 
 async def test_the_agent_command_takes_and_runs_its_hosts_action_end_to_end(

@@ -113,11 +113,11 @@ async def test_two_gateways_share_work_once_and_a_killed_one_loses_nothing(
                 async with store.tx() as tx:
                     left = await tx.execute("SELECT COUNT(*) AS n FROM events WHERE state NOT IN"
                                             " ('classified', 'dropped')")
-                if int(left[0]["n"]) == 0 and len(await store.get_events(accepted)) == len(
+                if int(left[0]["n"]) == 0 and len(await store.events.get(accepted)) == len(
                         accepted):
                     break
                 time.sleep(2.0)
-            events = await store.get_events(accepted)
+            events = await store.events.get(accepted)
             async with store.tx() as tx:
                 stuck = await tx.execute(
                     "SELECT id, state, lease_owner, lease_state, lease_until FROM events WHERE"

@@ -363,7 +363,7 @@ async def run_trigger(settings: Settings, store: Store, clients: LayerClients,
                       events: list[Event]) -> None:
     stage = TriggerStage(settings, store, clients["trigger"],
                          Prefilter(load_rules(), debounce=0), VerdictBus())
-    await store.add_events(events)
+    await store.events.add(events)
     while await stage.step():
         pass
 
@@ -380,12 +380,12 @@ async def test_copied_example_verdict_is_refused_and_title_comes_from_the_rule_f
     await trigger_once(settings, store, [OOM])
     assert adversary.requests == 2  # refused, asked once more (layer_retries = 1), refused
     assert adversary.bodies[1]["temperature"] > 0  # the retry is a new sample, not a replay
-    (v,) = await store.verdicts_after(0)
+    (v,) = await store.verdicts.after(0)
     # Never shown as fact: the rule's verdict, flagged, saying why.
     assert v.unreviewed and v.summary_by == "rule" and v.anomaly and v.severity == "critical"
     assert v.category == "memory" and "refused" in v.summary
     assert "root filesystem" not in v.summary.split("refused")[0]
-    (inc,) = await store.list_incidents()
+    (inc,) = await store.incidents.list()
     assert inc.title == OOM_TITLE
     assert (inc.category, inc.rule, inc.unit) == ("memory", "oom_kill", "postgresql.service")
 
@@ -396,7 +396,7 @@ async def test_verdict_copying_the_prompt_fields_is_refused_fake_upstream_advers
     adversary.answers["TriggerBatch"] = parrots_the_fields
     settings = settings_for(tmp_path, adversary.port, retries=0)
     await trigger_once(settings, store, [OOM])
-    (v,) = await store.verdicts_after(0)
+    (v,) = await store.verdicts.after(0)
     assert v.unreviewed and "copies_prompt" in v.summary
 
 
@@ -406,11 +406,11 @@ async def test_grounded_verdict_is_kept_as_the_model_view_title_stays_facts_fake
     adversary.answers["TriggerBatch"] = grounded_verdicts
     settings = settings_for(tmp_path, adversary.port)
     await trigger_once(settings, store, [OOM])
-    (v,) = await store.verdicts_after(0)
+    (v,) = await store.verdicts.after(0)
     assert not v.unreviewed and v.summary_by == "model"
     assert v.summary == "postgres killed by OOM killer"
     assert v.model_dump()["summary_by"] == "model"  # in the API and the stream
-    (inc,) = await store.list_incidents()
+    (inc,) = await store.incidents.list()
     assert inc.title == OOM_TITLE  # the model's words never become the title
     assert inc.assessment is None  # nothing reviewed yet
 
@@ -429,9 +429,9 @@ async def test_review_with_three_identical_findings_is_unreviewed_fake_upstream_
         assert adversary.requests - before == 2  # first try + one retry, both refused
     finally:
         await clients.aclose()
-    (inc,) = await store.list_incidents()
+    (inc,) = await store.incidents.list()
     assert inc.status == "unreviewed" and inc.review is None and inc.assessment is None
-    detail = await store.get_incident(inc.id)
+    detail = await store.incidents.get(inc.id)
     assert detail is not None
     (entry,) = [t for t in detail.timeline if t.kind == "unreviewed"]
     assert entry.detail["stage"] == "review" and "repeated_finding" in entry.detail["error"]
@@ -451,12 +451,12 @@ async def test_critical_incident_with_a_refused_review_is_still_diagnosed_fake_u
         await run_trigger(settings, store, clients, [OOM])
         worker = IncidentWorker(settings, store, clients)
         assert await worker.step()  # review refused twice; the floor escalates
-        (inc,) = await store.list_incidents()
+        (inc,) = await store.incidents.list()
         assert inc.status == "escalated" and inc.review is None and inc.assessment is None
         assert await worker.step()  # meta
     finally:
         await clients.aclose()
-    detail = await store.get_incident(inc.id)
+    detail = await store.incidents.get(inc.id)
     assert detail is not None and detail.decision is not None
     (entry,) = [t for t in detail.timeline if t.kind == "unreviewed"]
     assert entry.detail["stage"] == "review" and entry.detail["escalated"] is True
@@ -474,14 +474,14 @@ async def test_decision_with_diagnosis_0_and_rollback_yes_is_unreviewed_fake_ups
         await run_trigger(settings, store, clients, [OOM])
         worker = IncidentWorker(settings, store, clients)
         assert await worker.step()  # review: accepted, escalated
-        (inc,) = await store.list_incidents()
+        (inc,) = await store.incidents.list()
         assert inc.status == "escalated" and inc.review is not None
         assert inc.assessment is not None and inc.assessment.by == "model"
         assert inc.assessment.review == review().summary
         assert await worker.step()  # meta: "0" / "yes", twice → unreviewed
     finally:
         await clients.aclose()
-    detail = await store.get_incident(inc.id)
+    detail = await store.incidents.get(inc.id)
     assert detail is not None and detail.status == "unreviewed" and detail.decision is None
     assert detail.proposals == []
     (entry,) = [t for t in detail.timeline if t.kind == "unreviewed"]
@@ -509,7 +509,7 @@ async def test_every_corpus_incident_is_titled_from_its_rule_and_event_fake_upst
     lines = corpus.lines()
     by_message = {line.event().message: line for line in lines}
     await trigger_once(settings, store, [line.event() for line in lines])
-    verdicts = await store.verdicts_after(0, limit=10_000)
+    verdicts = await store.verdicts.after(0, limit=10_000)
     assert len(verdicts) > 100
     rules = {r.name: r for r in load_rules()}
     kept = [v for v in verdicts if not v.unreviewed]
@@ -519,11 +519,11 @@ async def test_every_corpus_incident_is_titled_from_its_rule_and_event_fake_upst
     for v in kept:  # e.g. "root filesystem 95% full" on "Remounting filesystem read-only"
         assert_grounded(v, by_message[v.message].event(), real_model=False)
     assert len(kept) < len(verdicts) / 4
-    incidents = await store.list_incidents(limit=10_000)
+    incidents = await store.incidents.list(limit=10_000)
     assert len(incidents) > 20
     contradictions = []
     for inc in incidents:
-        opening = (await store.incident_verdicts(inc.id, limit=10_000))[0]
+        opening = (await store.verdicts.of_incident(inc.id, limit=10_000))[0]
         line = by_message[opening.message]
         assert inc.rule == opening.rule and inc.rule is not None
         assert inc.category == rules[inc.rule].category
@@ -580,10 +580,10 @@ async def test_real_model_oom_kill_gets_the_rules_title_not_the_example(
 ) -> None:
     settings = real_settings(tmp_path, real_layer)
     await trigger_once(settings, store, [OOM])
-    (v,) = await store.verdicts_after(0)
+    (v,) = await store.verdicts.after(0)
     assert v.anomaly and v.severity == "critical"  # the rule's floor, whatever the model said
     assert_grounded(v, OOM)
-    (inc,) = await store.list_incidents()
+    (inc,) = await store.incidents.list()
     assert inc.title == OOM_TITLE and inc.category == "memory" and inc.rule == "oom_kill"
     assert "root filesystem" not in inc.title
 
@@ -636,10 +636,10 @@ async def test_real_model_review_and_decision_are_valid_or_unreviewed(
             pass
     finally:
         await clients.aclose()
-    (inc,) = await store.list_incidents()
-    detail = await store.get_incident(inc.id)
+    (inc,) = await store.incidents.list()
+    detail = await store.incidents.get(inc.id)
     assert detail is not None and detail.title == OOM_TITLE
-    verdicts = await store.incident_verdicts(inc.id)
+    verdicts = await store.verdicts.of_incident(inc.id)
     if detail.review is not None:
         msgs = prompts.review_messages(inc, verdicts, [OOM], METRICS, "00ff00ff00ff00ff")
         g = validate.Grounds.of(msgs, incident_evidence(inc, verdicts, [OOM]),
@@ -683,12 +683,12 @@ async def test_real_model_replay_no_copied_summary_every_title_from_facts(
               for i, (u, p, m) in enumerate(REPLAY)]
     settings = real_settings(tmp_path, real_layer)
     await trigger_once(settings, store, events)
-    verdicts = await store.verdicts_after(0, limit=1000)
+    verdicts = await store.verdicts.after(0, limit=1000)
     by_id = {e.id: e for e in events}
     assert len(verdicts) == len(events)  # every line is matched by a rule
     for v in verdicts:
         assert_grounded(v, by_id[v.event_id])
-    incidents = await store.list_incidents(limit=1000)
+    incidents = await store.incidents.list(limit=1000)
     rules = {r.name: r for r in load_rules()}
     for inc in incidents:
         assert inc.rule is not None and inc.category == rules[inc.rule].category

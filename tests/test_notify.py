@@ -129,8 +129,8 @@ async def test_incident_lifecycle_reaches_webhook_and_smtp_mailbox(
     ], dashboard_url="https://ops.example.org/ais")
     w = worker(s, store)
     [inc] = await open_incidents(store, 1, severity="critical")
-    assert await store.record_review(inc, None, escalate=True, error="layer refused")
-    assert await store.resolve_incident(inc, by="quiet", remember=False)
+    assert await store.incidents.record_review(inc, None, escalate=True, error="layer refused")
+    assert await store.incidents.resolve(inc, by="quiet", remember=False)
     await drain(w)
 
     titles = [r.body["title"] for r in hook.received]
@@ -187,7 +187,7 @@ async def test_approval_pending_says_until_when_and_how_to_approve(
     await service.approve(store, s, p.id, "alice", runs=runs)
     await drain(w)
     assert not [r for r in hook.received if "Action ran" in r.body["title"]]
-    notes = await store.recent_notifications(10)
+    notes = await store.outbox.recent(10)
     assert notes[0]["kind"] == "action.succeeded" and notes[0]["deliveries"] == []
 
 
@@ -288,7 +288,7 @@ async def test_lost_approval_notification_is_written_by_reconciliation(
     """The action stage stores a pending proposal, then notifies in a second transaction:
     a crash between the two is repaired by the worker's reconciliation."""
     s = settings(tmp_path, [{"name": "hook", "url": hook_url(hook)}])
-    p = await store.add_proposal("restart_unit", {"unit": "nginx.service"}, "r",
+    p = await store.proposals.add("restart_unit", {"unit": "nginx.service"}, "r",
                                  risk="medium", dry_run="systemctl restart -- nginx.service",
                                  expires_at=time.time() + 600)
     async with store.tx() as tx:  # the crash happened a while ago
@@ -298,7 +298,7 @@ async def test_lost_approval_notification_is_written_by_reconciliation(
     [got] = hook.received
     assert got.ref == f"approval.pending:{p.id}" and "(in 10 min)" in got.body["message"]
     # The stage's own (late) enqueue and further reconciliations change nothing.
-    await store.notify_proposal(p.id, "pending")
+    await store.outbox.notify_proposal(p.id, "pending")
     w._next_reconcile = 0.0
     await drain(w)
     assert len(hook.received) == 1
@@ -322,7 +322,7 @@ async def test_kinds_and_severity_filters_per_channel(
     [info] = await open_incidents(store, 1, severity="info")
     [warn] = await open_incidents(store, 1, severity="warning")
     [crit] = await open_incidents(store, 1, severity="critical")
-    await store.resolve_incident(warn, by="admin", remember=False)
+    await store.incidents.resolve(warn, by="admin", remember=False)
     await drain(w)
     got: dict[str, list[str | None]] = {}
     for r in hook.received:
@@ -342,9 +342,9 @@ async def test_same_kind_and_subject_within_the_window_is_sent_once_unless_worse
     w = worker(s, store)
     detail = {"id": "inc_x", "title": "disk: full — /var", "host": "h", "severity": "warning"}
     for _ in range(3):
-        await store.enqueue_notification("incident.escalated", "inc_x", "warning", detail)
-    await store.enqueue_notification("incident.escalated", "inc_x", "critical", detail)
-    await store.enqueue_notification("incident.escalated", "inc_y", "warning", detail)
+        await store.outbox.enqueue("incident.escalated", "inc_x", "warning", detail)
+    await store.outbox.enqueue("incident.escalated", "inc_x", "critical", detail)
+    await store.outbox.enqueue("incident.escalated", "inc_y", "warning", detail)
     await drain(w)
     assert [(x[2], x[3]) for x in await states(store)] == [
         ("delivered", None), ("dropped", "duplicate"), ("dropped", "duplicate"),
@@ -450,8 +450,8 @@ async def test_channel_secrets_never_reach_the_logs(
     finally:
         rx.stop()
     assert [r["ok"] for r in probe] == [True, False, False]
-    shown = repr(probe) + repr(await store.recent_notifications()) + repr(
-        await store.notification_stats()) + repr(w.channels)
+    shown = repr(probe) + repr(await store.outbox.recent()) + repr(
+        await store.outbox.stats()) + repr(w.channels)
     text = caplog.text
     assert "failed" in text and "delivered to hook" in text  # failures were logged…
     for secret in (SECRET_PW, SECRET_TOKEN, "123456789"):
@@ -552,39 +552,39 @@ async def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
 
 
 async def test_outbox_claims_are_leased_and_idempotent(any_store: Store) -> None:
-    from layers.store.base import DeliveryPlan
+    from layers.store.outbox import DeliveryPlan
 
     store = any_store
     [inc] = await open_incidents(store, 1)
-    await store.enqueue_notification("incident.opened", inc, "critical", {}, key=f"incident.opened:{inc}")
-    [n] = await store.unrouted_notifications()  # the keyed second enqueue was a no-op
+    await store.outbox.enqueue("incident.opened", inc, "critical", {}, key=f"incident.opened:{inc}")
+    [n] = await store.outbox.unrouted()  # the keyed second enqueue was a no-op
     assert n.kind == "incident.opened" and n.detail["id"] == inc
     plans = [DeliveryPlan("a", "k", 2), DeliveryPlan("b", "k", 2, dropped=True, reason="duplicate")]
-    assert await store.route_notification(n.id, plans)
-    assert not await store.route_notification(n.id, plans)  # routed once only
+    assert await store.outbox.route(n.id, plans)
+    assert not await store.outbox.route(n.id, plans)  # routed once only
     now = time.time()
-    [d] = await store.claim_deliveries(now, now + 30)
+    [d] = await store.outbox.claim_deliveries(now, now + 30)
     assert d.channel == "a" and d.notification.id == n.id
-    assert await store.claim_deliveries(now + 1, now + 31) == []  # leased
-    [again] = await store.claim_deliveries(now + 31, now + 60)  # the lease ran out (a crash)
-    await store.delivery_failed(again.seq, "refused", retry_at=now + 100)
-    assert await store.claim_deliveries(now + 99, now + 130) == []
-    [third] = await store.claim_deliveries(now + 101, now + 130)
+    assert await store.outbox.claim_deliveries(now + 1, now + 31) == []  # leased
+    [again] = await store.outbox.claim_deliveries(now + 31, now + 60)  # the lease ran out (a crash)
+    await store.outbox.delivery_failed(again.seq, "refused", retry_at=now + 100)
+    assert await store.outbox.claim_deliveries(now + 99, now + 130) == []
+    [third] = await store.outbox.claim_deliveries(now + 101, now + 130)
     assert third.attempts == 1
-    await store.delivery_done(third.seq)
-    stats = await store.notification_stats()
+    await store.outbox.delivery_done(third.seq)
+    stats = await store.outbox.stats()
     assert stats["a"]["delivered"] == 1 and stats["b"]["dropped"] == 1
     assert stats["a"]["last_error"] == "refused"
     # Reconciliation: a screened pending proposal without its notification gets one, once;
     # an expired one gets none.
-    p = await store.add_proposal("restart_unit", {"unit": "a.service"}, "r", dry_run="x",
+    p = await store.proposals.add("restart_unit", {"unit": "a.service"}, "r", dry_run="x",
                                  expires_at=time.time() + 600)
-    gone = await store.add_proposal("restart_unit", {"unit": "b.service"}, "r", dry_run="x",
+    gone = await store.proposals.add("restart_unit", {"unit": "b.service"}, "r", dry_run="x",
                                     expires_at=time.time() - 1)
     later = time.time() + 60
-    assert await store.reconcile_notifications(settled_before=later, refused_since=0) == 1
-    assert await store.reconcile_notifications(settled_before=later, refused_since=0) == 0
-    kinds = {(n.kind, n.subject) for n in await store.unrouted_notifications()}
+    assert await store.outbox.reconcile(settled_before=later, refused_since=0) == 1
+    assert await store.outbox.reconcile(settled_before=later, refused_since=0) == 0
+    kinds = {(n.kind, n.subject) for n in await store.outbox.unrouted()}
     assert kinds == {("approval.pending", p.id)} and gone.id not in str(kinds)
-    assert await store.prune_notifications(time.time() + 1) == 2
-    assert await store.recent_notifications() == [] and await store.notification_stats() == {}
+    assert await store.outbox.prune(time.time() + 1) == 2
+    assert await store.outbox.recent() == [] and await store.outbox.stats() == {}

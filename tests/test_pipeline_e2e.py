@@ -130,7 +130,7 @@ async def test_recorded_journal_replay_becomes_three_reviewed_incidents(
                         timeout=900)
         store = await open_store(tmp_path)
         try:
-            counts = await store.event_counts()
+            counts = await store.events.counts()
         finally:
             await store.close()
         # Every line was stored; the benign flood was dropped by the prefilter.
@@ -234,7 +234,7 @@ async def test_gateway_sigkill_mid_pipeline_processes_every_event_once(
     store = await open_store(tmp_path)
     try:
         async def n_verdicts() -> int:
-            return len(await store.verdicts_after(0, limit=1000))
+            return len(await store.verdicts.after(0, limit=1000))
 
         deadline = time.monotonic() + 600
         while await n_verdicts() == 0:
@@ -252,9 +252,9 @@ async def test_gateway_sigkill_mid_pipeline_processes_every_event_once(
             while await n_verdicts() < N_KILL:
                 assert time.monotonic() < deadline, gw2.log()[-3000:]
                 time.sleep(0.3)
-            verdicts = await store.verdicts_after(0, limit=1000)
+            verdicts = await store.verdicts.after(0, limit=1000)
             assert sorted(v.event_id for v in verdicts) == sorted(e["id"] for e in batch)
-            assert await store.event_counts() == {"classified": N_KILL}
+            assert await store.events.counts() == {"classified": N_KILL}
             streamed = read_stream(base, count=N_KILL)
             assert sorted(v["event_id"] for _, v in streamed) == sorted(e["id"] for e in batch)
         finally:
@@ -290,19 +290,19 @@ async def test_trigger_layer_down_work_waits_then_completes(
         wait_for("the stage to find the layer down",
                  lambda: "trigger stage: layer unavailable" in gw.log(), procs=(gw,))
         # The work waits in the store: accepted, not classified, not dropped.
-        counts = await store.event_counts()
+        counts = await store.events.counts()
         assert counts.get("candidate", 0) + counts.get("new", 0) == 2, counts
         layer = trigger_server(2)
         layer.wait_http(f"http://127.0.0.1:{tport}/health")
 
         async def all_done() -> bool:
-            return (await store.event_counts()) == {"classified": 3}
+            return (await store.events.counts()) == {"classified": 3}
 
         deadline = time.monotonic() + 300
         while not await all_done():
             assert time.monotonic() < deadline, gw.log()[-3000:]
             time.sleep(0.3)
-        ids = sorted(v.event_id for v in await store.verdicts_after(0))
+        ids = sorted(v.event_id for v in await store.verdicts.after(0))
         assert ids == ["down-0", "down-1", "up-0"]
     finally:
         await store.close()

@@ -88,7 +88,7 @@ async def classify(settings: Settings, store: Store, clients: LayerClients,
                    events: list[Event]) -> TriggerStage:
     stage = TriggerStage(settings, store, clients["trigger"],
                          Prefilter(load_rules()), VerdictBus())
-    await store.add_events(events)
+    await store.events.add(events)
     while await stage.step():
         pass
     return stage
@@ -129,7 +129,7 @@ async def test_trigger_garbage_fake_upstream_keeps_rule_verdict_unreviewed(
     # The retry samples (at temperature 0 the same prompt gives the same answer): never an
     # identical resend of work that already failed.
     assert fake.temperatures == [0.0, 0.5]
-    (v,) = await store.verdicts_after(0)
+    (v,) = await store.verdicts.after(0)
     # Never healthy: the rule's critical floor stands, flagged as not classified by a model.
     assert v.anomaly and v.severity == "critical" and v.unreviewed and v.rule == "oom_kill"
     assert v.incident_id is not None
@@ -143,7 +143,7 @@ async def test_review_truncated_json_fake_upstream_marks_incident_unreviewed(
     try:
         fake.content = json.dumps({"v": [["ok", "memory", "java is fine"]]})
         await classify(settings, store, clients, [OOM])
-        (v,) = await store.verdicts_after(0)
+        (v,) = await store.verdicts.after(0)
         # A model saying "fine" cannot dismiss the critical rule.
         assert v.anomaly and v.severity == "critical" and not v.unreviewed
         fake.content, fake.finish_reason = '{"status": "normal", "summary": "all g', "length"
@@ -151,7 +151,7 @@ async def test_review_truncated_json_fake_upstream_marks_incident_unreviewed(
         assert await worker.step()
     finally:
         await clients.aclose()
-    inc = await store.get_incident(v.incident_id or "")
+    inc = await store.incidents.get(v.incident_id or "")
     assert inc is not None and inc.review is None
     assert any(t.kind == "unreviewed" and "truncated" in t.detail["error"] for t in inc.timeline)
     # Critical, at or above escalate_severity: diagnosed all the same, with no review.
@@ -171,13 +171,13 @@ async def test_meta_garbage_fake_upstream_marks_incident_unreviewed(
                                    "reason": "java keeps dying"})
         worker = IncidentWorker(settings, store, clients)
         assert await worker.step()  # review → escalated
-        (inc,) = await store.list_incidents()
+        (inc,) = await store.incidents.list()
         assert inc.status == "escalated" and inc.stage == "meta"
         fake.content = '{"diagnosis": 42, "proposals": "rm -rf /"}'
         assert await worker.step()
     finally:
         await clients.aclose()
-    detail = await store.get_incident(inc.id)
+    detail = await store.incidents.get(inc.id)
     assert detail is not None and detail.status == "unreviewed" and detail.decision is None
     assert detail.proposals == []
 

@@ -116,7 +116,7 @@ async def test_batch_that_times_out_is_split_until_every_event_has_a_verdict_fak
                          Prefilter(load_rules(), debounce=0), VerdictBus())
     started = time.monotonic()
     try:
-        await store.add_events(events)
+        await store.events.add(events)
         rounds = 0
         while await stage.step():
             rounds += 1
@@ -124,7 +124,7 @@ async def test_batch_that_times_out_is_split_until_every_event_has_a_verdict_fak
     finally:
         await clients.aclose()
     elapsed = time.monotonic() - started
-    verdicts = await store.verdicts_after(0)
+    verdicts = await store.verdicts.after(0)
     by_message = {v.message: v for v in verdicts}
     assert len(verdicts) == 8 and len(by_message) == 8  # every event exactly one verdict
     stuck = by_message[events[5].message]
@@ -164,17 +164,17 @@ async def test_split_halves_wait_for_a_layer_that_refuses_and_are_not_merged_aga
     pool.chat = saturated_after_first  # type: ignore[method-assign]
     slow_layer.answers_at_most = 4
     try:
-        await store.add_events([oom(i) for i in range(8)])
+        await store.events.add([oom(i) for i in range(8)])
         with pytest.raises(LayerError) as busy:
             await stage.step()
         assert busy.value.status == 429
-        assert len(await store.verdicts_after(0)) == 0
+        assert len(await store.verdicts.after(0)) == 0
         while await stage.step():
             pass
     finally:
         await clients.aclose()
     assert [len(s) for s in slow_layer.seen] == [8, 4, 4]
-    assert len(await store.verdicts_after(0)) == 8
+    assert len(await store.verdicts.after(0)) == 8
 
 
 async def test_review_without_an_answer_at_the_longest_deadline_is_unreviewed_fake_upstream_slow(
@@ -188,7 +188,7 @@ async def test_review_without_an_answer_at_the_longest_deadline_is_unreviewed_fa
     stage = TriggerStage(settings, store, clients["trigger"],
                          Prefilter(load_rules(), debounce=0), VerdictBus())
     try:
-        await store.add_events([oom(1)])
+        await store.events.add([oom(1)])
         while await stage.step():
             pass
         slow_layer.answers_at_most = -1  # from now on nothing is answered in time
@@ -199,11 +199,11 @@ async def test_review_without_an_answer_at_the_longest_deadline_is_unreviewed_fa
         assert await worker.step()  # 2 s, the ceiling: given up
     finally:
         await clients.aclose()
-    (inc,) = await store.list_incidents()
+    (inc,) = await store.incidents.list()
     # Unreviewed, never healthy; critical (an OOM kill), so the escalate_severity floor
     # still sends it to the meta layer, with no review.
     assert inc.review is None and inc.status == "escalated" and inc.stage == "meta"
-    detail = await store.get_incident(inc.id)
+    detail = await store.incidents.get(inc.id)
     assert detail is not None
     assert any(t.kind == "unreviewed" and "did not answer" in t.detail["error"]
                for t in detail.timeline)

@@ -64,12 +64,12 @@ async def test_batch_longer_than_a_slot_is_halved_not_unreviewed(
         assert refused.value.status == 400
         stage = TriggerStage(settings, store, clients["trigger"],
                              Prefilter(load_rules(), debounce=0), VerdictBus())
-        await store.add_events(events)
+        await store.events.add(events)
         while await stage.step():
             pass
     finally:
         await clients.aclose()
-    verdicts = await store.verdicts_after(0)
+    verdicts = await store.verdicts.after(0)
     assert len(verdicts) == 8  # every event got exactly one verdict
     assert all(v.anomaly and v.severity == "critical" for v in verdicts)  # the rule's floor
     # The halves reached the model: at least one half came back as valid model output —

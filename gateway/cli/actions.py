@@ -122,7 +122,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         try:
             after, shown = 0, 0
             while shown < args.limit:
-                batch = await store.list_audit(after=after, kind=args.kind, subject=args.subject,
+                batch = await store.audit.list(after=after, kind=args.kind, subject=args.subject,
                                                limit=min(500, args.limit - shown))
                 if not batch:
                     break

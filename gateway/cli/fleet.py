@@ -19,11 +19,10 @@ from gateway.cli.common import CliError, add_command, add_group, run_async, sett
 
 async def _with_hosts(args: argparse.Namespace, work: Any) -> Any:
     from layers.store import open_store
-    from layers.store.hosts import Hosts
 
     store = await open_store(settings_for(args))
     try:
-        return await work(Hosts(store))
+        return await work(store.hosts)
     finally:
         await store.close()
 

@@ -24,7 +24,7 @@ router = APIRouter(tags=["actions"])
 async def _incident(store: Store, incident_id: str | None) -> dict[str, Any] | None:
     if incident_id is None:
         return None
-    inc = await store.get_incident(incident_id)
+    inc = await store.incidents.get(incident_id)
     if inc is None:
         return {"id": incident_id}
     return {"id": inc.id, "title": inc.title, "status": inc.status, "severity": inc.severity,
@@ -50,7 +50,7 @@ async def list_actions(
     if scoped is not None and host not in (None, scoped):
         raise OpenAIError(403, f"this key is the host {scoped!r}'s: it reads that host's "
                           "actions only", param="host", code="host_mismatch")
-    items = await store.list_proposals(
+    items = await store.proposals.list(
         status=[status] if status else None, incident_id=incident_id,
         host=scoped or host, limit=limit,
     )
@@ -61,7 +61,7 @@ async def list_actions(
 async def get_action(request: Request, action_id: str) -> dict[str, Any]:
     store = await request_store(request)
     await service.expire_due(store)
-    p = await store.get_proposal(action_id)
+    p = await store.proposals.get(action_id)
     if p is None:
         raise OpenAIError(404, f"no action {action_id!r}", param="id", code="action_not_found")
     scoped: str | None = request.state.host

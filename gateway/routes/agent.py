@@ -49,9 +49,9 @@ class ResultBody(BaseModel):
 
 async def _expire(store: Store, gw: GatewayState) -> None:
     fleet = gw.settings.fleet
-    for p in await store.expire_dispatch(local=["localhost", fleet.local_host()],
+    for p in await store.proposals.expire_dispatch(local=["localhost", fleet.local_host()],
                                          dispatch_ttl=fleet.dispatch_ttl):
-        await store.append_audit("fleet", p.status, p.id, {"host": p.host,
+        await store.audit.append("fleet", p.status, p.id, {"host": p.host,
                                                             "action": p.action})
 
 
@@ -64,9 +64,9 @@ async def claim(request: Request, host: Annotated[str, Depends(require_host)]) -
     owner = f"agent:{host}"
     while True:
         await _expire(store, gw)
-        p = await store.claim_proposal(host, owner, gw.settings.fleet.lease_seconds)
+        p = await store.proposals.claim(host, owner, gw.settings.fleet.lease_seconds)
         if p is not None:
-            await store.append_audit(owner, "claimed", p.id, {"host": host, "action": p.action,
+            await store.audit.append(owner, "claimed", p.id, {"host": host, "action": p.action,
                                                               "params": p.params})
             return Response(json.dumps({"object": "action", "id": p.id, "action": p.action,
                                         "params": p.params, "host": p.host,
@@ -82,21 +82,21 @@ async def result(request: Request, action_id: str,
                  host: Annotated[str, Depends(require_host)]) -> dict[str, Any]:
     store = await request_store(request)
     body, _ = await read_model(request, ResultBody, MAX_BODY)
-    p = await store.get_proposal(action_id)
+    p = await store.proposals.get(action_id)
     if p is None:
         raise OpenAIError(404, f"no action {action_id!r}", param="id", code="action_not_found")
-    owner, _until = await store.lease_owner(action_id)
+    owner, _until = await store.proposals.lease_owner(action_id)
     if p.host != host or owner != f"agent:{host}":
         raise OpenAIError(403, f"action {action_id} is not held by host {host!r}",
                           param="id", code="host_mismatch")
     output = body.output if body.refused is None else f"refused by {host}: {body.refused}"
-    done = await store.record_action_result(
+    done = await store.proposals.record_result(
         action_id, body.status, ActionResult(exit_code=body.exit_code, output=output,
                                              duration=body.duration))
     if done is None:
         raise OpenAIError(409, f"action {action_id} is {p.status}, not running (its lease "
                           "may have expired)", code="action_not_running")
-    await store.append_audit(f"agent:{host}", "refused" if body.refused else "result",
+    await store.audit.append(f"agent:{host}", "refused" if body.refused else "result",
                              action_id, {"host": host, "status": body.status,
                                          "exit_code": body.exit_code})
     view: dict[str, Any] = {"object": "action", **done.model_dump()}

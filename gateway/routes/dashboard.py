@@ -109,5 +109,5 @@ async def audit(
         async with store.tx() as tx:
             rows = await tx.execute("SELECT COALESCE(MAX(seq), 0) AS m FROM audit")
         after = max(0, int(rows[0]["m"]) - limit)
-    entries = await store.list_audit(after=after, limit=limit)
+    entries = await store.audit.list(after=after, limit=limit)
     return {"object": "list", "data": [{"object": "audit", **e.model_dump()} for e in entries]}

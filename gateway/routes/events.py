@@ -124,7 +124,7 @@ async def stream(
         cursor = after
         while True:
             horizon = service.bus.last_seq
-            batch = await store.verdicts_after(
+            batch = await store.verdicts.after(
                 cursor, limit=200, min_severity=min_severity, host=host,
                 anomalies_only=anomalies_only,
             )

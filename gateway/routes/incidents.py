@@ -25,13 +25,13 @@ async def list_incidents(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict[str, Any]:
     store = await request_store(request)
-    items = await store.list_incidents(status=status, host=host, limit=limit)
+    items = await store.incidents.list(status=status, host=host, limit=limit)
     return {"object": "list", "data": [{"object": "incident", **i.model_dump()} for i in items]}
 
 
 @router.get("/v1/incidents/{incident_id}")
 async def get_incident(request: Request, incident_id: str) -> dict[str, Any]:
-    inc = await (await request_store(request)).get_incident(incident_id)
+    inc = await (await request_store(request)).incidents.get(incident_id)
     if inc is None:
         raise OpenAIError(404, f"no incident {incident_id!r}", param="incident_id",
                           code="incident_not_found")
@@ -42,12 +42,12 @@ async def get_incident(request: Request, incident_id: str) -> dict[str, Any]:
 async def resolve_incident(request: Request, incident_id: str) -> dict[str, Any]:
     service = pipeline(request)
     store = await request_store(request)
-    if await store.get_incident(incident_id) is None:
+    if await store.incidents.get(incident_id) is None:
         raise OpenAIError(404, f"no incident {incident_id!r}", param="incident_id",
                           code="incident_not_found")
-    changed = await store.resolve_incident(
+    changed = await store.incidents.resolve(
         incident_id, by="admin", remember=service.settings.memory.enabled
     )
-    inc = await store.get_incident(incident_id)
+    inc = await store.incidents.get(incident_id)
     assert inc is not None
     return {"object": "incident", "changed": changed, **inc.model_dump()}

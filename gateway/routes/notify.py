@@ -52,7 +52,7 @@ async def channels(request: Request) -> dict[str, Any]:
 async def notifications(
     request: Request, limit: Annotated[int, Query(ge=1, le=500)] = 50
 ) -> dict[str, Any]:
-    items = await (await request_store(request)).recent_notifications(limit)
+    items = await (await request_store(request)).outbox.recent(limit)
     return {"object": "list", "data": [{"object": "notification", **n} for n in items]}
 
 

@@ -12,7 +12,7 @@ Entry point for the pipeline's meta stage::
         on_result: Callable[[Proposal], Awaitable[None]] | None = None,
     ) -> list[Proposal]
 
-``proposals`` may be the records ``Store.record_decision`` just stored (status
+``proposals`` may be the records ``store.incidents.record_decision`` just stored (status
 ``pending``, not yet screened) or raw proposals (``ProposedAction`` or plain dicts with
 exactly ``action``, ``params``, ``rationale``). Each one ends in exactly one of:
 
@@ -114,7 +114,7 @@ def _policy(store: Store, settings: Settings) -> Policy:
             inventory = UnitInventory(settings, program_path("systemctl", settings))
         except Refusal:
             inventory = None
-    return Policy(settings, store, inventory)
+    return Policy(settings, store.proposals, inventory)
 
 
 async def incident_scope(store: Store, incident_id: str | None) -> IncidentScope:
@@ -122,7 +122,7 @@ async def incident_scope(store: Store, incident_id: str | None) -> IncidentScope
     model's words, the incident's title and the log lines' text play no part."""
     if incident_id is None:
         return NO_SCOPE
-    detail = await store.get_incident(incident_id)
+    detail = await store.incidents.get(incident_id)
     if detail is None:
         return IncidentScope(incident_id, frozenset())
     ids = list(dict.fromkeys(
@@ -130,7 +130,7 @@ async def incident_scope(store: Store, incident_id: str | None) -> IncidentScope
     ))
     units: set[str] = set()
     for at in range(0, len(ids), 500):
-        units |= evidence_units(await store.get_events(ids[at:at + 500]))
+        units |= evidence_units(await store.events.get(ids[at:at + 500]))
     return IncidentScope(incident_id, frozenset(units))
 
 
@@ -170,22 +170,22 @@ def _plan_checked(action: Any, params: Any, settings: Settings) -> PlannedAction
 
 
 async def _audit(store: Store, actor: str, kind: str, p: Proposal, **detail: Any) -> None:
-    await store.append_audit(
+    await store.audit.append(
         actor, kind, p.id,
         {"incident": p.incident_id, "action": p.action, "params": p.params, **detail},
     )
 
 
 async def _refuse(store: Store, p: Proposal, refusal: Refusal, actor: str) -> Proposal:
-    done = await store.transition_proposal(
+    done = await store.proposals.transition(
         p.id, "refused", expected=("pending", "approved"), decided_by=actor
     )
     await _audit(store, actor, "refused", p, code=refusal.code, reason=refusal.message)
     if p.incident_id:
-        await store.add_timeline(p.incident_id, "action_refused",
+        await store.incidents.add_timeline(p.incident_id, "action_refused",
                                  {"proposal": p.id, "action": p.action, "code": refusal.code,
                                   "reason": refusal.message})
-    await store.notify_proposal(p.id, "refused", code=refusal.code, reason=refusal.message)
+    await store.outbox.notify_proposal(p.id, "refused", code=refusal.code, reason=refusal.message)
     return done or p
 
 
@@ -216,7 +216,7 @@ async def _incident_host(store: Store, incident_id: str | None) -> str | None:
     """The host an incident's actions are for (None: no incident, this machine)."""
     if incident_id is None:
         return None
-    inc = await store.get_incident(incident_id)
+    inc = await store.incidents.get(incident_id)
     return inc.host if inc is not None else None
 
 
@@ -229,9 +229,7 @@ async def runs_elsewhere(store: Store, settings: Settings, host: str | None) -> 
         return False
     if settings.fleet.role == "server":
         return True
-    from layers.store.hosts import Hosts
-
-    return await Hosts(store).known(str(host))
+    return await store.hosts.known(str(host))
 
 
 async def _dispatch(store: Store, settings: Settings, p: Proposal, actor: str) -> Proposal:
@@ -275,7 +273,7 @@ async def _handle_one(
     except Refusal as refusal:
         if stored is None:
             name = action if isinstance(action, str) else repr(action)
-            stored = await store.add_proposal(
+            stored = await store.proposals.add(
                 name[:64], _jsonable(params) if isinstance(params, Mapping) else
                 {"unparseable": repr(params)[:500]}, rationale, incident_id=incident_id,
                 status="refused", host=host,
@@ -284,10 +282,10 @@ async def _handle_one(
             await _audit(store, "policy", "refused", stored, code=refusal.code,
                          reason=refusal.message)
             if incident_id:
-                await store.add_timeline(incident_id, "action_refused",
+                await store.incidents.add_timeline(incident_id, "action_refused",
                                          {"proposal": stored.id, "code": refusal.code,
                                           "reason": refusal.message})
-            await store.notify_proposal(stored.id, "refused", code=refusal.code,
+            await store.outbox.notify_proposal(stored.id, "refused", code=refusal.code,
                                         reason=refusal.message)
             return stored
         await _audit(store, actor, "proposed", stored, rationale=rationale)
@@ -297,7 +295,7 @@ async def _handle_one(
         decision = await policy.decide(planned, scope)
         if stored is None:
             if decision.verdict is Ruling.WAIT:
-                stored = await store.add_proposal(
+                stored = await store.proposals.add(
                     planned.name, planned.params_dict(), rationale, incident_id=incident_id,
                     status="pending", risk=planned.risk.value, dry_run=planned.dry_run,
                     expires_at=time.time() + settings.actions.approval_ttl, host=host,
@@ -307,7 +305,7 @@ async def _handle_one(
                                  from_incident=incident_id, rationale=rationale)
                     return stored
             else:
-                stored = await store.add_proposal(
+                stored = await store.proposals.add(
                     planned.name, planned.params_dict(), rationale, incident_id=incident_id,
                     status="approved" if decision.verdict is Ruling.RUN else "refused",
                     risk=planned.risk.value, dry_run=planned.dry_run, host=host,
@@ -317,7 +315,7 @@ async def _handle_one(
         else:
             await _audit(store, actor, "proposed", stored, rationale=rationale,
                          risk=planned.risk.value, dry_run=planned.dry_run)
-            await store.transition_proposal(stored.id, "pending", expected=("pending",),
+            await store.proposals.transition(stored.id, "pending", expected=("pending",),
                                             risk=planned.risk.value, dry_run=planned.dry_run)
             await _set_expiry(store, stored.id, time.time() + settings.actions.approval_ttl)
         if decision.verdict is Ruling.REFUSE:
@@ -327,24 +325,24 @@ async def _handle_one(
                          reason=decision.reason,
                          expires_in=settings.actions.approval_ttl)
             if stored.incident_id:
-                await store.add_timeline(stored.incident_id, "action_pending",
+                await store.incidents.add_timeline(stored.incident_id, "action_pending",
                                          {"proposal": stored.id, "action": planned.name,
                                           "dry_run": planned.dry_run, "code": decision.code,
                                           "reason": decision.reason})
-            await store.notify_proposal(stored.id, "pending", code=decision.code,
+            await store.outbox.notify_proposal(stored.id, "pending", code=decision.code,
                                         reason=decision.reason)
-            return await store.get_proposal(stored.id) or stored
+            return await store.proposals.get(stored.id) or stored
         actor = "policy:" + decision.reason.rsplit(" ", 1)[-1]
         if stored.status == "pending":
-            await store.transition_proposal(stored.id, "approved", expected=("pending",),
+            await store.proposals.transition(stored.id, "approved", expected=("pending",),
                                             decided_by=actor)
         await _audit(store, actor, "approved", stored, reason=decision.reason)
         if await runs_elsewhere(store, settings, stored.host):
-            return await _dispatch(store, settings, await store.get_proposal(stored.id)
+            return await _dispatch(store, settings, await store.proposals.get(stored.id)
                                    or stored, actor)
-        running = await store.transition_proposal(stored.id, "running", expected=("approved",))
+        running = await store.proposals.transition(stored.id, "running", expected=("approved",))
     if running is None:
-        return await store.get_proposal(stored.id) or stored
+        return await store.proposals.get(stored.id) or stored
     return await _run(store, settings, planned, running, on_result)
 
 
@@ -360,7 +358,7 @@ async def _run(store: Store, settings: Settings, planned: PlannedAction, p: Prop
         result = ExecResult(exit_code=None, output="", duration=0.0, error=f"executor: {exc!r}")
     status: ProposalStatus = "succeeded" if result.ok else "failed"
     output = result.output if result.error is None else f"{result.error}\n{result.output}"
-    done = await store.record_action_result(
+    done = await store.proposals.record_result(
         p.id, status, ActionResult(exit_code=result.exit_code, output=output,
                                    duration=result.duration),
     )
@@ -369,7 +367,7 @@ async def _run(store: Store, settings: Settings, planned: PlannedAction, p: Prop
                  duration=round(result.duration, 3), timed_out=result.timed_out,
                  output=output[:1000])
     if p.incident_id:
-        await store.add_timeline(p.incident_id, "action_result",
+        await store.incidents.add_timeline(p.incident_id, "action_result",
                                  {"proposal": p.id, "action": p.action, "status": status,
                                   "exit_code": result.exit_code,
                                   "duration": round(result.duration, 3),
@@ -382,7 +380,7 @@ async def _run(store: Store, settings: Settings, planned: PlannedAction, p: Prop
 
 
 async def _set_expiry(store: Store, proposal_id: str, expires_at: float) -> None:
-    """Proposals stored by ``record_decision`` without a TTL get the approval TTL."""
+    """Proposals stored by ``incidents.record_decision`` without a TTL get the approval TTL."""
     async with store.tx() as tx:
         await tx.execute(
             "UPDATE proposals SET expires_at = ? WHERE id = ? AND expires_at IS NULL",
@@ -400,7 +398,7 @@ async def reopen_incident(store: Store, incident_id: str, why: str) -> bool:
             (now, incident_id),
         )
     if rows:
-        await store.add_timeline(incident_id, "status", {"status": "open", "by": why})
+        await store.incidents.add_timeline(incident_id, "status", {"status": "open", "by": why})
     return bool(rows)
 
 
@@ -408,18 +406,18 @@ async def reopen_incident(store: Store, incident_id: str, why: str) -> bool:
 
 
 async def expire_due(store: Store) -> list[Proposal]:
-    expired = await store.expire_proposals()
+    expired = await store.proposals.expire()
     for p in expired:
         await _audit(store, "policy", "expired", p)
         if p.incident_id:
-            await store.add_timeline(p.incident_id, "action_expired",
+            await store.incidents.add_timeline(p.incident_id, "action_expired",
                                      {"proposal": p.id, "action": p.action})
     return expired
 
 
 async def _pending(store: Store, proposal_id: str) -> Proposal:
     await expire_due(store)
-    p = await store.get_proposal(proposal_id)
+    p = await store.proposals.get(proposal_id)
     if p is None:
         raise ActionError("not_found", f"no action {proposal_id!r}")
     if p.status != "pending":
@@ -451,33 +449,33 @@ async def approve(store: Store, settings: Settings, proposal_id: str, approver: 
         except Refusal as refusal:
             p = await _refuse(store, p, refusal, actor)
             raise ActionError("refused", f"{refusal.code}: {refusal.message}", p) from None
-        approved = await store.transition_proposal(p.id, "approved", expected=("pending",),
+        approved = await store.proposals.transition(p.id, "approved", expected=("pending",),
                                                    decided_by=actor)
         if approved is None:
             raise ActionError("not_pending", f"action {p.id} was decided meanwhile")
         await _audit(store, actor, "approved", approved, dry_run=planned.dry_run)
         if await runs_elsewhere(store, settings, approved.host):
             return await _dispatch(store, settings, approved, actor)
-        running = await store.transition_proposal(p.id, "running", expected=("approved",))
+        running = await store.proposals.transition(p.id, "running", expected=("approved",))
     if running is None:
         raise ActionError("not_pending", f"action {p.id} was decided meanwhile")
     task = runs.start(_run(store, settings, planned, running, on_result))
     try:
         return await asyncio.wait_for(asyncio.shield(task), timeout=wait)
     except TimeoutError:
-        return await store.get_proposal(p.id) or running
+        return await store.proposals.get(p.id) or running
 
 
 async def reject(store: Store, proposal_id: str, approver: str, reason: str = "") -> Proposal:
     p = await _pending(store, proposal_id)
     actor = f"admin:{approver}"
-    done = await store.transition_proposal(p.id, "rejected", expected=("pending",),
+    done = await store.proposals.transition(p.id, "rejected", expected=("pending",),
                                            decided_by=actor)
     if done is None:
         raise ActionError("not_pending", f"action {p.id} was decided meanwhile")
     await _audit(store, actor, "rejected", done, reason=reason[:500])
     if p.incident_id:
-        await store.add_timeline(p.incident_id, "action_rejected",
+        await store.incidents.add_timeline(p.incident_id, "action_rejected",
                                  {"proposal": p.id, "action": p.action, "by": actor})
     return done
 

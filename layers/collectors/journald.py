@@ -155,11 +155,11 @@ class JournaldCollector:
     async def _ship(self, pending: list[tuple[Event, str]], cursor_name: str,
                     cursor: str) -> None:
         await self.sink.send([e for e, _ in pending])
-        await self.store.set_cursor(cursor_name, cursor)
+        await self.store.cursors.set(cursor_name, cursor)
 
     async def _run_replay(self, path: Path) -> None:
         name = f"journald-replay:{path.resolve()}"
-        done = int(await self.store.get_cursor(name) or 0)
+        done = int(await self.store.cursors.get(name) or 0)
         with path.open(encoding="utf-8", errors="replace") as fh:
             lines = fh.readlines()
         for start in range(done, len(lines), self.batch):
@@ -168,7 +168,7 @@ class JournaldCollector:
         log.info("journal replay of %s complete (%d lines)", path, len(lines))
 
     async def _run_follow(self) -> None:
-        cursor = await self.store.get_cursor(CURSOR_NAME)
+        cursor = await self.store.cursors.get(CURSOR_NAME)
         argv = ["journalctl", "--output=json", "--follow", "--no-pager"]
         # Resume after the stored cursor; on a first run start from now, not from history.
         argv += [f"--after-cursor={cursor}"] if cursor else ["--lines=0"]

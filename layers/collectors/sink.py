@@ -28,7 +28,7 @@ class StoreSink:
 
     async def send(self, events: Sequence[Event]) -> None:
         if events:
-            await self.store.add_events(events)
+            await self.store.events.add(events)
 
 
 class GatewaySink:

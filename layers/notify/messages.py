@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from layers.config import Settings
-from layers.store.base import OutboxNotification
+from layers.store.outbox import OutboxNotification
 
 MAX_TITLE = 250
 MAX_BODY = 3000

@@ -25,7 +25,7 @@ from typing import Any
 
 from layers.events import SEVERITY_RANK
 from layers.notify.channels import Channel
-from layers.store.base import DeliveryHistory, DeliveryPlan, OutboxNotification
+from layers.store.outbox import DeliveryHistory, DeliveryPlan, OutboxNotification
 
 RATE_WINDOW = 3600.0
 

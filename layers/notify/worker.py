@@ -12,7 +12,7 @@ Each round it
    When one delivery of a channel fails, the channel's other claimed deliveries wait for
    the same retry instead of hammering a receiver that is down;
 3. **reconciles** now and then: notifications that a crash kept the action stage from
-   writing (``Store.reconcile_notifications``), and prunes those older than
+   writing (``store.outbox.reconcile``), and prunes those older than
    ``store.retention_days``.
 
 A gateway killed mid-delivery leaves the claimed deliveries leased; they are due again
@@ -38,7 +38,7 @@ from layers.notify.messages import Message, probe_message, render
 from layers.notify.routing import RATE_WINDOW, dedupe_key, plan, wants
 from layers.notify.send import Sender, SendResult
 from layers.store import Store, StoreError
-from layers.store.base import DeliveryHistory, OutboxDelivery
+from layers.store.outbox import DeliveryHistory, OutboxDelivery
 
 log = logging.getLogger("ai_sysadmin.notify")
 
@@ -95,11 +95,11 @@ class NotifyWorker:
         now = time.time()
         if now >= self._next_reconcile:
             self._next_reconcile = now + RECONCILE_EVERY
-            await self.store.reconcile_notifications(
+            await self.store.outbox.reconcile(
                 settled_before=now - SETTLED_AFTER, refused_since=now - REFUSED_LOOKBACK)
         if now >= self._next_prune:
             self._next_prune = now + PRUNE_EVERY
-            pruned = await self.store.prune_notifications(
+            pruned = await self.store.outbox.prune(
                 now - self.settings.store.retention_days * 86400.0)
             if pruned:
                 log.info("notify: pruned %d old notifications", pruned)
@@ -110,7 +110,7 @@ class NotifyWorker:
     # -- routing ----------------------------------------------------------------------
 
     async def route(self, limit: int = 200) -> bool:
-        notes = await self.store.unrouted_notifications(limit)
+        notes = await self.store.outbox.unrouted(limit)
         for n in notes:
             now = time.time()
             plans = []
@@ -118,7 +118,7 @@ class NotifyWorker:
                 if not wants(ch, n):
                     continue
                 if self.cfg.dedupe_window > 0 or ch.max_per_hour:
-                    history = await self.store.delivery_history(
+                    history = await self.store.outbox.delivery_history(
                         ch.name, dedupe_key(n), dedupe_since=now - self.cfg.dedupe_window,
                         rate_since=now - RATE_WINDOW)
                     if self.cfg.dedupe_window <= 0:
@@ -131,7 +131,7 @@ class NotifyWorker:
                     log.info("notify: %s %s not sent to %s: %s", n.kind, n.subject, ch.name,
                              p.reason)
                 plans.append(p)
-            await self.store.route_notification(n.id, plans)
+            await self.store.outbox.route(n.id, plans)
         return bool(notes)
 
     # -- delivery ---------------------------------------------------------------------
@@ -139,7 +139,7 @@ class NotifyWorker:
     async def deliver_due(self) -> bool:
         now = time.time()
         lease = now + self.cfg.timeout + LEASE_MARGIN
-        claimed = await self.store.claim_deliveries(now, lease, limit=self.cfg.concurrency * 8)
+        claimed = await self.store.outbox.claim_deliveries(now, lease, limit=self.cfg.concurrency * 8)
         if not claimed:
             return False
         by_channel: dict[str, list[OutboxDelivery]] = {}
@@ -158,7 +158,7 @@ class NotifyWorker:
         for i, d in enumerate(queue):
             result = await self._send(d)
             if result.ok:
-                await self.store.delivery_done(d.seq)
+                await self.store.outbox.delivery_done(d.seq)
                 self.delivered += 1
                 log.info("notify: %s %s delivered to %s", d.notification.kind,
                          d.notification.subject, d.channel)
@@ -174,10 +174,10 @@ class NotifyWorker:
                 log.warning("notify: %s %s to %s failed (attempt %d): %s; retrying in %.1fs",
                             d.notification.kind, d.notification.subject, d.channel, attempt,
                             result.cause, retry_at - time.time())
-            await self.store.delivery_failed(d.seq, result.cause, retry_at=retry_at)
+            await self.store.outbox.delivery_failed(d.seq, result.cause, retry_at=retry_at)
             # The receiver is failing: the rest of this channel's batch waits with it.
             for rest in queue[i + 1:]:
-                await self.store.delivery_failed(
+                await self.store.outbox.delivery_failed(
                     rest.seq, f"waiting: {result.cause}"[:500], attempted=False,
                     retry_at=retry_at if retry_at is not None else time.time())
             return
@@ -226,7 +226,7 @@ class NotifyService:
         if not self.settings.notify.enabled:
             return
         self.worker = NotifyWorker(self.settings, store, self.channels)
-        store.outbox_wakeup = self.worker.wake
+        store.outbox.wakeup = self.worker.wake
         self._task = asyncio.create_task(self.worker.run(), name="notify-worker")
         if self.channels:
             log.info("notify: %d channel(s): %s", len(self.channels),
@@ -238,11 +238,11 @@ class NotifyService:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self.worker is not None:
-            self.worker.store.outbox_wakeup = None
+            self.worker.store.outbox.wakeup = None
             self.worker.close()
 
     async def channel_view(self, store: Store) -> list[dict[str, Any]]:
-        stats = await store.notification_stats()
+        stats = await store.outbox.stats()
         empty = {"pending": 0, "delivered": 0, "failed": 0, "dropped": 0,
                  "last_delivered_at": None, "last_error": None, "last_error_at": None}
         return [{**c.public(), **stats.get(c.name, empty)} for c in self.channels]

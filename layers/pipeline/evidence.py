@@ -269,7 +269,7 @@ class Reads:
     async def _audit(self, kind: str, detail: dict[str, Any], step: int | None = None) -> None:
         subject = f"{self.subject}#e{step}" if step is not None else self.subject
         extra = {"incident": self.incident_id} if self.incident_id else {}
-        await self.store.append_audit(self.actor, kind, subject, {**extra, **detail})
+        await self.store.audit.append(self.actor, kind, subject, {**extra, **detail})
 
     async def _timeline(self, detail: dict[str, Any]) -> None:
         if self.timeline is not None:
@@ -347,7 +347,7 @@ class EvidenceLoop(Reads):
                  prompt: Prompt, grounds: Sequence[str],
                  retry: Callable[..., Awaitable[Any]], local_profile: bool = False) -> None:
         async def timeline(detail: dict[str, Any]) -> None:
-            await store.add_timeline(inc.id, "evidence", detail)
+            await store.incidents.add_timeline(inc.id, "evidence", detail)
 
         super().__init__(settings, store, reader=reader, reads=reads, subject=inc.id,
                          incident_id=inc.id, actor="meta:evidence", timeline=timeline)
@@ -364,12 +364,12 @@ class EvidenceLoop(Reads):
     # -- the deterministic part --
 
     async def incident_start(self) -> float | None:
-        detail = await self.store.get_incident(self.inc.id)
+        detail = await self.store.incidents.get(self.inc.id)
         if detail is None:
             return None
         ids = [str(t.detail["id"]) for t in detail.timeline
                if t.kind == "event" and t.detail.get("id")]
-        events = await self.store.get_events(ids[:500]) if ids else []
+        events = await self.store.events.get(ids[:500]) if ids else []
         return min((e.timestamp for e in events), default=None)
 
     async def correlate(self) -> None:

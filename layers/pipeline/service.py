@@ -32,7 +32,7 @@ class IncidentContext:
     async def snippets(self) -> list[str]:
         """One line per incident and verdict; what a model wrote is marked as such (the
         title is facts: the rule and the event's own words)."""
-        incs = await self.store.list_incidents(
+        incs = await self.store.incidents.list(
             status=["open", "reviewed", "escalated", "unreviewed"], limit=self.n_incidents
         )
         lines = [
@@ -44,7 +44,7 @@ class IncidentContext:
         ]
         if not incs:
             lines.append("no open incidents")
-        for v in await self.store.recent_verdicts(self.n_verdicts):
+        for v in await self.store.verdicts.recent(self.n_verdicts):
             age = int(time.time() - v.created_at)
             # Facts first (a clipped line loses the model's part, not the log's).
             lines.append(
@@ -84,7 +84,7 @@ class PipelineService:
         ]
 
     async def _latest_seq(self) -> int:
-        recent = await self.store.recent_verdicts(1, anomalies_only=False)
+        recent = await self.store.verdicts.recent(1, anomalies_only=False)
         return recent[0].seq if recent else 0
 
     async def close(self) -> None:
@@ -98,7 +98,7 @@ class PipelineService:
 
     async def intake(self, events: Sequence[Event]) -> AddResult:
         """Store events (committed before this returns) and wake the trigger stage."""
-        result = await self.store.add_events(events)
+        result = await self.store.events.add(events)
         if result.accepted and self.trigger is not None:
             self.trigger.notify()
         return result

@@ -2,7 +2,7 @@
 
 They run in the daemon. Work is read from the store (an incident's ``stage``), so the
 daemon can restart at any point: a stage whose result was not committed runs again, a
-committed one never does (``record_review``/``record_decision`` are compare-and-set on
+committed one never does (``incidents.record_review``/``record_decision`` are compare-and-set on
 the stage). A layer that is down makes the work wait; layer output that stays
 truncated or invalid after retries marks the incident ``unreviewed`` — never healthy.
 A call that times out is tried again with a longer deadline (the timeout lowered the
@@ -170,15 +170,15 @@ class IncidentWorker:
 
     async def step(self) -> bool:
         """Do the oldest piece of owed work; False when nothing is owed."""
-        inc = await self.store.next_incident("review")
+        inc = await self.store.incidents.next("review")
         if inc is not None:
             await self.review(inc)
             return True
-        inc = await self.store.next_incident("meta")
+        inc = await self.store.incidents.next("meta")
         if inc is not None:
             await self.diagnose(inc)
             return True
-        inc = await self.store.next_incident("remember")
+        inc = await self.store.incidents.next("remember")
         if inc is not None:
             await self.remember(inc)
             return True
@@ -194,8 +194,8 @@ class IncidentWorker:
         return floor != "never" and SEVERITY_RANK[inc.severity] >= SEVERITY_RANK[floor]
 
     async def review(self, inc: Incident) -> None:
-        verdicts = await self.store.incident_verdicts(inc.id, limit=3)
-        events = await self.store.recent_events(host=inc.host, unit=inc.unit, limit=5)
+        verdicts = await self.store.verdicts.of_incident(inc.id, limit=3)
+        events = await self.store.events.recent(host=inc.host, unit=inc.unit, limit=5)
         metrics = metrics_snapshot()
         try:
             out = await checked_json(
@@ -209,14 +209,14 @@ class IncidentWorker:
             if not is_permanent(exc):
                 raise
             log.warning("incident %s unreviewed: %s", inc.id, exc.message)
-            await self.store.record_review(inc.id, None, escalate=self.must_escalate(inc, None),
+            await self.store.incidents.record_review(inc.id, None, escalate=self.must_escalate(inc, None),
                                            error=exc.message)
             return
         review = Review.model_validate(out.model_dump())
-        await self.store.record_review(inc.id, review, escalate=self.must_escalate(inc, review))
+        await self.store.incidents.record_review(inc.id, review, escalate=self.must_escalate(inc, review))
 
     async def diagnose(self, inc: Incident) -> None:
-        verdicts = await self.store.incident_verdicts(inc.id, limit=3)
+        verdicts = await self.store.verdicts.of_incident(inc.id, limit=3)
         memories: list[str] = []
         if self.memory is not None:
             try:
@@ -241,7 +241,7 @@ class IncidentWorker:
                 facts = evidence.switch_decision(gathered)
                 if facts is None:
                     log.warning("incident %s undiagnosed (unreviewed): %s", inc.id, exc.message)
-                    await self.store.record_decision(inc.id, None, error=exc.message)
+                    await self.store.incidents.record_decision(inc.id, None, error=exc.message)
                     return
                 # The model's decision was refused, but the facts call for a rollback:
                 # the decision is ai-sysadmin's, from the facts alone, and says so.
@@ -249,7 +249,7 @@ class IncidentWorker:
                             inc.id, exc.message)
                 decision = facts
         decision = evidence.with_switch_rollback(decision, gathered)
-        proposals = await self.store.record_decision(
+        proposals = await self.store.incidents.record_decision(
             inc.id, decision, proposal_ttl=self.settings.actions.approval_ttl
         )
         if proposals and self.on_proposals is not None:
@@ -309,13 +309,13 @@ class IncidentWorker:
 
     async def remember(self, inc: Incident) -> None:
         if self.memory is not None:
-            detail = await self.store.get_incident(inc.id)
+            detail = await self.store.incidents.get(inc.id)
             if detail is not None:
                 await self.memory.remember(detail)
-        await self.store.mark_remembered(inc.id)
+        await self.store.incidents.mark_remembered(inc.id)
 
     async def resolve_quiet(self) -> bool:
-        quiet = await self.store.quiet_incidents(time.time() - self.cfg.resolve_after)
+        quiet = await self.store.incidents.quiet(time.time() - self.cfg.resolve_after)
         for inc in quiet:
-            await self.store.resolve_incident(inc.id, by="quiet", remember=self.memory is not None)
+            await self.store.incidents.resolve(inc.id, by="quiet", remember=self.memory is not None)
         return bool(quiet)

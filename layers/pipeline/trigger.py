@@ -148,7 +148,7 @@ class TriggerStage:
         return did
 
     async def prefilter_new(self, limit: int = 2000) -> bool:
-        new = await self.store.claim_events("new", limit)
+        new = await self.store.events.claim("new", limit)
         if not new:
             return False
         decisions = []
@@ -158,14 +158,14 @@ class TriggerStage:
                 Prefiltered(e.seq, True, m.fingerprint, m.rule.name) if m
                 else Prefiltered(e.seq, False)
             )
-        await self.store.mark_prefiltered(decisions)
+        await self.store.events.mark_prefiltered(decisions)
         return True
 
     async def classify_batch(self) -> bool:
         """Classify up to ``trigger_concurrency`` batches at once (the layer's slots decode
         them together) and store every verdict that came back."""
         size = self.cfg.batch_size
-        cands = await self.store.claim_events("candidate", size * self.cfg.trigger_concurrency)
+        cands = await self.store.events.claim("candidate", size * self.cfg.trigger_concurrency)
         if not cands:
             return False
         batches = self.batches(cands)[: self.cfg.trigger_concurrency]
@@ -183,7 +183,7 @@ class TriggerStage:
         self.layer_waiting = False
         for v in verdicts:
             self.batch_cap.pop(v.event.seq, None)
-        await self.bus.publish(await self.store.record_verdicts(verdicts))
+        await self.bus.publish(await self.store.verdicts.record(verdicts))
 
     def batches(self, cands: Sequence[StoredEvent]) -> list[list[StoredEvent]]:
         """Candidates in order, in batches of ``batch_size`` — smaller where an event's

@@ -95,9 +95,8 @@ async def drive(step: Callable[[], Awaitable[bool]], what: str, settings: Settin
 async def scratch_store(settings: Settings) -> AsyncIterator[Store]:
     """A fresh SQLite store in a temporary directory, removed afterwards."""
     with tempfile.TemporaryDirectory(prefix="ai-sysadmin-eval-") as tmp:
-        store = make_store("", Path(tmp))
+        store = make_store("", Path(tmp), incident_window=settings.pipeline.incident_window)
         await store.open()
-        store.incident_window = settings.pipeline.incident_window
         try:
             yield store
         finally:
@@ -164,20 +163,20 @@ async def classify_lines(settings: Settings, layers: LayerClients, lines: Sequen
         prefilter = Prefilter(load_rules(s.pipeline.rules_file), debounce=0.0)
         stage = TriggerStage(s, store, layers["trigger"], prefilter, VerdictBus())
         events = [line.event() for line in lines]
-        await store.add_events(events)
+        await store.events.add(events)
         started = time.monotonic()
 
         async def step() -> bool:
             did = await stage.step()
-            counts = await store.event_counts()
+            counts = await store.events.counts()
             cands = counts.get("candidate", 0) + counts.get("classified", 0)
             say(f"trigger: {counts.get('classified', 0)}/{cands} candidates classified "
                 f"({time.monotonic() - started:.0f}s)")
             return did
 
         await drive(step, "trigger", s, say)
-        verdicts = {v.event_id: v for v in await store.verdicts_after(0, limit=len(events) + 1)}
-        counts = await store.event_counts()
+        verdicts = {v.event_id: v for v in await store.verdicts.after(0, limit=len(events) + 1)}
+        counts = await store.events.counts()
     preds = []
     for ev in events:
         v = verdicts.get(ev.id)
@@ -333,7 +332,7 @@ async def run_scenario(settings: Settings, layers: LayerClients, sc: Scenario, *
     started = time.monotonic()
     s = settings
     async with scratch_store(s) as store:
-        await store.add_events(sc.events())
+        await store.events.add(sc.events())
         prefilter = Prefilter(load_rules(s.pipeline.rules_file), debounce=s.pipeline.debounce)
         stage = TriggerStage(s, store, layers["trigger"], prefilter, VerdictBus())
         await drive(stage.step, f"{sc.id} trigger", s, say)
@@ -342,7 +341,7 @@ async def run_scenario(settings: Settings, layers: LayerClients, sc: Scenario, *
             for p in proposals:
                 output = sc.recording(p.action, p.params)
                 if output is not None:
-                    await store.add_timeline(incident_id, "note", {
+                    await store.incidents.add_timeline(incident_id, "note", {
                         "replayed": p.action, "params": p.params, "output": output[:4000]})
 
         worker = ScenarioWorker(s, store, layers, memory=None, on_proposals=replay,
@@ -351,8 +350,8 @@ async def run_scenario(settings: Settings, layers: LayerClients, sc: Scenario, *
         with scenario_metrics(sc.metrics_lines()):
             await drive(worker.step, f"{sc.id} review/meta", s, say)
         results = []
-        for inc in await store.list_incidents(limit=1000):
-            detail = await store.get_incident(inc.id)
+        for inc in await store.incidents.list(limit=1000):
+            detail = await store.incidents.get(inc.id)
             assert detail is not None
             review = detail.review
             results.append(IncidentResult(

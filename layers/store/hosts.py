@@ -9,14 +9,18 @@ new lookups; gateways cache a lookup for at most :data:`CACHE_SECONDS`.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import re
 import secrets
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from layers.errors import UserError
-from layers.store.base import Store
+
+if TYPE_CHECKING:
+    from layers.store.base import Store
 
 PREFIX = "aish-host-"
 CACHE_SECONDS = 5.0
@@ -50,7 +54,7 @@ def check_name(name: str) -> str:
 
 
 class Hosts:
-    """The hosts aggregate over the store's transactions."""
+    """``store.hosts``: the hosts aggregate over the store's transactions."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -72,7 +76,7 @@ class Hosts:
             else:
                 await tx.execute("INSERT INTO hosts (name, key_hash, created_at) VALUES (?,?,?)",
                                  (name, key_hash(key), now))
-        await self.store.append_audit("admin", "host_added", name, {})
+        await self.store.audit.append("admin", "host_added", name, {})
         return key
 
     async def revoke(self, name: str) -> bool:
@@ -80,11 +84,11 @@ class Hosts:
             rows = await tx.execute("UPDATE hosts SET revoked_at = ? WHERE name = ? AND"
                                     " revoked_at IS NULL RETURNING name", (time.time(), name))
         if rows:
-            await self.store.append_audit("admin", "host_revoked", name, {})
+            await self.store.audit.append("admin", "host_revoked", name, {})
         self._cache.clear()
         return bool(rows)
 
-    async def list(self) -> list[Host]:
+    async def list(self) -> builtins.list[Host]:
         async with self.store.tx() as tx:
             rows = await tx.execute("SELECT name, created_at, revoked_at, last_seen FROM hosts"
                                     " ORDER BY name")

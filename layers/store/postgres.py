@@ -21,8 +21,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from layers.events import Event
-from layers.store.base import Row, Store, StoreError, StoreUnavailable, Tx
+from layers.store.base import Store, StoreError, StoreUnavailable
 from layers.store.migrations import MIGRATIONS
+from layers.store.sql import Row, Tx
 
 _QMARK = re.compile(r"\?")
 
@@ -51,7 +52,9 @@ class _PgTx:
 class PostgresStore(Store):
     dialect = "postgres"
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, **options: Any) -> None:
+        # ``options``: Store's (incident_window, work_lease, worker_id).
+        super().__init__(**options)
         self.url = url
         self._conn: Any = None
         self._lock = asyncio.Lock()

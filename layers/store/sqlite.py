@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from layers.events import Event
-from layers.store.base import Row, Store, StoreError, StoreUnavailable, Tx
+from layers.store.base import Store, StoreError, StoreUnavailable
 from layers.store.migrations import MIGRATIONS
+from layers.store.sql import Row, Tx
 
 
 class _SqliteTx:
@@ -37,7 +38,9 @@ class _SqliteTx:
 class SqliteStore(Store):
     dialect = "sqlite"
 
-    def __init__(self, path: Path, *, busy_timeout: float = 30.0) -> None:
+    def __init__(self, path: Path, *, busy_timeout: float = 30.0, **options: Any) -> None:
+        # ``options``: Store's (incident_window, work_lease, worker_id).
+        super().__init__(**options)
         self.path = path
         self._busy_timeout = busy_timeout
         self._conn: sqlite3.Connection | None = None
