@@ -2,7 +2,7 @@
 processes, one PostgreSQL.
 
 - **Agents.** N hosts (``fleet-000`` …), each with its own host key made with
-  :class:`layers.store.hosts.Hosts` on the shared store. In this process each agent is
+  ``store.hosts`` (layers/store/hosts.py) on the shared store. In this process each agent is
   two asyncio tasks: an event poster (batches of its own host's events to
   ``POST /v1/events`` with its host key, back to back; a raw keep-alive HTTP/1.1
   connection per gateway, as ``bench/load.py`` does, so the load generator's CPU is
@@ -567,15 +567,15 @@ async def make_proposals(f: Fleet, targets: list[tuple[str, str]]) -> list[str]:
                     "autonomy": "suggest"},
         "fleet": {"role": "server", "host": SERVER_HOST}})
     store = f.store
-    await store.add_events([Event(id=f"act-{h}-{u}", host=h, source="journald", unit=u,
+    await store.events.add([Event(id=f"act-{h}-{u}", host=h, source="journald", unit=u,
                                   priority=3, message=f"{u}: Main process exited, code=exited,"
                                   " status=1/FAILURE") for h, u in targets])
-    new = [e for e in await store.events_in_state("new", 100_000) if e.id.startswith("act-")]
-    await store.mark_prefiltered([Prefiltered(e.seq, True, f"fp-{e.id}", "unit_failed")
+    new = [e for e in await store.events.in_state("new", 100_000) if e.id.startswith("act-")]
+    await store.events.mark_prefiltered([Prefiltered(e.seq, True, f"fp-{e.id}", "unit_failed")
                                   for e in new])
-    cands = [e for e in await store.events_in_state("candidate", 100_000)
+    cands = [e for e in await store.events.in_state("candidate", 100_000)
              if e.id.startswith("act-")]
-    verdicts = await store.record_verdicts([VerdictInput(c, True, "critical", "service",
+    verdicts = await store.verdicts.record([VerdictInput(c, True, "critical", "service",
                                                          "unit failed") for c in cands])
     incident = {(v.host, v.unit): v.incident_id for v in verdicts}
     ids = []
@@ -733,7 +733,6 @@ async def part_classify(f: Fleet) -> None:
     SIGKILLed while it holds leased work."""
     from bench.counting_relay import read_log
     from bench.detection import candidates, word
-    from layers.store.hosts import Hosts
 
     plan = f.plan
     work = f.opts.work
@@ -746,7 +745,7 @@ async def part_classify(f: Fleet) -> None:
     db = f.pg.create_db("fleet_classify")
     store = await open_bench_store(work, db, "classify")
     hosts = [f"cls-{i:02d}" for i in range(plan.sample_hosts)]
-    keys = {h: await Hosts(store).add(h) for h in hosts}
+    keys = {h: await store.hosts.add(h) for h in hosts}
     # A counting relay in front of the layer for each gateway: which events each one sent.
     relay_a, log_a = stack.counting_relay_server(work, llama.port, tag="relay-cls-a")
     relay_b, log_b = stack.counting_relay_server(work, llama.port, tag="relay-cls-b")
@@ -907,8 +906,6 @@ def _keep_logs(servers: list[Server]) -> Path:
 
 
 async def _run(opts: Options, plan: Plan, out: SuiteResult) -> None:
-    from layers.store.hosts import Hosts
-
     pg = PgCluster()
     say(f"fleet: PostgreSQL {pg.version()} cluster on port {pg.port}")
     pg.start()
@@ -918,7 +915,7 @@ async def _run(opts: Options, plan: Plan, out: SuiteResult) -> None:
         db = pg.create_db("fleet")
         store = await open_bench_store(opts.work, db, "fleet")
         hosts = [f"fleet-{i:03d}" for i in range(plan.agents)]
-        hk = Hosts(store)
+        hk = store.hosts
         keys = {h: await hk.add(h) for h in hosts}
         server_progs = make_standins(opts.work / "server")
         f = Fleet(opts, plan, pg, db, store, hosts, keys, server_progs, out)

@@ -90,10 +90,9 @@ class StoreUnavailable(StoreError):
     restarting). Nothing of the failed transaction was kept; retrying later is safe."""
 
 
-def default_worker_id() -> str:
-    # Unique per process: a store opened without a worker name never takes another
-    # process's leases for its own.
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+# This process's lease owner when the store is opened without a worker name: one per
+# process (every store it opens shares it), never another process's.
+PROCESS_WORKER_ID = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
 class Store(abc.ABC):
@@ -112,7 +111,7 @@ class Store(abc.ABC):
         self.incident_window = incident_window
         self.work_lease = work_lease
         # This process's name on the work it leases (events.claim, incidents.next).
-        self.worker_id = worker_id or default_worker_id()
+        self.worker_id = worker_id or PROCESS_WORKER_ID
         self.events = Events(self)
         self.verdicts = Verdicts(self)
         self.incidents = Incidents(self)
