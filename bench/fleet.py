@@ -572,7 +572,7 @@ async def make_proposals(f: Fleet, targets: list[tuple[str, str]]) -> list[str]:
                                   " status=1/FAILURE") for h, u in targets])
     new = [e for e in await store.events.in_state("new", 100_000) if e.id.startswith("act-")]
     await store.events.mark_prefiltered([Prefiltered(e.seq, True, f"fp-{e.id}", "unit_failed")
-                                  for e in new])
+                                         for e in new])
     cands = [e for e in await store.events.in_state("candidate", 100_000)
              if e.id.startswith("act-")]
     verdicts = await store.verdicts.record([VerdictInput(c, True, "critical", "service",

@@ -159,8 +159,8 @@ async def _throughput(opts: Options, receiver: Receiver, n: int, channels: int) 
         async with store.tx() as tx:
             for i in range(n):
                 await store.outbox.put(tx, "incident.opened", f"inc_tp{channels}_{i}", "critical",
-                                    {"id": f"inc_tp{channels}_{i}", "title": f"bench {i}",
-                                     "host": "bench"}, time.time(), key=f"tp{channels}:{i}")
+                                       {"id": f"inc_tp{channels}_{i}", "title": f"bench {i}",
+                                        "host": "bench"}, time.time(), key=f"tp{channels}:{i}")
         chans, _ = load_channels(settings.notify)
         worker = NotifyWorker(settings, store, chans)
         refs = {f"tp{channels}:{i}" for i in range(n)}

@@ -132,7 +132,7 @@ async def open_incidents(store: Store, n: int, *, severity: str = "critical",
     await store.events.add(events)
     stored = [e for e in await store.events.in_state("new", 10_000) if e.id.startswith(tag)]
     await store.events.mark_prefiltered([Prefiltered(e.seq, True, f"fp-{e.id}", "unit_failed")
-                                  for e in stored])
+                                         for e in stored])
     cands = [e for e in await store.events.in_state("candidate", 10_000) if e.id.startswith(tag)]
     verdicts = await store.verdicts.record([
         VerdictInput(e, True, severity, "service", "unit failed",  # type: ignore[arg-type]

@@ -51,7 +51,7 @@ async def incident_of(store: Store, event: Event) -> str:
     await store.events.add([event])
     new = await store.events.in_state("new")
     await store.events.mark_prefiltered([Prefiltered(seq=e.seq, keep=True, fingerprint=e.message[:40])
-                                  for e in new])
+                                         for e in new])
     cands = await store.events.in_state("candidate")
     verdicts = await store.verdicts.record(
         [VerdictInput(event=c, anomaly=True, severity="critical", category="service",

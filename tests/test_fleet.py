@@ -197,7 +197,7 @@ async def test_a_lease_that_runs_out_fails_the_action_it_never_runs_twice(
     assert await server_store.proposals.claim("hosta", "agent:hosta", lease=60) is None
     await asyncio.sleep(0.05)
     (lost,) = await server_store.proposals.expire_dispatch(local=["localhost", "server1"],
-                                                 dispatch_ttl=3600)
+                                                           dispatch_ttl=3600)
     assert lost.id == action and lost.status == "failed"
     assert lost.result is not None and "lease_expired" in lost.result.output
     assert await server_store.proposals.claim("hosta", "agent:hosta", lease=60) is None

@@ -289,8 +289,8 @@ async def test_lost_approval_notification_is_written_by_reconciliation(
     a crash between the two is repaired by the worker's reconciliation."""
     s = settings(tmp_path, [{"name": "hook", "url": hook_url(hook)}])
     p = await store.proposals.add("restart_unit", {"unit": "nginx.service"}, "r",
-                                 risk="medium", dry_run="systemctl restart -- nginx.service",
-                                 expires_at=time.time() + 600)
+                                  risk="medium", dry_run="systemctl restart -- nginx.service",
+                                  expires_at=time.time() + 600)
     async with store.tx() as tx:  # the crash happened a while ago
         await tx.execute("UPDATE proposals SET updated_at = updated_at - 60 WHERE id = ?", (p.id,))
     w = worker(s, store)
@@ -578,9 +578,9 @@ async def test_outbox_claims_are_leased_and_idempotent(any_store: Store) -> None
     # Reconciliation: a screened pending proposal without its notification gets one, once;
     # an expired one gets none.
     p = await store.proposals.add("restart_unit", {"unit": "a.service"}, "r", dry_run="x",
-                                 expires_at=time.time() + 600)
+                                  expires_at=time.time() + 600)
     gone = await store.proposals.add("restart_unit", {"unit": "b.service"}, "r", dry_run="x",
-                                    expires_at=time.time() - 1)
+                                     expires_at=time.time() - 1)
     later = time.time() + 60
     assert await store.outbox.reconcile(settled_before=later, refused_since=0) == 1
     assert await store.outbox.reconcile(settled_before=later, refused_since=0) == 0

@@ -158,7 +158,7 @@ async def test_proposals_merge_duplicates_and_transition_compare_and_set(store: 
     other = await store.proposals.add("restart_unit", {"unit": "y.service"}, "r")
     assert other.id != p1.id
     ok = await store.proposals.transition(p1.id, "approved", expected=["pending"],
-                                         decided_by="alice", risk="low")
+                                          decided_by="alice", risk="low")
     assert ok is not None and ok.decided_by == "alice" and ok.decided_at and ok.risk == "low"
     # A second approver loses the race.
     assert await store.proposals.transition(p1.id, "approved", expected=["pending"]) is None
@@ -221,7 +221,7 @@ async def test_concurrent_claims_hand_each_approved_action_out_once_per_its_host
     ids = []
     for i, host in enumerate(["a", "a", "a", "b"]):
         p = await store.proposals.add("restart_unit", {"unit": f"u{i}.service"}, "r",
-                                     status="approved", host=host)
+                                      status="approved", host=host)
         ids.append(p.id)
     claims = await asyncio.gather(*(store.proposals.claim("a", f"agent:a#{n}", 60)
                                     for n in range(6)))

@@ -50,7 +50,7 @@ class ResultBody(BaseModel):
 async def _expire(store: Store, gw: GatewayState) -> None:
     fleet = gw.settings.fleet
     for p in await store.proposals.expire_dispatch(local=["localhost", fleet.local_host()],
-                                         dispatch_ttl=fleet.dispatch_ttl):
+                                                   dispatch_ttl=fleet.dispatch_ttl):
         await store.audit.append("fleet", p.status, p.id, {"host": p.host,
                                                             "action": p.action})
 

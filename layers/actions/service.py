@@ -183,8 +183,8 @@ async def _refuse(store: Store, p: Proposal, refusal: Refusal, actor: str) -> Pr
     await _audit(store, actor, "refused", p, code=refusal.code, reason=refusal.message)
     if p.incident_id:
         await store.incidents.add_timeline(p.incident_id, "action_refused",
-                                 {"proposal": p.id, "action": p.action, "code": refusal.code,
-                                  "reason": refusal.message})
+                                           {"proposal": p.id, "action": p.action, "code": refusal.code,
+                                            "reason": refusal.message})
     await store.outbox.notify_proposal(p.id, "refused", code=refusal.code, reason=refusal.message)
     return done or p
 
@@ -283,10 +283,10 @@ async def _handle_one(
                          reason=refusal.message)
             if incident_id:
                 await store.incidents.add_timeline(incident_id, "action_refused",
-                                         {"proposal": stored.id, "code": refusal.code,
-                                          "reason": refusal.message})
+                                                   {"proposal": stored.id, "code": refusal.code,
+                                                    "reason": refusal.message})
             await store.outbox.notify_proposal(stored.id, "refused", code=refusal.code,
-                                        reason=refusal.message)
+                                               reason=refusal.message)
             return stored
         await _audit(store, actor, "proposed", stored, rationale=rationale)
         return await _refuse(store, stored, refusal, "policy")
@@ -316,7 +316,7 @@ async def _handle_one(
             await _audit(store, actor, "proposed", stored, rationale=rationale,
                          risk=planned.risk.value, dry_run=planned.dry_run)
             await store.proposals.transition(stored.id, "pending", expected=("pending",),
-                                            risk=planned.risk.value, dry_run=planned.dry_run)
+                                             risk=planned.risk.value, dry_run=planned.dry_run)
             await _set_expiry(store, stored.id, time.time() + settings.actions.approval_ttl)
         if decision.verdict is Ruling.REFUSE:
             return await _refuse(store, stored, Refusal(decision.code, decision.reason), "policy")
@@ -326,16 +326,16 @@ async def _handle_one(
                          expires_in=settings.actions.approval_ttl)
             if stored.incident_id:
                 await store.incidents.add_timeline(stored.incident_id, "action_pending",
-                                         {"proposal": stored.id, "action": planned.name,
-                                          "dry_run": planned.dry_run, "code": decision.code,
-                                          "reason": decision.reason})
+                                                   {"proposal": stored.id, "action": planned.name,
+                                                    "dry_run": planned.dry_run, "code": decision.code,
+                                                    "reason": decision.reason})
             await store.outbox.notify_proposal(stored.id, "pending", code=decision.code,
-                                        reason=decision.reason)
+                                               reason=decision.reason)
             return await store.proposals.get(stored.id) or stored
         actor = "policy:" + decision.reason.rsplit(" ", 1)[-1]
         if stored.status == "pending":
             await store.proposals.transition(stored.id, "approved", expected=("pending",),
-                                            decided_by=actor)
+                                             decided_by=actor)
         await _audit(store, actor, "approved", stored, reason=decision.reason)
         if await runs_elsewhere(store, settings, stored.host):
             return await _dispatch(store, settings, await store.proposals.get(stored.id)
@@ -368,10 +368,10 @@ async def _run(store: Store, settings: Settings, planned: PlannedAction, p: Prop
                  output=output[:1000])
     if p.incident_id:
         await store.incidents.add_timeline(p.incident_id, "action_result",
-                                 {"proposal": p.id, "action": p.action, "status": status,
-                                  "exit_code": result.exit_code,
-                                  "duration": round(result.duration, 3),
-                                  "output": output[:1000]})
+                                           {"proposal": p.id, "action": p.action, "status": status,
+                                            "exit_code": result.exit_code,
+                                            "duration": round(result.duration, 3),
+                                            "output": output[:1000]})
         if status == "failed":
             await reopen_incident(store, p.incident_id, f"action {p.id} ({p.action}) failed")
     if on_result is not None:
@@ -411,7 +411,7 @@ async def expire_due(store: Store) -> list[Proposal]:
         await _audit(store, "policy", "expired", p)
         if p.incident_id:
             await store.incidents.add_timeline(p.incident_id, "action_expired",
-                                     {"proposal": p.id, "action": p.action})
+                                               {"proposal": p.id, "action": p.action})
     return expired
 
 
@@ -450,7 +450,7 @@ async def approve(store: Store, settings: Settings, proposal_id: str, approver: 
             p = await _refuse(store, p, refusal, actor)
             raise ActionError("refused", f"{refusal.code}: {refusal.message}", p) from None
         approved = await store.proposals.transition(p.id, "approved", expected=("pending",),
-                                                   decided_by=actor)
+                                                    decided_by=actor)
         if approved is None:
             raise ActionError("not_pending", f"action {p.id} was decided meanwhile")
         await _audit(store, actor, "approved", approved, dry_run=planned.dry_run)
@@ -470,13 +470,13 @@ async def reject(store: Store, proposal_id: str, approver: str, reason: str = ""
     p = await _pending(store, proposal_id)
     actor = f"admin:{approver}"
     done = await store.proposals.transition(p.id, "rejected", expected=("pending",),
-                                           decided_by=actor)
+                                            decided_by=actor)
     if done is None:
         raise ActionError("not_pending", f"action {p.id} was decided meanwhile")
     await _audit(store, actor, "rejected", done, reason=reason[:500])
     if p.incident_id:
         await store.incidents.add_timeline(p.incident_id, "action_rejected",
-                                 {"proposal": p.id, "action": p.action, "by": actor})
+                                           {"proposal": p.id, "action": p.action, "by": actor})
     return done
 
 

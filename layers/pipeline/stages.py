@@ -210,7 +210,7 @@ class IncidentWorker:
                 raise
             log.warning("incident %s unreviewed: %s", inc.id, exc.message)
             await self.store.incidents.record_review(inc.id, None, escalate=self.must_escalate(inc, None),
-                                           error=exc.message)
+                                                     error=exc.message)
             return
         review = Review.model_validate(out.model_dump())
         await self.store.incidents.record_review(inc.id, review, escalate=self.must_escalate(inc, review))
