@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Any
 
 from layers.config import Settings
 from layers.store.base import (
@@ -56,26 +55,25 @@ def make_store(
     worker_id: str | None = None,
 ) -> Store:
     """The backend for ``url`` (not opened yet). ``worker_id`` names this process on the
-    work it leases (None: unique per process)."""
-    options: dict[str, Any] = {"incident_window": incident_window, "work_lease": work_lease,
-                               "worker_id": worker_id}
-    if not url:
-        from layers.store.sqlite import SqliteStore
-
-        return SqliteStore(state_dir / "ai-sysadmin.db", **options)
-    if url.startswith("sqlite://"):
-        from layers.store.sqlite import SqliteStore
-
-        path = url.removeprefix("sqlite://")
-        if not path.startswith("/"):
-            raise StoreError(f"store.url {url!r}: use sqlite:///absolute/path.db")
-        return SqliteStore(Path(path.removeprefix("/")) if path.startswith("//") else Path(path),
-                           **options)
+    work it leases (None: one per process, ``PROCESS_WORKER_ID``)."""
     if url.startswith(("postgresql://", "postgres://")):
         from layers.store.postgres import PostgresStore
 
-        return PostgresStore(url, **options)
-    raise StoreError(f"store.url {url!r}: expected sqlite:///path or postgresql://…")
+        return PostgresStore(url, incident_window=incident_window, work_lease=work_lease,
+                             worker_id=worker_id)
+    from layers.store.sqlite import SqliteStore
+
+    if not url:
+        db = state_dir / "ai-sysadmin.db"
+    elif url.startswith("sqlite://"):
+        path = url.removeprefix("sqlite://")
+        if not path.startswith("/"):
+            raise StoreError(f"store.url {url!r}: use sqlite:///absolute/path.db")
+        db = Path(path.removeprefix("/")) if path.startswith("//") else Path(path)
+    else:
+        raise StoreError(f"store.url {url!r}: expected sqlite:///path or postgresql://…")
+    return SqliteStore(db, incident_window=incident_window, work_lease=work_lease,
+                       worker_id=worker_id)
 
 
 async def open_store(settings: Settings, worker: str | None = None) -> Store:

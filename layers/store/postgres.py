@@ -21,7 +21,13 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from layers.events import Event
-from layers.store.base import Store, StoreError, StoreUnavailable
+from layers.store.base import (
+    INCIDENT_WINDOW,
+    WORK_LEASE,
+    Store,
+    StoreError,
+    StoreUnavailable,
+)
 from layers.store.migrations import MIGRATIONS
 from layers.store.sql import Row, Tx
 
@@ -52,9 +58,16 @@ class _PgTx:
 class PostgresStore(Store):
     dialect = "postgres"
 
-    def __init__(self, url: str, **options: Any) -> None:
-        # ``options``: Store's (incident_window, work_lease, worker_id).
-        super().__init__(**options)
+    def __init__(
+        self,
+        url: str,
+        *,
+        incident_window: float = INCIDENT_WINDOW,
+        work_lease: float = WORK_LEASE,
+        worker_id: str | None = None,
+    ) -> None:
+        super().__init__(incident_window=incident_window, work_lease=work_lease,
+                         worker_id=worker_id)
         self.url = url
         self._conn: Any = None
         self._lock = asyncio.Lock()

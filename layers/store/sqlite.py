@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from layers.events import Event
-from layers.store.base import Store, StoreError, StoreUnavailable
+from layers.store.base import (
+    INCIDENT_WINDOW,
+    WORK_LEASE,
+    Store,
+    StoreError,
+    StoreUnavailable,
+)
 from layers.store.migrations import MIGRATIONS
 from layers.store.sql import Row, Tx
 
@@ -38,9 +44,17 @@ class _SqliteTx:
 class SqliteStore(Store):
     dialect = "sqlite"
 
-    def __init__(self, path: Path, *, busy_timeout: float = 30.0, **options: Any) -> None:
-        # ``options``: Store's (incident_window, work_lease, worker_id).
-        super().__init__(**options)
+    def __init__(
+        self,
+        path: Path,
+        *,
+        busy_timeout: float = 30.0,
+        incident_window: float = INCIDENT_WINDOW,
+        work_lease: float = WORK_LEASE,
+        worker_id: str | None = None,
+    ) -> None:
+        super().__init__(incident_window=incident_window, work_lease=work_lease,
+                         worker_id=worker_id)
         self.path = path
         self._busy_timeout = busy_timeout
         self._conn: sqlite3.Connection | None = None
