@@ -719,7 +719,9 @@ class LayerClients:
     """The three layers behind one pooled :class:`layers.http.HTTPClient`."""
 
     def __init__(self, settings: Settings, client: http.HTTPClient | None = None) -> None:
-        self.client = client or http.HTTPClient(spare=settings.gateway.spare_connections)
+        g = settings.gateway
+        self.client = client or http.HTTPClient(spare=g.spare_connections,
+                                                max_body=g.max_answer_bytes)
         self.pools: dict[str, LayerPool] = {
             name: LayerPool(name, layer, settings, self.client)
             for name, layer in settings.layers.items()

@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator, Sequence
 import pytest
 
 from layers import http
-from layers.client import LayerBrokeOff, LayerError, LayerTimeout, Upstream
+from layers.client import LayerBrokeOff, LayerClients, LayerError, LayerTimeout, Upstream
+from layers.config import Settings
 from layers.sse import Rename, error_event, events_end
 from tests.test_unit_client import FakeHTTP, pool
 
@@ -105,3 +106,10 @@ async def test_a_stream_past_its_deadline_times_out() -> None:
     with pytest.raises(LayerTimeout):
         _ = [e async for e in up.events(deadline=0.0)]
     await up.aclose()
+
+
+async def test_the_layer_client_reads_at_most_gateway_max_answer_bytes() -> None:
+    settings = Settings.model_validate({"gateway": {"max_answer_bytes": 65536}})
+    clients = LayerClients(settings)
+    assert clients.client.max_body == 65536
+    await clients.aclose()
