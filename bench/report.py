@@ -13,7 +13,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import report_stack
+from bench import report_fleet, report_stack
 from bench.measure import Run, spread
 from bench.suites import SuiteResult
 
@@ -132,7 +132,7 @@ def targets(results: dict[str, SuiteResult]) -> list[Target]:
                               med(lps) >= 100_000))
         else:
             out.append(Target("prefilter lines/s on one core", "–", "≥ 100,000", None))
-    return out + report_stack.targets(results)
+    return out + report_stack.targets(results) + report_fleet.targets(results)
 
 
 def now() -> str:
@@ -361,10 +361,11 @@ def render(results: dict[str, SuiteResult], versions: dict[str, str], plots: lis
         "`make bench` (options through `BENCH_ARGS=...`):",
         "",
         "- `--quick`: shorter runs and fewer rounds (about a third of the time);",
-        "- `--suites stub,open_streams,real,pipeline,threads,detection`: choose suites "
-        "(`threads`: the three layers busy at once for several CPU thread splits; "
+        "- `--suites stub,open_streams,real,pipeline,threads,detection,notify,fleet`: choose "
+        "suites (`threads`: the three layers busy at once for several CPU thread splits; "
         "`detection`: event → verdict with and without streaming chats, and a trigger burst, "
-        "on the supervisor's stack); the suites not run keep their figures from the last run "
+        "on the supervisor's stack; `fleet`: agents, 1 and 2 gateways and one PostgreSQL, "
+        "docs/fleet.md); the suites not run keep their figures from the last run "
         "that measured them (`docs/bench/figures.json`), each with its own load average;",
         "- `--first-run`: on its own, `make run` in a fresh clone with an empty cache and the "
         "README's first request (10–20 min: it builds llama-server); its figures are added "
@@ -426,13 +427,15 @@ def render(results: dict[str, SuiteResult], versions: dict[str, str], plots: lis
         out += report_stack.threads_table(results["threads"]) + [""]
     if "detection" in results:
         out += report_stack.detection_table(results["detection"]) + [""]
+    if "fleet" in results:
+        out += report_fleet.fleet_table(results["fleet"]) + [""]
     if "first_run" in results:
         out += report_stack.first_run_section(results["first_run"]) + [""]
     if "http_ab" in results:
         from bench.http_ab import section
 
         out += section(results["http_ab"].extra["http_ab"]) + [""]
-    own_notes = ("pipeline", "threads", "detection", "first_run")
+    own_notes = ("pipeline", "threads", "detection", "first_run", "fleet")
     notes = [n for k, r in results.items() if k not in own_notes for n in r.notes]
     if notes:
         out += ["## Notes", "", *[f"- {n}" for n in notes], ""]

@@ -2,6 +2,10 @@
 
 Clients (the openai SDK, OpenWebUI, LibreChat) map the status to an exception class and
 show ``message``; FastAPI's default ``{"detail": …}`` would reach users as noise.
+
+This is the one place that turns exceptions into HTTP answers (:func:`openai_error`,
+registered once on the app by :func:`install_error_handlers` and used by the fast path):
+routes raise the layers' errors (layers/errors.py) as they come and need no translation.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from layers.store.base import StoreError
+from layers.actions.service import ActionError
+from layers.client import LayerError
+from layers.errors import AiSysadminError
 
 log = logging.getLogger("ai_sysadmin.gateway")
 
@@ -38,7 +44,7 @@ ERROR_TYPES: dict[int, str] = {
 }
 
 
-class OpenAIError(Exception):
+class OpenAIError(AiSysadminError):
     """An error to return to the client, in OpenAI's shape."""
 
     def __init__(
@@ -107,20 +113,48 @@ def validation_error(errors: Sequence[Mapping[str, Any]]) -> OpenAIError:
     return OpenAIError(400, text, param=param, code="invalid_value")
 
 
+# ActionError's code (layers/actions/service.py) → status; any other code is a 400.
+ACTION_STATUS: dict[str, int] = {"not_found": 404, "not_pending": 409, "refused": 409}
+
+INTERNAL_MESSAGE = "internal error in the gateway"
+
+
+def openai_error(exc: AiSysadminError) -> OpenAIError:
+    """The OpenAI-shaped answer to one of our errors (layers/errors.py says which)."""
+    if isinstance(exc, OpenAIError):
+        return exc
+    if isinstance(exc, LayerError):
+        # The layer's own status and code; a 429's Retry-After and the upstream's
+        # ``param`` pass through, so a client sees what the layer said.
+        headers = ({"Retry-After": str(max(1, round(exc.retry_after)))}
+                   if exc.retry_after else None)
+        param = None
+        if exc.upstream_body and isinstance(exc.upstream_body.get("error"), dict):
+            param = exc.upstream_body["error"].get("param")
+        return OpenAIError(exc.status, exc.message, code=exc.code, param=param, headers=headers)
+    if isinstance(exc, ActionError):
+        return OpenAIError(ACTION_STATUS.get(exc.code, 400), exc.message,
+                           code=f"action_{exc.code}")
+    if exc.http_status is None:
+        # Not an answer for a client (a failure of ours, or the operator's to fix): the
+        # message may name paths or addresses, so it goes to the log with its traceback.
+        log.error("unhandled error: %s", type(exc).__name__, exc_info=exc)
+        return OpenAIError(500, INTERNAL_MESSAGE, code="internal_error")
+    if exc.http_status >= 500 and exc.http_log:
+        # Expected (the store is full, restarting): one line per request, no traceback.
+        log.warning("%s: %s", exc.http_log, exc)
+    headers = ({"Retry-After": str(exc.http_retry_after)}
+               if exc.http_retry_after is not None else None)
+    return OpenAIError(exc.http_status, exc.http_message.format(exc), code=exc.openai_code,
+                       headers=headers)
+
+
 def response_for(exc: Exception) -> Response:
     """The answer to an error a handler raised (FastAPI's routes and the fast path alike)."""
-    if isinstance(exc, OpenAIError):
-        return exc.response()
-    if isinstance(exc, StoreError):
-        # The store is full, restarting or not open (yet / any more): the request was not
-        # stored and may be retried. One line in the log, no traceback per request.
-        log.warning("store unavailable: %s", exc)
-        return error_response(
-            503, f"the store is unavailable, retry later ({exc})", code="store_unavailable",
-            headers={"Retry-After": "2"},
-        )
+    if isinstance(exc, AiSysadminError):
+        return openai_error(exc).response()
     log.error("unhandled error: %s", type(exc).__name__, exc_info=exc)
-    return error_response(500, "internal error in the gateway", code="internal_error")
+    return error_response(500, INTERNAL_MESSAGE, code="internal_error")
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -143,5 +177,5 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _response_for(_: Request, exc: Exception) -> Response:
         return response_for(exc)
 
-    for kind in (OpenAIError, StoreError, Exception):
+    for kind in (AiSysadminError, Exception):
         app.add_exception_handler(kind, _response_for)

@@ -13,10 +13,11 @@ from gateway.cors import ASGIApp, with_cors
 from gateway.fastpath import FastPaths
 from gateway.protocol import HttpProtocol
 from layers.config import Settings
+from layers.errors import UserError
 from layers.supervisor import Supervisor
 
 
-class BindRefused(Exception):
+class BindRefused(UserError):
     """The gateway must not listen where it was asked to."""
 
 

@@ -28,13 +28,14 @@ from layers.actions.catalog import Refusal, plan
 from layers.actions.executor import ExecResult, execute
 from layers.actions.policy import MemoryRunLedger, Policy, UnitInventory
 from layers.config import Settings
+from layers.errors import Unavailable
 
 log = logging.getLogger("ai_sysadmin.agent")
 
 OUTPUT_LIMIT = 64_000  # characters of output reported (the server keeps it in the store)
 
 
-class AgentError(Exception):
+class AgentError(Unavailable):
     """The agent cannot work (no gateway, no key, a key refused): one readable line."""
 
 

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ValidationError
 from layers import http
 from layers.config import LAYER_NAMES, EndpointConfig, LayerConfig, LayerName, Settings
 from layers.deadline import Deadline, DeadlineRule, Speed, Work
+from layers.errors import Unavailable
 from layers.sse import Rename, events_end
 
 log = logging.getLogger("ai_sysadmin.client")
@@ -53,7 +54,7 @@ Flavor = Literal["llama-server", "llama-cpp-python", "openai"]
 EndpointHealth = Literal["ready", "loading", "down", "unknown"]
 
 
-class LayerError(Exception):
+class LayerError(Unavailable):
     """A layer could not answer. ``status`` is what the gateway returns to its client."""
 
     def __init__(

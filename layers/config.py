@@ -38,6 +38,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from layers.errors import UserError
+
 LayerName = Literal["trigger", "review", "meta"]
 LAYER_NAMES: tuple[LayerName, ...] = ("trigger", "review", "meta")
 AutonomyLevel = Literal["observe", "suggest", "auto-safe", "auto-full"]
@@ -1052,7 +1054,7 @@ def _config_path_in_use() -> Path | None:
     return None
 
 
-class ConfigError(Exception):
+class ConfigError(UserError):
     """Configuration that cannot be used; ``lines`` holds one message per problem."""
 
     def __init__(self, lines: list[str]) -> None:

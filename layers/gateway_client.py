@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from layers.errors import Unavailable
+
 if TYPE_CHECKING:
     from layers.config import Settings
 
@@ -67,7 +69,7 @@ def bearer(key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
-class GatewayError(Exception):
+class GatewayError(Unavailable):
     """The gateway did not answer (``cause``: the httpx error) or refused (``status``;
     ``message``: its OpenAI-shaped error's message, None without one; ``body``: as sent)."""
 

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from layers.errors import Unavailable
+
 # llama-server (cpp-httplib) closes a keep-alive connection after 5 s idle; one idle
 # longer than this is not reused, so a request rarely meets a connection being closed.
 IDLE_REUSE_SECONDS = 4.0
@@ -51,7 +53,7 @@ MAX_BODY_BYTES = 64 * 1024 * 1024
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[^\r\n]*)?")
 
 
-class HTTPError(Exception):
+class HTTPError(Unavailable):
     """Any failure to get an answer over HTTP."""
 
 

@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from layers.config import Settings
+from layers.errors import Unavailable
 from layers.events import IncidentDetail
 
 log = logging.getLogger("ai_sysadmin.memory")
@@ -28,7 +29,7 @@ log = logging.getLogger("ai_sysadmin.memory")
 Embed = Callable[[list[str]], Coroutine[Any, Any, list[list[float]]]]
 
 
-class MemoryUnavailable(Exception):
+class MemoryUnavailable(Unavailable):
     """Memory cannot be used; one readable line."""
 
 

@@ -24,12 +24,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from layers.errors import UserError
 from layers.events import Event, Severity
 
 GroupBy = Literal["host", "unit", "fingerprint"]
 
 
-class RuleError(Exception):
+class RuleError(UserError):
     """The rules file is unusable; one readable line."""
 
 

@@ -31,6 +31,7 @@ from typing import Literal
 import httpx
 
 from layers.config import LayerConfig, LayerName, Settings
+from layers.errors import Refused
 from layers.generation import template_args
 from layers.provision.engine import ensure_llama_server
 from layers.provision.model import resolve_model
@@ -41,8 +42,12 @@ log = logging.getLogger("ai_sysadmin.supervisor")
 LayerState = Literal["stopped", "starting", "loading", "ready", "restarting", "failed"]
 
 
-class SupervisorError(Exception):
+class SupervisorError(Refused):
     """The stack cannot start; the message is one line naming the layer."""
+
+    # Over HTTP it answers a layer control request (POST /v1/layers/{name}/…).
+    http_status = 409
+    openai_code = "layer_control_refused"
 
 
 def port_is_free(host: str, port: int) -> bool:

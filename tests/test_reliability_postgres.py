@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.postgres import PgCluster, _as_user
+from tests.postgres import PgCluster, as_pg_user
 from tests.reliability_support import AUTH, EventLoad, GatewayFactory, wait_until
 
 pytestmark = pytest.mark.timeout(300)
@@ -36,7 +36,7 @@ def pg_ctl(cluster: PgCluster, action: str) -> None:
         argv += ["-l", str(cluster.dir / "log"), "-o",
                  f"-c listen_addresses=127.0.0.1 -c port={cluster.port} "
                  f"-c unix_socket_directories={cluster.dir} -c fsync=off", "start"]
-    subprocess.run(_as_user(argv), check=True, capture_output=True, timeout=90)
+    subprocess.run(as_pg_user(argv), check=True, capture_output=True, timeout=90)
 
 
 def stored_ids(url: str) -> set[str]:

@@ -1,7 +1,8 @@
 """The ``ai-sysadmin`` command line.
 
 Every failure a user can cause ends in one readable line on stderr and a non-zero exit:
-``ai-sysadmin: <what>: <why>``. Tracebacks are for bugs only.
+``ai-sysadmin: <what>: <why>``. Tracebacks are for bugs only. ``main`` is the one place
+that does it: it catches the root of layers/errors.py (:func:`report`).
 
 One module per command group, each with ``register(subparsers)``, called in order by
 ``build_parser``; what they share is in ``common``:
@@ -23,24 +24,12 @@ import contextlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TextIO
 
 from gateway.cli import actions, config, fleet, layers, notify, pipeline, quality, serve
-from gateway.cli.common import EXIT_FAILURE, PROG, CliError
-from gateway.server import BindRefused
+from gateway.cli.common import PROG
 from layers.config import ConfigError
-from layers.provision.engine import EngineError
-from layers.provision.model import ModelError
-from layers.supervisor import SupervisorError
-
-# One place that decides which exceptions are the user's to fix (a line, exit 1).
-USER_ERRORS: tuple[type[Exception], ...] = (
-    CliError,
-    ConfigError,
-    ModelError,
-    EngineError,
-    SupervisorError,
-    BindRefused,
-)
+from layers.errors import AiSysadminError
 
 # In the order `ai-sysadmin --help` lists their commands.
 COMMAND_MODULES = (serve, layers, config, actions, pipeline, quality, notify, fleet)
@@ -61,19 +50,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def report(exc: AiSysadminError, stream: TextIO | None = None) -> int:
+    """The one place a failure of ours becomes the command's end: its line on stderr
+    (a ConfigError's one line per problem), then the class's exit code. Every command
+    raises the layers' errors as they come; layers/errors.py is the tree."""
+    out = sys.stderr if stream is None else stream
+    lines = [f"config: {line}" for line in exc.lines] if isinstance(exc, ConfigError) \
+        else [str(exc)]
+    for line in lines:
+        print(f"{PROG}: {line}", file=out)
+    return exc.exit_code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         code: int = args.handler(args)
         return code
-    except ConfigError as exc:
-        for line in exc.lines:
-            print(f"{PROG}: config: {line}", file=sys.stderr)
-        return EXIT_FAILURE
-    except USER_ERRORS as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+    except AiSysadminError as exc:
+        return report(exc)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -15,6 +15,7 @@ from typing import Any
 
 from layers import gateway_client
 from layers.config import Settings, load_settings
+from layers.errors import UserError
 
 PROG = "ai-sysadmin"
 EXIT_FAILURE = 1
@@ -22,7 +23,7 @@ EXIT_FAILURE = 1
 Handler = Callable[[argparse.Namespace], int]
 
 
-class CliError(Exception):
+class CliError(UserError):
     """A failure reported as one line."""
 
 

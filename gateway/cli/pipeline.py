@@ -79,16 +79,12 @@ def _ts(t: float | None) -> str:
 
 def cmd_daemon(args: argparse.Namespace) -> int:
     from layers.daemon import Daemon
-    from layers.store import StoreError
 
     settings = settings_for(args)
     setup_logging(settings.gateway.log_level)
 
     async def main() -> int:
-        try:
-            await Daemon(settings).run()
-        except StoreError as exc:
-            raise CliError(str(exc)) from None
+        await Daemon(settings).run()  # a StoreError ends it as one line (cli.main)
         return 0
 
     return run_async(main)

@@ -93,24 +93,16 @@ class DecisionBody(BaseModel):
         return v
 
 
-def _error(exc: service.ActionError) -> OpenAIError:
-    status = {"not_found": 404, "not_pending": 409, "refused": 409}.get(exc.code, 400)
-    return OpenAIError(status, exc.message, code=f"action_{exc.code}")
-
-
 async def _decide(request: Request, action_id: str, body: DecisionBody | None,
                   verb: Literal["approve", "reject"]) -> dict[str, Any]:
     gw: GatewayState = request.app.state.gw
     store = await _store(request)
     body = body or DecisionBody()
-    try:
-        if verb == "approve":
-            p = await service.approve(store, gw.settings, action_id, body.approver,
-                                      wait=body.wait)
-        else:
-            p = await service.reject(store, action_id, body.approver, body.reason)
-    except service.ActionError as exc:
-        raise _error(exc) from None
+    # An ActionError (not found, not pending, refused) is answered by gateway/errors.py.
+    if verb == "approve":
+        p = await service.approve(store, gw.settings, action_id, body.approver, wait=body.wait)
+    else:
+        p = await service.reject(store, action_id, body.approver, body.reason)
     return await _view(store, p)
 
 

@@ -17,7 +17,7 @@ from gateway.errors import OpenAIError
 from gateway.state import GatewayState
 from layers.config import LAYER_NAMES
 from layers.layer_status import layer_status
-from layers.supervisor import LayerProcess, SupervisorError
+from layers.supervisor import LayerProcess
 
 router = APIRouter(tags=["layers"])
 
@@ -73,14 +73,12 @@ async def control_layer(request: Request, name: str, operation: Operation) -> di
             code="layer_not_supervised",
         )
     sup = gw.supervisor
-    try:
-        if operation == "stop":
-            await sup.stop_layer(name)
-        elif operation == "start":
-            await sup.start_layer(name)
-        else:
-            await sup.restart_layer(name)
-    except SupervisorError as exc:
-        raise OpenAIError(409, str(exc), code="layer_control_refused") from None
+    # A SupervisorError is answered by gateway/errors.py: 409 layer_control_refused.
+    if operation == "stop":
+        await sup.stop_layer(name)
+    elif operation == "start":
+        await sup.start_layer(name)
+    else:
+        await sup.restart_layer(name)
     status = await layer_status(gw.layers[name], gw.settings, proc)
     return {"object": "layer", "operation": operation, **status.model_dump()}

@@ -34,7 +34,7 @@ from gateway.auth import key_name, require_key, require_key_for_models
 from gateway.body import read_model
 from gateway.bounds import ChatGate, add_stops, cap_output, constrained
 from gateway.chat_watch import ChatWatch
-from gateway.errors import OpenAIError
+from gateway.errors import OpenAIError, openai_error
 from gateway.repetition import RepetitionDetector
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from gateway.sse import EventStreamResponse
@@ -66,14 +66,6 @@ router = APIRouter(tags=["openai"])
 def _gw(request: Request) -> GatewayState:
     gw: GatewayState = request.app.state.gw
     return gw
-
-
-def layer_error(exc: LayerError) -> OpenAIError:
-    headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after else None
-    param = None
-    if exc.upstream_body and isinstance(exc.upstream_body.get("error"), dict):
-        param = exc.upstream_body["error"].get("param")
-    return OpenAIError(exc.status, exc.message, code=exc.code, param=param, headers=headers)
 
 
 def unknown_model(model: str) -> OpenAIError:
@@ -361,7 +353,9 @@ async def open_upstream(
         if gate is not None:
             gate.release()
         m.requests.labels(call.route, call.model, str(exc.status)).inc()
-        raise layer_error(exc) from None
+        # Already the client's answer here: the streamed chat of gateway/investigate.py
+        # writes an OpenAIError into its stream, where no exception handler can.
+        raise openai_error(exc) from None
     except BaseException:
         if gate is not None:
             gate.release()

@@ -29,6 +29,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from layers.config import Settings
+from layers.errors import Refused
 
 
 class Risk(StrEnum):
@@ -40,7 +41,7 @@ class Risk(StrEnum):
     HIGH = "high"
 
 
-class Refusal(Exception):
+class Refusal(Refused):
     """A proposal that may not run, with a stable machine-readable code."""
 
     def __init__(self, code: str, message: str) -> None:

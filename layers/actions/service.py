@@ -54,6 +54,7 @@ from layers.actions.policy import (
     evidence_units,
 )
 from layers.config import Settings
+from layers.errors import Refused
 from layers.events import ActionResult, Proposal, ProposalStatus, ProposedAction
 from layers.store import Store
 
@@ -79,7 +80,7 @@ def _run_lock() -> asyncio.Lock:
 _background: set[asyncio.Task[Any]] = set()
 
 
-class ActionError(Exception):
+class ActionError(Refused):
     """An approval request that cannot be honoured; ``code`` says why."""
 
     def __init__(self, code: str, message: str, proposal: Proposal | None = None) -> None:

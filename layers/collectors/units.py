@@ -16,12 +16,13 @@ from typing import Any
 
 from layers.collectors import systemd_running
 from layers.collectors.sink import EventSink
+from layers.errors import Unavailable
 from layers.events import Event
 
 log = logging.getLogger("ai_sysadmin.collectors.units")
 
 
-class UnitsError(Exception):
+class UnitsError(Unavailable):
     pass
 
 

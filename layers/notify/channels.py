@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from layers.config import NOTIFY_KINDS, NotifyChannelConfig, NotifyConfig
+from layers.errors import UserError
 from layers.events import SEVERITY_RANK
 
 # Schemes whose host part names a server (not a token or topic).
@@ -48,7 +49,7 @@ _NOT_SECRET = frozenset({
 MIN_SECRET = 4
 
 
-class ChannelError(Exception):
+class ChannelError(UserError):
     """A channel that cannot be used; the message is one line and holds no secret."""
 
 

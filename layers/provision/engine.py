@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from layers.config import EngineConfig
+from layers.errors import UserError
 from layers.provision.cpu import Variant, machine_key, variants
 from layers.provision.model import default_model
 from layers.provision.verify import EngineFault, known_fault, prove_all, remember_fault
@@ -49,7 +50,7 @@ CMAKE_OPTIONS = (
 )
 
 
-class EngineError(Exception):
+class EngineError(UserError):
     """No usable engine; the message is one line saying what to do."""
 
 

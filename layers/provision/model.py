@@ -14,13 +14,15 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from layers.errors import UserError
+
 GGUF_MAGIC = b"GGUF"
 # A GGUF header: magic, version (u32), tensor count (u64), metadata kv count (u64).
 _HEADER = struct.Struct("<4sIQQ")
 _MIN_GGUF_BYTES = 1024 * 1024
 
 
-class ModelError(Exception):
+class ModelError(UserError):
     """A model file that cannot be served; the message is one line naming the path."""
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import httpx
 
+from layers.errors import Unavailable
 from layers.provision.cpu import boot_id, machine_key
 
 # Long enough that prompt processing runs batched matrix multiplies (the kernels a
@@ -42,7 +43,7 @@ _SIGNAL_CAUSES = {
 }
 
 
-class EngineFault(Exception):
+class EngineFault(Unavailable):
     """The engine ran but could not generate; ``signal`` is set when a signal ended it."""
 
     def __init__(self, message: str, *, signum: int | None = None) -> None:

@@ -32,6 +32,7 @@ from layers.actions.catalog import Refusal, lookup, validate_params
 from layers.actions.service import ReadOutcome
 from layers.client import LayerClients, LayerError
 from layers.config import Settings
+from layers.errors import Unavailable
 from layers.events import Decision, Incident, Proposal, Review
 from layers.pipeline import stages as pipeline_stages
 from layers.pipeline.evidence import Reader
@@ -58,7 +59,7 @@ Stage = Literal["trigger", "review", "meta", "all"]
 Say = Callable[[str], None]
 
 
-class EvalError(Exception):
+class EvalError(Unavailable):
     """The evaluation cannot go on; one readable line."""
 
 

@@ -29,11 +29,12 @@ from typing import Any
 from layers.actions.catalog import CATALOG, Refusal, Risk, lookup, validate_params
 from layers.collectors.journald import parse_entry
 from layers.collectors.units import failed_unit_event
+from layers.errors import UserError
 from layers.events import Event
 from layers.quality.scoring import Truth
 
 
-class ScenarioError(Exception):
+class ScenarioError(UserError):
     """A scenario directory that cannot be used; one readable line."""
 
 

@@ -22,6 +22,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from layers.errors import Unavailable
 from layers.events import (
     SEVERITY_RANK,
     ActionResult,
@@ -54,8 +55,16 @@ MAX_SEQ = 2**63 - 1  # BIGINT: the largest sequence number a store can hold
 # next_incident) before another gateway may take them over (``store.work_lease``).
 WORK_LEASE = 300.0
 
-class StoreError(Exception):
+class StoreError(Unavailable):
     """The store cannot be opened or used; the message is one readable line."""
+
+    # Over HTTP: the request was not stored and may be retried (full, restarting, not
+    # open yet or any more); one warning line per request, no traceback.
+    http_status = 503
+    openai_code = "store_unavailable"
+    http_message = "the store is unavailable, retry later ({})"
+    http_retry_after = 2
+    http_log = "store unavailable"
 
 
 class StoreUnavailable(StoreError):

@@ -15,6 +15,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
+from layers.errors import UserError
 from layers.store.base import Store
 
 PREFIX = "aish-host-"
@@ -22,7 +23,7 @@ CACHE_SECONDS = 5.0
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,253}")
 
 
-class HostKeyError(ValueError):
+class HostKeyError(UserError, ValueError):
     """A host name or key that cannot be used (one readable line)."""
 
 
