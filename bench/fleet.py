@@ -579,10 +579,12 @@ async def make_proposals(f: Fleet, targets: list[tuple[str, str]]) -> list[str]:
                                                          "unit failed") for c in cands])
     incident = {(v.host, v.unit): v.incident_id for v in verdicts}
     ids = []
+    runs = service.ActionRuns()  # this process's, as a gateway's
     for h, u in targets:
         (p,) = await service.handle_proposals(
             incident[(h, u)], [{"action": "restart_unit", "params": {"unit": u},
-                                "rationale": "bench: the unit failed"}], store, settings)
+                                "rationale": "bench: the unit failed"}], store, settings,
+            runs=runs)
         if p.status != "pending" or p.host != h:
             raise RuntimeError(f"proposal for {h} {u} is {p.status} for {p.host}")
         ids.append(p.id)

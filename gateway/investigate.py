@@ -81,7 +81,7 @@ async def prepare(gw: GatewayState, pool: LayerPool, body: dict[str, Any],
         done = await service.handle_proposals(
             None, [{"action": action, "params": params,
                     "rationale": f"asked in chat {chat_id}: {rationale}".strip()}],
-            store, settings, actor=f"chat:{key_name}")
+            store, settings, runs=gw.action_runs, actor=f"chat:{key_name}")
         return done[0]
 
     changes = [n for n, spec in CATALOG.items() if spec.is_change]

@@ -1,7 +1,11 @@
-"""Everything a running gateway holds: settings, keys, layer clients, metrics, context.
+"""Everything a running gateway holds: settings, keys, layer clients, metrics, context,
+the chat gate, the task detector, the action runs, the store and the stages (pipeline,
+notifications, alert intake). Every attribute is declared here, nothing is set on the app's
+untyped ``app.state`` but ``gw`` itself; routes reach the store only through
+:func:`store_of` (or :func:`request_store`).
 
-Stages added later (store, pipeline, actions) attach here and are started and closed
-with the app's lifespan.
+Stages added later (pipeline, notify, alertmanager) hook into ``on_start``/``on_close``
+and are started and closed with the app's lifespan.
 """
 
 from __future__ import annotations
@@ -11,11 +15,19 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
+from fastapi import Request
+
 from gateway.auth import KeyRing
+from gateway.bounds import ChatGate
 from gateway.metrics import GatewayMetrics
+from gateway.tasks import TaskDetector
+from layers.actions.service import ActionRuns
+from layers.alertmanager import AlertIntake
 from layers.client import LayerClients
 from layers.config import Settings
 from layers.context import ContextSource, HostFacts
+from layers.notify.worker import NotifyService
+from layers.pipeline.service import PipelineService
 from layers.store import Store, open_store
 from layers.store.hosts import Hosts
 from layers.supervisor import Supervisor
@@ -31,6 +43,13 @@ class GatewayState:
         self.keys = KeyRing(settings)
         self.layers = LayerClients(settings)
         self.metrics = GatewayMetrics()
+        # Built from the settings once, here: one gate (one count of running chats) and one
+        # detector per gateway.
+        self.chat_gate = ChatGate.from_config(settings.gateway)
+        self.task_detector = TaskDetector(settings.gateway.task_patterns)
+        # This process's action runs (run lock, approved actions still running): shared by
+        # the approvals API and chat investigations.
+        self.action_runs = ActionRuns()
         self.context_sources: list[ContextSource] = [HostFacts()]
         # The in-process layer supervisor when started by `ai-sysadmin run`; None when the
         # layers run elsewhere (systemd, `layers serve`): layer control then answers 409.
@@ -39,11 +58,20 @@ class GatewayState:
         self.on_start: list[Callable[[], Awaitable[None]]] = []
         self.on_close: list[Callable[[], Awaitable[None]]] = []
         self._tasks: list[asyncio.Task[None]] = []
-        # The store: the pipeline's when a stage attached one (``store``), else one opened
-        # on first use by :func:`store_of` (``actions_store``).
+        # The one store: the pipeline's, put here by its start hook (gateway/routes/events.py);
+        # without a pipeline, opened on first use by :func:`store_of` and closed with the
+        # gateway. Read it through store_of, which waits on ``store_lock`` so that concurrent
+        # first uses open it once.
         self.store: Store | None = None
-        self.actions_store: Store | None = None
+        self.store_lock = asyncio.Lock()
         self.hosts: Hosts | None = None  # fleet host keys, on the store (host_keys)
+        # The stages, set when they install themselves with the app (gateway/routes/events.py,
+        # notify.py, alertmanager.py; the alert intake when it starts, on the store); None
+        # in a gateway built without them.
+        self.pipeline: PipelineService | None = None
+        self.notify: NotifyService | None = None
+        self.alertmanager: AlertIntake | None = None
+        self.alertmanager_keys: list[bytes] = []  # keys that may post alerts
 
     async def start(self) -> None:
         if self.keys.open_to_loopback:
@@ -85,22 +113,23 @@ class GatewayState:
             await asyncio.sleep(interval)
 
 
-_open_lock = asyncio.Lock()
-
-
 async def store_of(gw: GatewayState) -> Store:
-    """The gateway's store: the one a stage attached, else opened here once (and closed
-    with the gateway)."""
-    existing = gw.store or gw.actions_store
-    if existing is not None:
-        return existing
-    async with _open_lock:
-        if gw.actions_store is None:
+    """The gateway's store: the pipeline's, else opened here once (and closed with the
+    gateway)."""
+    if gw.store is not None:
+        return gw.store
+    async with gw.store_lock:
+        if gw.store is None:
             opened = await open_store(gw.settings)
-            gw.actions_store = opened
+            gw.store = opened
             gw.on_close.append(opened.close)
-    assert gw.actions_store is not None
-    return gw.actions_store
+        return gw.store
+
+
+async def request_store(request: Request) -> Store:
+    """The store of the gateway serving ``request`` (for routes)."""
+    gw: GatewayState = request.app.state.gw
+    return await store_of(gw)
 
 
 async def host_keys(gw: GatewayState) -> Hosts:

@@ -19,6 +19,7 @@ import os
 import socket
 import tomllib
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal
 
 from pydantic import (
@@ -488,7 +489,8 @@ def _read_secret_lines(path: Path) -> list[str]:
     ]
 
 
-_DEFAULT_PORTS = {"http": 80, "https": 443}
+# Read-only: module state that nothing may change at run time.
+_DEFAULT_PORTS = MappingProxyType({"http": 80, "https": 443})
 
 
 def normalise_origin(value: str) -> str:

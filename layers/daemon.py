@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 
 from layers import gateway_client
-from layers.actions.service import handle_proposals
+from layers.actions.service import ActionRuns, handle_proposals
 from layers.client import LayerClients
 from layers.collectors.journald import JournaldCollector
 from layers.collectors.metrics import MetricsCollector
@@ -56,8 +56,10 @@ class Daemon:
                            retry_wait=s.pipeline.retry_wait,
                            retry_wait_max=s.pipeline.retry_wait_max)
 
+        runs = ActionRuns()  # this process's: every proposal of the daemon goes through it
+
         async def on_proposals(incident_id: str, proposals: Sequence[Proposal]) -> None:
-            await handle_proposals(incident_id, proposals, store, s)
+            await handle_proposals(incident_id, proposals, store, s, runs=runs)
 
         c = s.collectors
         jobs: list[Coroutine[Any, Any, None]] = []

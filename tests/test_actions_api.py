@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from layers.actions import service
+from layers.actions.service import ActionRuns
 from layers.config import Settings
 from layers.store import open_store
 from tests.actions_support import StandIns, make_standins
@@ -64,7 +65,7 @@ async def propose(cfg: Path, *proposals: dict[str, Any], incident: str | None = 
         settings.actions.approval_ttl = ttl  # the proposer stamps expires_at
     store = await open_store(settings)
     try:
-        return await service.handle_proposals(incident, list(proposals), store, settings)
+        return await service.handle_proposals(incident, list(proposals), store, settings, runs=ActionRuns())
     finally:
         await store.close()
 

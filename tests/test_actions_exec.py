@@ -25,6 +25,7 @@ from layers.actions import service
 from layers.actions.catalog import plan
 from layers.actions.executor import execute, run_argv
 from layers.actions.helper import HelperRefused, call_helper, serve_helper
+from layers.actions.service import ActionRuns
 from layers.config import Settings
 from layers.store import open_store
 from tests.actions_support import make_standins, settings_for
@@ -154,7 +155,8 @@ async def test_helper_runs_catalog_action_standin_systemctl(
         incident = await make_incident(store, "nginx.service: failed", "nginx.service")
         out = await service.handle_proposals(incident, [{"action": "reset_failed_unit",
                                                          "params": {"unit": "nginx.service"},
-                                                         "rationale": "x"}], store, settings)
+                                                         "rationale": "x"}], store, settings,
+                                             runs=ActionRuns())
     finally:
         await store.close()
     assert out[0].status == "succeeded", out[0]

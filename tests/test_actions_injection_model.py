@@ -30,6 +30,7 @@ from pydantic import ValidationError
 
 from layers.actions import service
 from layers.actions.catalog import CATALOG
+from layers.actions.service import ActionRuns
 from layers.collectors.journald import parse_entry
 from layers.config import Settings
 from layers.events import Decision
@@ -102,7 +103,7 @@ async def test_hostile_log_lines_through_real_meta_layer_at_auto_full(
                     continue  # the pipeline marks this unreviewed; nothing to run
                 decisions += 1
                 out = await service.handle_proposals(
-                    incident, decision.proposals, store, settings
+                    incident, decision.proposals, store, settings, runs=ActionRuns()
                 )
                 for p in out:
                     assert p.status in ("refused", "pending", "succeeded", "failed"), p
@@ -274,10 +275,16 @@ class AdversarialModel:
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
+def runs() -> ActionRuns:
+    """The test's action runs: one per test (its event loop), as one per gateway process."""
+    return ActionRuns()
+
+
+@pytest.fixture
+async def store(tmp_path: Path, runs: ActionRuns) -> AsyncIterator[Store]:
     s = await open_store(Settings(state_dir=tmp_path / "db"))
     yield s
-    await service.drain_background()
+    await runs.drain()
     await s.close()
 
 
@@ -297,7 +304,7 @@ async def _run_adversary(store: Store, st: StandIns, settings: Settings,
         decision = Decision.model_validate_json(model.answer(event.message))
         stored = await store.record_decision(incident, decision)
         assert stored is not None and len(stored) == len(rows)
-        records = await service.handle_proposals(incident, stored, store, settings)
+        records = await service.handle_proposals(incident, stored, store, settings, runs=ActionRuns())
         out += [(p, full, safe, r) for (p, full, safe), r in zip(rows, records, strict=True)]
     return out
 
@@ -361,7 +368,7 @@ async def test_adversarial_model_changes_only_the_incidents_own_units(
 
 
 async def test_out_of_scope_change_runs_once_an_admin_approves(
-    tmp_path: Path, store: Store
+    tmp_path: Path, store: Store, runs: ActionRuns
 ) -> None:
     """Held, not refused: the admin decides. Never-started units stay refused even then."""
     st = make_standins(tmp_path, HOST_UNITS)
@@ -369,13 +376,13 @@ async def test_out_of_scope_change_runs_once_an_admin_approves(
                             unit_check="always", protected_units=PROTECTED)
     incident = await make_incident(store, "app3: restart nginx", "app3.service")
     [held] = await service.handle_proposals(
-        incident, [_p("restart_unit", unit="nginx.service")], store, settings)
+        incident, [_p("restart_unit", unit="nginx.service")], store, settings, runs=runs)
     assert held.status == "pending" and st.calls()[-1][1] == "show"
-    done = await service.approve(store, settings, held.id, "alice")
+    done = await service.approve(store, settings, held.id, "alice", runs=runs)
     assert done.status == "succeeded" and done.decided_by == "admin:alice"
     assert st.calls()[-1] == ["systemctl", "restart", "--", "nginx.service"]
     # a never-started unit is not even held for approval
     [never] = await service.handle_proposals(
-        None, [_p("start_unit", unit="sneaky.service")], store, settings)
+        None, [_p("start_unit", unit="sneaky.service")], store, settings, runs=runs)
     assert never.status == "refused"
     assert [c for c in st.calls() if c[1] == "start"] == []

@@ -17,6 +17,7 @@ import pytest
 
 from layers.actions import service
 from layers.actions.catalog import CATALOG
+from layers.actions.service import ActionRuns
 from layers.config import Settings
 from layers.events import Decision, Event, ProposedAction
 from layers.store import Prefiltered, Store, VerdictInput, open_store
@@ -26,10 +27,16 @@ SENTINEL_NAME = "INJECTED"
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
+def runs() -> ActionRuns:
+    """The test's action runs: one per test (its event loop), as one per gateway process."""
+    return ActionRuns()
+
+
+@pytest.fixture
+async def store(tmp_path: Path, runs: ActionRuns) -> AsyncIterator[Store]:
     s = await open_store(Settings(state_dir=tmp_path / "db"))
     yield s
-    await service.drain_background()
+    await runs.drain()
     await s.close()
 
 
@@ -147,7 +154,7 @@ def assert_nothing_escaped(st: StandIns, sentinel: Path) -> None:
 
 
 async def test_injection_corpus_at_auto_full_nothing_outside_catalog_runs(
-    tmp_path: Path, store: Store
+    tmp_path: Path, store: Store, runs: ActionRuns
 ) -> None:
     st = make_standins(tmp_path)
     settings = full_auto(tmp_path, st)
@@ -155,7 +162,7 @@ async def test_injection_corpus_at_auto_full_nothing_outside_catalog_runs(
     sentinel.unlink(missing_ok=True)
     incident = await make_incident(store, "\n".join(HOSTILE_LOG_LINES))
 
-    results = await service.handle_proposals(incident, HOSTILE_PROPOSALS, store, settings)
+    results = await service.handle_proposals(incident, HOSTILE_PROPOSALS, store, settings, runs=runs)
     assert [r.status for r in results] == ["refused"] * len(HOSTILE_PROPOSALS), [
         (r.action, r.params, r.status) for r in results if r.status != "refused"
     ]
@@ -168,13 +175,15 @@ async def test_injection_corpus_at_auto_full_nothing_outside_catalog_runs(
     assert {"unknown_action", "invalid_params", "protected_unit", "risk_claim",
             "invalid_proposal"} <= codes
 
-    ran = await service.handle_proposals(incident, BENIGN, store, settings)
+    ran = await service.handle_proposals(incident, BENIGN, store, settings, runs=runs)
     assert [r.status for r in ran] == ["succeeded"] * 3
     assert [c[:2] for c in st.calls()] == [["systemctl", "restart"], ["systemctl", "reset-failed"]]
     assert_nothing_escaped(st, sentinel)
 
 
-async def test_hostile_decision_stored_by_pipeline_is_screened(tmp_path: Path, store: Store) -> None:
+async def test_hostile_decision_stored_by_pipeline_is_screened(
+    tmp_path: Path, store: Store, runs: ActionRuns
+) -> None:
     """The pipeline's path: Store.record_decision stores the meta layer's proposals as
     pending; handle_proposals then screens those records. Hostile ones end refused."""
     st = make_standins(tmp_path)
@@ -196,7 +205,7 @@ async def test_hostile_decision_stored_by_pipeline_is_screened(tmp_path: Path, s
     )
     stored = await store.record_decision(incident, decision)
     assert stored is not None and all(p.status == "pending" for p in stored)
-    out = await service.handle_proposals(incident, stored, store, settings)
+    out = await service.handle_proposals(incident, stored, store, settings, runs=runs)
     assert [p.status for p in out] == ["refused", "refused", "refused", "succeeded", "pending"]
     assert out[4].risk == "high" and out[4].dry_run
     assert "systemctl start --wait -- ai-sysadmin-rollback.service" in out[4].dry_run
@@ -218,7 +227,7 @@ async def test_hostile_decision_stored_by_pipeline_is_screened(tmp_path: Path, s
     ],
 )
 async def test_autonomy_levels_run_wait_through_the_stage(
-    tmp_path: Path, store: Store, level: str, expected: list[str]
+    tmp_path: Path, store: Store, runs: ActionRuns, level: str, expected: list[str]
 ) -> None:
     st = make_standins(tmp_path)
     settings = settings_for(tmp_path, st, autonomy=level, allow_auto_full=True)
@@ -229,7 +238,7 @@ async def test_autonomy_levels_run_wait_through_the_stage(
         {"action": "nixos_rollback", "params": {}, "rationale": "high"},
     ]
     incident = await make_incident(store, "nginx.service: Failed with result 'exit-code'.")
-    out = await service.handle_proposals(incident, proposals, store, settings)
+    out = await service.handle_proposals(incident, proposals, store, settings, runs=runs)
     assert [p.status for p in out] == expected
     assert [p.risk for p in out] == ["read-only", "low", "medium", "high"]
     ran = {"succeeded": 1}
@@ -238,10 +247,12 @@ async def test_autonomy_levels_run_wait_through_the_stage(
         if ran.get(status)]
 
 
-async def test_changes_without_an_incident_wait_for_an_admin(tmp_path: Path, store: Store) -> None:
+async def test_changes_without_an_incident_wait_for_an_admin(
+    tmp_path: Path, store: Store, runs: ActionRuns
+) -> None:
     st = make_standins(tmp_path)
     settings = full_auto(tmp_path, st)
-    out = await service.handle_proposals(None, BENIGN, store, settings)
+    out = await service.handle_proposals(None, BENIGN, store, settings, runs=runs)
     assert [p.status for p in out] == ["pending", "pending", "succeeded"]
     assert st.calls() == []  # df is the real one; no systemctl ran
     pending = {e.subject: e.detail for e in await store.list_audit(kind="pending")}
@@ -250,7 +261,7 @@ async def test_changes_without_an_incident_wait_for_an_admin(tmp_path: Path, sto
 
 
 async def test_failed_action_reopens_incident_and_reaches_memory_hook(
-    tmp_path: Path, store: Store
+    tmp_path: Path, store: Store, runs: ActionRuns
 ) -> None:
     st = make_standins(tmp_path)
     settings = full_auto(tmp_path, st)
@@ -263,7 +274,7 @@ async def test_failed_action_reopens_incident_and_reaches_memory_hook(
 
     [p] = await service.handle_proposals(
         incident, [{"action": "restart_unit", "params": {"unit": "broken.service"},
-                    "rationale": "restart it"}], store, settings, on_result=remember)
+                    "rationale": "restart it"}], store, settings, on_result=remember, runs=runs)
     assert p.status == "failed" and p.result is not None
     assert p.result.exit_code == 1 and "Job for broken.service failed" in p.result.output
     inc = await store.get_incident(incident)
@@ -273,60 +284,60 @@ async def test_failed_action_reopens_incident_and_reaches_memory_hook(
     assert res and res[-1].detail["exit_code"] == 1 and "duration" in res[-1].detail
 
 
-async def test_approve_runs_and_records_approver(tmp_path: Path, store: Store) -> None:
+async def test_approve_runs_and_records_approver(tmp_path: Path, store: Store, runs: ActionRuns) -> None:
     st = make_standins(tmp_path)
     settings = settings_for(tmp_path, st, autonomy="suggest")
-    [p] = await service.handle_proposals(None, [BENIGN[0]], store, settings)
+    [p] = await service.handle_proposals(None, [BENIGN[0]], store, settings, runs=runs)
     assert p.status == "pending"
-    done = await service.approve(store, settings, p.id, "alice")
+    done = await service.approve(store, settings, p.id, "alice", runs=runs)
     assert done.status == "succeeded" and done.decided_by == "admin:alice"
     assert st.calls()[-1] == ["systemctl", "restart", "--", "nginx.service"]
     with pytest.raises(service.ActionError) as info:
-        await service.approve(store, settings, p.id, "bob")
+        await service.approve(store, settings, p.id, "bob", runs=runs)
     assert info.value.code == "not_pending"
     kinds = [e.kind for e in await store.list_audit(subject=p.id)]
     assert kinds == ["proposed", "pending", "approved", "run", "result"]
 
 
-async def test_reject_expiry_and_duplicate_merge(tmp_path: Path, store: Store) -> None:
+async def test_reject_expiry_and_duplicate_merge(tmp_path: Path, store: Store, runs: ActionRuns) -> None:
     st = make_standins(tmp_path)
     settings = settings_for(tmp_path, st, autonomy="suggest", approval_ttl=0.5)
-    a = await service.handle_proposals("inc_a", [BENIGN[0]], store, settings)
-    b = await service.handle_proposals("inc_b", [BENIGN[0]], store, settings)
+    a = await service.handle_proposals("inc_a", [BENIGN[0]], store, settings, runs=runs)
+    b = await service.handle_proposals("inc_b", [BENIGN[0]], store, settings, runs=runs)
     assert a[0].id == b[0].id and b[0].merge_count == 1
     assert len(await store.list_proposals(status=["pending"])) == 1
     merged = await store.list_audit(kind="merged")
     assert merged and merged[0].detail["from_incident"] == "inc_b"
 
-    other = (await service.handle_proposals(None, [BENIGN[1]], store, settings))[0]
+    other = (await service.handle_proposals(None, [BENIGN[1]], store, settings, runs=runs))[0]
     rejected = await service.reject(store, other.id, "carol", "not now")
     assert rejected.status == "rejected" and rejected.decided_by == "admin:carol"
 
     await asyncio.sleep(0.7)
     with pytest.raises(service.ActionError) as info:
-        await service.approve(store, settings, a[0].id, "alice")
+        await service.approve(store, settings, a[0].id, "alice", runs=runs)
     assert info.value.code == "not_pending"
     assert (await store.get_proposal(a[0].id)).status == "expired"  # type: ignore[union-attr]
     assert st.calls() == []
     assert [e.subject for e in await store.list_audit(kind="expired")] == [a[0].id]
 
 
-async def test_approval_is_screened_again(tmp_path: Path, store: Store) -> None:
+async def test_approval_is_screened_again(tmp_path: Path, store: Store, runs: ActionRuns) -> None:
     """Approving does not bypass the kill switch, protection or rate limits."""
     st = make_standins(tmp_path)
     settings = settings_for(tmp_path, st, autonomy="observe")
-    [p] = await service.handle_proposals(None, [BENIGN[0]], store, settings)
+    [p] = await service.handle_proposals(None, [BENIGN[0]], store, settings, runs=runs)
     kill = tmp_path / "state" / "actions.kill"
     kill.parent.mkdir(parents=True, exist_ok=True)
     kill.touch()
     with pytest.raises(service.ActionError) as info:
-        await service.approve(store, settings, p.id, "alice")
+        await service.approve(store, settings, p.id, "alice", runs=runs)
     assert info.value.code == "refused" and "kill_switch" in info.value.message
     assert (await store.get_proposal(p.id)).status == "refused"  # type: ignore[union-attr]
     assert st.calls() == []
 
 
-async def test_burst_respects_rate_limits(tmp_path: Path, store: Store) -> None:
+async def test_burst_respects_rate_limits(tmp_path: Path, store: Store, runs: ActionRuns) -> None:
     st = make_standins(tmp_path)
     settings = settings_for(tmp_path, st, autonomy="auto-full", allow_auto_full=True,
                             max_runs_per_unit_per_hour=3, max_runs_per_action_per_hour=5)
@@ -336,7 +347,7 @@ async def test_burst_respects_rate_limits(tmp_path: Path, store: Store) -> None:
     burst = [
         service.handle_proposals(incidents[u], [{"action": "restart_unit",
                                                  "params": {"unit": u}, "rationale": "burst"}],
-                                 store, settings)
+                                 store, settings, runs=runs)
         for u in units
     ]
     results = [r[0] for r in await asyncio.gather(*burst)]
@@ -348,7 +359,7 @@ async def test_burst_respects_rate_limits(tmp_path: Path, store: Store) -> None:
     assert len(refused) == 15 and all(e.detail["code"] == "rate_limited" for e in refused)
 
 
-async def test_kill_switch_holds_under_burst(tmp_path: Path, store: Store) -> None:
+async def test_kill_switch_holds_under_burst(tmp_path: Path, store: Store, runs: ActionRuns) -> None:
     st = make_standins(tmp_path)
     settings = full_auto(tmp_path, st)
     kill = tmp_path / "state" / "actions.kill"
@@ -360,15 +371,15 @@ async def test_kill_switch_holds_under_burst(tmp_path: Path, store: Store) -> No
         kill.touch()
 
     incident = await make_incident(store, "nginx.service: failed")
-    burst = [service.handle_proposals(incident, [BENIGN[i % 2]], store, settings)
+    burst = [service.handle_proposals(incident, [BENIGN[i % 2]], store, settings, runs=runs)
              for i in range(30)]
     results = await asyncio.gather(flip(), *burst)
     calls_at_kill = len(st.calls())
     assert 3 <= calls_at_kill < 30
     assert calls_at_kill == sum(1 for r in results[1:] if r[0].status != "refused")
-    more = await asyncio.gather(*[service.handle_proposals(incident, [BENIGN[0]], store, settings)
+    more = await asyncio.gather(*[service.handle_proposals(incident, [BENIGN[0]], store, settings, runs=runs)
                                   for _ in range(10)])
     assert all(r[0].status == "refused" for r in more)
     assert len(st.calls()) == calls_at_kill
-    reads = await service.handle_proposals(incident, [BENIGN[2]], store, settings)
+    reads = await service.handle_proposals(incident, [BENIGN[2]], store, settings, runs=runs)
     assert reads[0].status == "succeeded"  # read-only still allowed

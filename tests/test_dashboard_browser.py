@@ -27,6 +27,7 @@ import httpx
 import pytest
 
 from layers.actions import service
+from layers.actions.service import ActionRuns
 from layers.config import load_settings
 from layers.store import open_store
 from tests.actions_support import StandIns, make_standins
@@ -219,7 +220,7 @@ async def _propose(config: Path, unit: str) -> str:
         [p] = await service.handle_proposals(
             None, [{"action": "restart_unit", "params": {"unit": unit},
                     "rationale": f"{unit} keeps failing after the last deploy"}],
-            store, settings,
+            store, settings, runs=ActionRuns(),
         )
     finally:
         await store.close()

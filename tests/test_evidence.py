@@ -34,6 +34,7 @@ import pytest
 
 from layers.actions import catalog, service
 from layers.actions.catalog import CATALOG, Refusal, Risk, plan
+from layers.actions.service import ActionRuns
 from layers.client import LayerClients
 from layers.config import Settings
 from layers.events import Decision, Event
@@ -305,8 +306,10 @@ async def diagnose(settings: Settings, store: Store, *, action_stage: bool = Tru
     action stage (as the daemon wires it)."""
     clients = LayerClients(settings)
 
+    runs = ActionRuns()  # one for the worker's incidents, as the daemon's
+
     async def handle(incident_id: str, proposals: Any) -> None:
-        await service.handle_proposals(incident_id, proposals, store, settings)
+        await service.handle_proposals(incident_id, proposals, store, settings, runs=runs)
 
     try:
         worker = IncidentWorker(settings, store, clients,

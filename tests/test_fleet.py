@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from layers.actions import service
+from layers.actions.service import ActionRuns
 from layers.agent import Agent
 from layers.config import Settings
 from layers.events import Event
@@ -116,7 +117,7 @@ async def _pending_restart(store: Store, settings: Settings, host: str) -> str:
                                               message=f"nginx failed on {host}"))
     (p,) = await service.handle_proposals(
         incident, [{"action": "restart_unit", "params": {"unit": "nginx.service"},
-                    "rationale": "it failed"}], store, settings)
+                    "rationale": "it failed"}], store, settings, runs=ActionRuns())
     assert p.status == "pending" and p.host == host
     return p.id
 

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from layers.actions import service
+from layers.actions.service import ActionRuns
 from layers.config import ConfigError, Settings, load_settings
 from layers.events import ProposedAction
 from layers.notify.channels import load_channels, secret_parts, target
@@ -37,11 +38,17 @@ SECRET_TOKEN = "tok-Hh41c9aPqL"
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
+def runs() -> ActionRuns:
+    """The test's action runs: one per test (its event loop), as one per gateway process."""
+    return ActionRuns()
+
+
+@pytest.fixture
+async def store(tmp_path: Path, runs: ActionRuns) -> AsyncIterator[Store]:
     s = make_store("", tmp_path / "db")
     await s.open()
     yield s
-    await service.drain_background()
+    await runs.drain()
     await s.close()
 
 
@@ -146,7 +153,7 @@ async def test_incident_lifecycle_reaches_webhook_and_smtp_mailbox(
 
 
 async def test_approval_pending_says_until_when_and_how_to_approve(
-    tmp_path: Path, store: Store, hook: WebhookReceiver, smtp: SmtpReceiver
+    tmp_path: Path, store: Store, runs: ActionRuns, hook: WebhookReceiver, smtp: SmtpReceiver
 ) -> None:
     st = make_standins(tmp_path)
     s = settings(tmp_path, [
@@ -158,7 +165,7 @@ async def test_approval_pending_says_until_when_and_how_to_approve(
     [inc] = await open_incidents(store, 1, severity="warning")
     [p] = await service.handle_proposals(inc, [ProposedAction(
         action="restart_unit", params={"unit": "nginx.service"}, rationale="it failed")],
-        store, s)
+        store, s, runs=runs)
     assert p.status == "pending"
     await drain(w)
 
@@ -177,7 +184,7 @@ async def test_approval_pending_says_until_when_and_how_to_approve(
 
     # Approved, it runs: action.succeeded (info: below the default warning floor, so a
     # channel that wants it says min_severity = info).
-    await service.approve(store, s, p.id, "alice")
+    await service.approve(store, s, p.id, "alice", runs=runs)
     await drain(w)
     assert not [r for r in hook.received if "Action ran" in r.body["title"]]
     notes = await store.recent_notifications(10)
@@ -185,7 +192,7 @@ async def test_approval_pending_says_until_when_and_how_to_approve(
 
 
 async def test_actions_run_failed_and_refused_are_told(
-    tmp_path: Path, store: Store, hook: WebhookReceiver
+    tmp_path: Path, store: Store, runs: ActionRuns, hook: WebhookReceiver
 ) -> None:
     st = make_standins(tmp_path)
     s = settings(tmp_path, [{"name": "hook", "url": hook_url(hook), "min_severity": "info",
@@ -197,14 +204,14 @@ async def test_actions_run_failed_and_refused_are_told(
     out = await service.handle_proposals(None, [
         {"action": "restart_unit", "params": {"unit": "sshd.service"}, "rationale": "x"},
         {"action": "no_such_action", "params": {}, "rationale": "y"},
-    ], store, s)
+    ], store, s, runs=runs)
     assert [p.status for p in out] == ["refused", "refused"]
     # Changes outside an incident's units wait; inside one they run (auto-full).
     async with store.tx() as tx:
         unit = (await tx.execute("SELECT unit FROM incidents WHERE id = ?", incs))[0]["unit"]
     st.set_units({unit: {"id": unit, "names": [unit], "fail": True}})
     [failed] = await service.handle_proposals(incs[0], [
-        {"action": "restart_unit", "params": {"unit": unit}, "rationale": "z"}], store, s)
+        {"action": "restart_unit", "params": {"unit": unit}, "rationale": "z"}], store, s, runs=runs)
     assert failed.status == "failed"
     await drain(w)
     titles = [r.body["title"] for r in hook.received]

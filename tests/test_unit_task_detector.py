@@ -1,4 +1,4 @@
-"""TaskDetector (gateway/routes/openai.py): which chats to `ai-sysadmin` are a frontend's
+"""TaskDetector (gateway/tasks.py): which chats to `ai-sysadmin` are a frontend's
 background tasks (titles, tags, follow-ups) that go to the small trigger layer, and which
 are a person's questions that get the sysadmin. The default patterns are the configured
 ones (``gateway.task_patterns``); the prompts are the frontends' own wording."""
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from gateway.routes.openai import TASK_NAMES, TaskDetector
+from gateway.tasks import TASK_NAMES, TaskDetector
 from layers.config import GatewayConfig
 
 DEFAULT = TaskDetector(GatewayConfig().task_patterns)

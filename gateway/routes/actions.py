@@ -13,16 +13,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gateway.auth import require_admin, require_key_or_host
 from gateway.errors import OpenAIError
-from gateway.state import GatewayState, store_of
+from gateway.state import GatewayState, request_store
 from layers.actions import service
 from layers.events import Proposal, ProposalStatus
 from layers.store import Store
 
 router = APIRouter(tags=["actions"])
-
-
-async def _store(request: Request) -> Store:
-    return await store_of(request.app.state.gw)
 
 
 async def _incident(store: Store, incident_id: str | None) -> dict[str, Any] | None:
@@ -48,7 +44,7 @@ async def list_actions(
     host: Annotated[str | None, Query(max_length=255, description="only this host's")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict[str, Any]:
-    store = await _store(request)
+    store = await request_store(request)
     await service.expire_due(store)
     scoped: str | None = request.state.host  # a host key reads its own host's only
     if scoped is not None and host not in (None, scoped):
@@ -63,7 +59,7 @@ async def list_actions(
 
 @router.get("/v1/actions/{action_id}", dependencies=[Depends(require_key_or_host)])
 async def get_action(request: Request, action_id: str) -> dict[str, Any]:
-    store = await _store(request)
+    store = await request_store(request)
     await service.expire_due(store)
     p = await store.get_proposal(action_id)
     if p is None:
@@ -96,11 +92,12 @@ class DecisionBody(BaseModel):
 async def _decide(request: Request, action_id: str, body: DecisionBody | None,
                   verb: Literal["approve", "reject"]) -> dict[str, Any]:
     gw: GatewayState = request.app.state.gw
-    store = await _store(request)
+    store = await request_store(request)
     body = body or DecisionBody()
     # An ActionError (not found, not pending, refused) is answered by gateway/errors.py.
     if verb == "approve":
-        p = await service.approve(store, gw.settings, action_id, body.approver, wait=body.wait)
+        p = await service.approve(store, gw.settings, action_id, body.approver,
+                                  runs=gw.action_runs, wait=body.wait)
     else:
         p = await service.reject(store, action_id, body.approver, body.reason)
     return await _view(store, p)

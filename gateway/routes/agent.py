@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from gateway.auth import require_host
 from gateway.body import read_model
 from gateway.errors import OpenAIError
-from gateway.state import GatewayState, store_of
+from gateway.state import GatewayState, request_store
 from layers.events import ActionResult
 from layers.store import Store
 
@@ -58,7 +58,7 @@ async def _expire(store: Store, gw: GatewayState) -> None:
 @router.post("/v1/agent/claim")
 async def claim(request: Request, host: Annotated[str, Depends(require_host)]) -> Response:
     gw: GatewayState = request.app.state.gw
-    store = await store_of(gw)
+    store = await request_store(request)
     body, _ = await read_model(request, ClaimBody, MAX_BODY)
     deadline = time.monotonic() + body.wait
     owner = f"agent:{host}"
@@ -80,8 +80,7 @@ async def claim(request: Request, host: Annotated[str, Depends(require_host)]) -
 @router.post("/v1/agent/actions/{action_id}/result")
 async def result(request: Request, action_id: str,
                  host: Annotated[str, Depends(require_host)]) -> dict[str, Any]:
-    gw: GatewayState = request.app.state.gw
-    store = await store_of(gw)
+    store = await request_store(request)
     body, _ = await read_model(request, ResultBody, MAX_BODY)
     p = await store.get_proposal(action_id)
     if p is None:

@@ -21,7 +21,7 @@ from gateway.auth import authenticate
 from gateway.body import parse_json_object, read_body, validate
 from gateway.errors import OpenAIError
 from gateway.routes.events import pipeline
-from gateway.state import GatewayState
+from gateway.state import GatewayState, store_of
 from layers.alertmanager import SUPPORTED_VERSION, AlertIntake, Notification
 
 log = logging.getLogger("ai_sysadmin.gateway")
@@ -36,7 +36,8 @@ def _bearer(request: Request) -> bytes | None:
 
 async def require_intake_key(request: Request) -> None:
     """Dependency: a webhook key, else whatever the gateway's API keys allow."""
-    keys: list[bytes] = request.app.state.alertmanager_keys
+    gw: GatewayState = request.app.state.gw
+    keys = gw.alertmanager_keys
     presented = _bearer(request)
     if presented is not None and keys:
         found = False
@@ -54,14 +55,16 @@ def install(app: FastAPI) -> None:
     """The webhook route, and the resolver that follows verdicts (after the pipeline's
     start hook, which opens the store)."""
     gw: GatewayState = app.state.gw
-    app.state.alertmanager_keys = [
+    gw.alertmanager_keys = [
         k.encode() for k in gw.settings.alertmanager.resolved_api_keys()]
     tasks: list[asyncio.Task[None]] = []
 
     async def start() -> None:
-        service = app.state.pipeline
-        intake = AlertIntake(gw.settings, service.store, service.bus, service.intake)
-        app.state.alertmanager = intake
+        service = gw.pipeline
+        if service is None:
+            raise RuntimeError("alertmanager: the pipeline is not installed")
+        intake = AlertIntake(gw.settings, await store_of(gw), service.bus, service.intake)
+        gw.alertmanager = intake
         tasks.append(asyncio.create_task(intake.follow(), name="alertmanager-resolver"))
 
     async def close() -> None:
@@ -69,7 +72,7 @@ def install(app: FastAPI) -> None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        intake: AlertIntake | None = getattr(app.state, "alertmanager", None)
+        intake = gw.alertmanager
         if intake is not None:
             await intake.save_cursor()
 
@@ -97,7 +100,10 @@ async def alertmanager_webhook(request: Request) -> dict[str, Any]:
             "webhook config", param="alerts", code="too_many_alerts",
         )
     note = validate(Notification, data)
-    intake: AlertIntake = request.app.state.alertmanager
+    gw: GatewayState = request.app.state.gw
+    intake = gw.alertmanager
+    if intake is None:
+        raise RuntimeError("alertmanager: the intake has not started")
     result = await intake.receive(note)
     if note.truncatedAlerts:
         log.warning("alertmanager: a notification left out %d alerts (max_alerts in the "

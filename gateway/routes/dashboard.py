@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse, Response
 
 from gateway.auth import is_loopback, require_key
 from gateway.errors import OpenAIError
-from gateway.state import GatewayState
+from gateway.state import GatewayState, request_store
 from layers.store import MAX_SEQ
 
 router = APIRouter(tags=["dashboard"])
@@ -83,7 +83,7 @@ async def overview(request: Request) -> dict[str, Any]:
     """What the page needs to start: where the verdict stream stands, and what the key
     and this process allow."""
     gw: GatewayState = request.app.state.gw
-    pipeline = getattr(request.app.state, "pipeline", None)
+    pipeline = gw.pipeline
     last_seq = int(pipeline.bus.last_seq) if pipeline is not None else 0
     return {
         "object": "dashboard",
@@ -104,9 +104,7 @@ async def audit(
 ) -> dict[str, Any]:
     """The append-only audit log: the newest ``limit`` entries (oldest first), or the
     entries after ``after`` when given (for paging forward, as `ai-sysadmin audit`)."""
-    from gateway.routes.actions import _store
-
-    store = await _store(request)
+    store = await request_store(request)
     if after is None:
         async with store.tx() as tx:
             rows = await tx.execute("SELECT COALESCE(MAX(seq), 0) AS m FROM audit")

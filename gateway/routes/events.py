@@ -20,7 +20,7 @@ from sse_starlette.sse import EventSourceResponse
 from gateway.auth import require_key, require_key_or_host
 from gateway.body import read_model
 from gateway.errors import OpenAIError
-from gateway.state import GatewayState
+from gateway.state import GatewayState, request_store
 from layers.events import Event
 from layers.pipeline.service import IncidentContext, PipelineService
 from layers.store import MAX_SEQ
@@ -40,11 +40,15 @@ def install(app: FastAPI) -> None:
     """Attach the pipeline (store, trigger stage, context source) to the gateway."""
     gw: GatewayState = app.state.gw
     service = PipelineService(gw.settings, gw.layers)
-    app.state.pipeline = service
+    gw.pipeline = service
 
     async def start() -> None:
         await service.start()
-        gw.store = service.store  # shared with other stages
+        # The pipeline's store is the gateway's one store (store_of): this hook runs first,
+        # before anything could have opened another.
+        if gw.store is not None:
+            raise RuntimeError("the gateway's store was opened before the pipeline started")
+        gw.store = service.store
         gw.context_sources.append(IncidentContext(service.store))
 
     gw.on_start.append(start)
@@ -53,8 +57,10 @@ def install(app: FastAPI) -> None:
 
 
 def pipeline(request: Request) -> PipelineService:
-    service: PipelineService = request.app.state.pipeline
-    return service
+    gw: GatewayState = request.app.state.gw
+    if gw.pipeline is None:
+        raise RuntimeError("the pipeline is not installed")
+    return gw.pipeline
 
 
 @router.post("/v1/events", dependencies=[Depends(require_key_or_host)])
@@ -112,12 +118,13 @@ async def stream(
                               param="Last-Event-ID", code="invalid_last_event_id")
         after = int(header)
     cfg = service.settings.pipeline
+    store = await request_store(request)
 
     async def verdicts() -> AsyncIterator[dict[str, Any]]:
         cursor = after
         while True:
             horizon = service.bus.last_seq
-            batch = await service.store.verdicts_after(
+            batch = await store.verdicts_after(
                 cursor, limit=200, min_severity=min_severity, host=host,
                 anomalies_only=anomalies_only,
             )

@@ -13,9 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.auth import require_admin, require_key
 from gateway.errors import OpenAIError
-from gateway.state import GatewayState
+from gateway.state import GatewayState, request_store, store_of
 from layers.notify.worker import NotifyService
-from layers.store import Store
 
 router = APIRouter(tags=["notifications"])
 
@@ -24,32 +23,27 @@ def install(app: FastAPI) -> None:
     """Start the delivery worker on the gateway's store (after the pipeline opened it)."""
     gw: GatewayState = app.state.gw
     service = NotifyService(gw.settings)
-    app.state.notify = service
+    gw.notify = service
 
     async def start() -> None:
-        await service.start(_store(gw))
+        await service.start(await store_of(gw))
 
     gw.on_start.append(start)
     gw.on_close.append(service.close)
     app.include_router(router)
 
 
-def _store(gw: GatewayState) -> Store:
-    store = gw.store
-    if store is None:
-        raise RuntimeError("notify: the pipeline's store is not open")
-    return store
-
-
 def _service(request: Request) -> NotifyService:
-    service: NotifyService = request.app.state.notify
-    return service
+    gw: GatewayState = request.app.state.gw
+    if gw.notify is None:
+        raise RuntimeError("the notification service is not installed")
+    return gw.notify
 
 
 @router.get("/v1/notify/channels", dependencies=[Depends(require_key)])
 async def channels(request: Request) -> dict[str, Any]:
     service = _service(request)
-    data = await service.channel_view(_store(request.app.state.gw))
+    data = await service.channel_view(await request_store(request))
     return {"object": "list", "data": [{"object": "notify.channel", **c} for c in data],
             "problems": service.problems}
 
@@ -58,7 +52,7 @@ async def channels(request: Request) -> dict[str, Any]:
 async def notifications(
     request: Request, limit: Annotated[int, Query(ge=1, le=500)] = 50
 ) -> dict[str, Any]:
-    items = await _store(request.app.state.gw).recent_notifications(limit)
+    items = await (await request_store(request)).recent_notifications(limit)
     return {"object": "list", "data": [{"object": "notification", **n} for n in items]}
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -55,10 +54,6 @@ MAX_TOKENS_HEADER = "X-Ai-Sysadmin-Max-Tokens"
 MODEL_IDS = (SYSADMIN_MODEL, *LAYER_NAMES)
 # A fixed date: the same model list from every gateway and after every restart.
 CREATED = 1767225600  # 2026-01-01
-TASK_NAMES = {
-    "title_generation", "tags_generation", "follow_up_generation", "query_generation",
-    "emoji_generation", "autocomplete_generation", "image_prompt_generation", "title",
-}
 
 router = APIRouter(tags=["openai"])
 
@@ -100,40 +95,6 @@ async def get_model(model_id: str) -> dict[str, Any]:
 # -- routing ------------------------------------------------------------------------------
 
 
-def _text_of(message: dict[str, Any]) -> str:
-    content = message.get("content")
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-    return ""
-
-
-class TaskDetector:
-    """Recognises frontend background tasks (titles, tags, follow-ups)."""
-
-    def __init__(self, patterns: list[str]) -> None:
-        self.patterns = [re.compile(p, re.MULTILINE) for p in patterns]
-
-    def is_task(self, body: dict[str, Any]) -> bool:
-        metadata = body.get("metadata")
-        if isinstance(metadata, dict) and str(metadata.get("task", "")) in TASK_NAMES:
-            return True
-        messages = body.get("messages") or []
-        if not messages:
-            return False
-        head = _text_of(messages[-1])[:400]
-        return any(p.search(head) for p in self.patterns)
-
-
-def _detector(gw: GatewayState) -> TaskDetector:
-    detector: TaskDetector | None = getattr(gw, "task_detector", None)
-    if detector is None:
-        detector = TaskDetector(gw.settings.gateway.task_patterns)
-        gw.task_detector = detector  # type: ignore[attr-defined]
-    return detector
-
-
 async def _with_context(gw: GatewayState, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Put the sysadmin's system prompt and live context first, merged with the client's
     own system message (chat templates such as Gemma's accept only one)."""
@@ -162,7 +123,7 @@ async def route_chat(gw: GatewayState, body: dict[str, Any]) -> tuple[LayerPool,
     if model != SYSADMIN_MODEL:
         return _layer_for(gw, model)  # a layer name passes through; anything else is a 404
     task_layer = gw.settings.gateway.task_layer
-    if task_layer is not None and _detector(gw).is_task(body):
+    if task_layer is not None and gw.task_detector.is_task(body):
         body["model"] = task_layer
         return gw.layers[task_layer], task_layer.encode()
     body["messages"] = await _with_context(gw, body["messages"])
@@ -206,14 +167,6 @@ def refuse_client_tools(body: dict[str, Any], model: str = SYSADMIN_MODEL) -> No
             param=field,
             code="tools_not_supported",
         )
-
-
-def _chat_gate(gw: GatewayState) -> ChatGate:
-    gate: ChatGate | None = getattr(gw, "chat_gate", None)
-    if gate is None:
-        gate = ChatGate.from_config(gw.settings.gateway)
-        gw.chat_gate = gate  # type: ignore[attr-defined]
-    return gate
 
 
 def bound_generation(pool: LayerPool, body: dict[str, Any]) -> dict[str, str]:
@@ -277,9 +230,9 @@ async def chat_completions(request: Request) -> Response:
         log.debug("chat %s → %s: %s", requested, pool.name, json.dumps(body)[:2000])
     if inv is not None:
         return await investigate.respond(gw, inv, pool, body, stream=req.stream, model=requested,
-                                         t0=t0, rename=_renamer(layer_name), gate=_chat_gate(gw),
+                                         t0=t0, rename=_renamer(layer_name), gate=gw.chat_gate,
                                          watch=watch, headers=headers)
-    call = ProxyCall(requested, "chat", t0, rename=_renamer(layer_name), gate=_chat_gate(gw),
+    call = ProxyCall(requested, "chat", t0, rename=_renamer(layer_name), gate=gw.chat_gate,
                      watch=watch)
     return await forward(gw, pool, "/chat/completions", body, call, stream=req.stream,
                          headers=headers)
@@ -513,7 +466,7 @@ async def completions(request: Request) -> Response:
     body["model"] = pool.name
     headers = bound_generation(pool, body)
     call = ProxyCall(req.model, "completions", t0, rename=_renamer(layer_name),
-                     gate=_chat_gate(gw))
+                     gate=gw.chat_gate)
     return await forward(gw, pool, "/completions", body, call, stream=req.stream,
                          headers=headers)
 

@@ -27,7 +27,6 @@ from gateway.routes.openai import (
     MAX_TOKENS_HEADER,
     STREAM_HEADERS,
     ProxyCall,
-    _chat_gate,
     _gw,
     bound_generation,
     chat_watch,
@@ -62,7 +61,7 @@ async def create_response(request: Request) -> Response:
     watch = chat_watch(gw, pool, chat, req.stream, req.stream)
     if gw.settings.gateway.log_level == "debug":
         log.debug("responses %s → %s: %s", req.model, pool.name, json.dumps(chat)[:2000])
-    gate = _chat_gate(gw)
+    gate = gw.chat_gate
     call = ProxyCall(req.model, ROUTE, t0, gate=gate, watch=watch)
     upstream = await open_upstream(gw, pool, "/chat/completions", chat, call)
     extra = {LAYER_HEADER: pool.name, **headers}

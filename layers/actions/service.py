@@ -8,6 +8,7 @@ Entry point for the pipeline's meta stage::
         store: Store,
         settings: Settings,
         *,
+        runs: ActionRuns,
         on_result: Callable[[Proposal], Awaitable[None]] | None = None,
     ) -> list[Proposal]
 
@@ -27,6 +28,10 @@ exactly ``action``, ``params``, ``rationale``). Each one ends in exactly one of:
   ``on_result`` (the memory hook).
 
 Nothing from a proposal is "fixed up": it is used exactly as given or refused.
+
+``runs`` is the process's :class:`ActionRuns` (its run lock and the approved actions
+still running), held by whoever runs the loop: the gateway (``GatewayState.action_runs``)
+or the daemon. Every call in one process passes the same one.
 """
 
 from __future__ import annotations
@@ -34,8 +39,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import weakref
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -62,22 +66,35 @@ ResultHook = Callable[[Proposal], Awaitable[None]]
 PROPOSAL_KEYS = frozenset({"action", "params", "rationale"})
 MAX_RATIONALE = 2000
 
-# Screening, counting and marking a run "running" happen under this lock so that a burst
-# of proposals in one process cannot overrun a rate limit. (The root helper keeps its own
-# count as a second, independent limit across processes.)
-_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
-    weakref.WeakKeyDictionary()
-)
 
 
-def _run_lock() -> asyncio.Lock:
-    loop = asyncio.get_running_loop()
-    lock = _locks.get(loop)
-    if lock is None:
-        lock = _locks[loop] = asyncio.Lock()
-    return lock
+class ActionRuns:
+    """One process's action runs: the lock under which proposals are screened, counted
+    and marked "running", and the approved actions still running after their approval
+    call returned.
 
-_background: set[asyncio.Task[Any]] = set()
+    Screening, counting and marking happen under ``lock`` so that a burst of proposals in
+    one process cannot overrun a rate limit; that holds only when every caller in the
+    process shares one instance, so it is made by whoever runs the event loop (the
+    gateway's state, the daemon) and passed in. (The root helper keeps its own count as a
+    second, independent limit across processes.)"""
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        # Strong references: the event loop keeps only weak ones to its tasks.
+        self._tasks: set[asyncio.Task[Proposal]] = set()
+
+    def start(self, run: Coroutine[Any, Any, Proposal]) -> asyncio.Task[Proposal]:
+        """Run an approved action in the background (it outlives a short ``wait``)."""
+        task = asyncio.create_task(run)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def drain(self) -> None:
+        """Wait for approved actions still running (shutdown, tests)."""
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
 
 class ActionError(Refused):
@@ -178,6 +195,7 @@ async def handle_proposals(
     store: Store,
     settings: Settings,
     *,
+    runs: ActionRuns,
     on_result: ResultHook | None = None,
     actor: str = "pipeline",
 ) -> list[Proposal]:
@@ -189,8 +207,8 @@ async def handle_proposals(
     host = await _incident_host(store, incident_id)
     out: list[Proposal] = []
     for item in proposals:
-        out.append(await _handle_one(incident_id, scope, item, store, settings, on_result,
-                                     actor, host))
+        out.append(await _handle_one(incident_id, scope, item, store, settings, runs,
+                                     on_result, actor, host))
     return out
 
 
@@ -230,6 +248,7 @@ async def _handle_one(
     item: Proposal | ProposedAction | Mapping[str, Any],
     store: Store,
     settings: Settings,
+    runs: ActionRuns,
     on_result: ResultHook | None,
     actor: str = "pipeline",
     host: str | None = None,
@@ -274,7 +293,7 @@ async def _handle_one(
         await _audit(store, actor, "proposed", stored, rationale=rationale)
         return await _refuse(store, stored, refusal, "policy")
 
-    async with _run_lock():
+    async with runs.lock:
         decision = await policy.decide(planned, scope)
         if stored is None:
             if decision.verdict is Ruling.WAIT:
@@ -409,7 +428,8 @@ async def _pending(store: Store, proposal_id: str) -> Proposal:
 
 
 async def approve(store: Store, settings: Settings, proposal_id: str, approver: str, *,
-                  wait: float = 30.0, on_result: ResultHook | None = None) -> Proposal:
+                  runs: ActionRuns, wait: float = 30.0,
+                  on_result: ResultHook | None = None) -> Proposal:
     """Approve a pending proposal and run it (waiting up to ``wait`` seconds for it).
 
     The proposal is planned and screened again first: the catalog, protected units,
@@ -423,7 +443,7 @@ async def approve(store: Store, settings: Settings, proposal_id: str, approver: 
     except Refusal as refusal:
         p = await _refuse(store, p, refusal, actor)
         raise ActionError("refused", f"{refusal.code}: {refusal.message}", p) from None
-    async with _run_lock():
+    async with runs.lock:
         policy = _policy(store, settings)
         try:
             await policy.screen(planned)
@@ -441,9 +461,7 @@ async def approve(store: Store, settings: Settings, proposal_id: str, approver: 
         running = await store.transition_proposal(p.id, "running", expected=("approved",))
     if running is None:
         raise ActionError("not_pending", f"action {p.id} was decided meanwhile")
-    task = asyncio.create_task(_run(store, settings, planned, running, on_result))
-    _background.add(task)
-    task.add_done_callback(_background.discard)
+    task = runs.start(_run(store, settings, planned, running, on_result))
     try:
         return await asyncio.wait_for(asyncio.shield(task), timeout=wait)
     except TimeoutError:
@@ -462,12 +480,6 @@ async def reject(store: Store, proposal_id: str, approver: str, reason: str = ""
         await store.add_timeline(p.incident_id, "action_rejected",
                                  {"proposal": p.id, "action": p.action, "by": actor})
     return done
-
-
-async def drain_background() -> None:
-    """Wait for approved actions still running (shutdown, tests)."""
-    if _background:
-        await asyncio.gather(*list(_background), return_exceptions=True)
 
 
 # -- evidence reads (the meta stage's evidence loop) ------------------------------------------
