@@ -27,9 +27,11 @@ SUITE_MODULES = {
     "stub": "bench.suites", "open_streams": "bench.suites", "real": "bench.suites",
     "pipeline": "bench.pipeline", "threads": "bench.threads", "detection": "bench.detection",
     "first_run": "bench.first_run", "notify": "bench.notify", "fleet": "bench.fleet",
+    "http_ab": "bench.http_ab",
 }
-# Not in the default run (``--first-run``): builds llama-server from scratch, 10-20 min.
-OPT_IN = ("first_run",)
+# Not in the default run: ``--first-run`` builds llama-server from scratch, 10-20 min;
+# ``--suites http_ab`` compares the layer client's transport with aiohttp (its own venv).
+OPT_IN = ("first_run", "http_ab")
 # Suites that start llama-server: the page names its version.
 USES_ENGINE = ("real", "pipeline", "threads", "detection", "fleet")
 FIGURES = REPO / "docs" / "bench" / "figures.json"

@@ -370,6 +370,10 @@ def render(results: dict[str, SuiteResult], versions: dict[str, str], plots: lis
         "- `--first-run`: on its own, `make run` in a fresh clone with an empty cache and the "
         "README's first request (10–20 min: it builds llama-server); its figures are added "
         "to this page and kept by later runs until it is measured again;",
+        "- `--suites http_ab`: on its own, the layer client's transport (`layers/http.py`) "
+        "against aiohttp behind the same interface (`bench/http_ab.py`; aiohttp pinned in "
+        "`…/bench-venvs/http_ab`, never in the project's venv); its figures are added to this "
+        "page and kept by later runs;",
         "- `--paths passthrough,lean,gateway,litellm`: choose the proxies compared with direct;",
         "- `--profile`: sample the gateway with py-spy under load and add its hot spots;",
         "- `--reps N`, `--duration S`, `--open-streams N`, `--out`, `--plots`, `--json`.",
@@ -427,6 +431,10 @@ def render(results: dict[str, SuiteResult], versions: dict[str, str], plots: lis
         out += report_fleet.fleet_table(results["fleet"]) + [""]
     if "first_run" in results:
         out += report_stack.first_run_section(results["first_run"]) + [""]
+    if "http_ab" in results:
+        from bench.http_ab import section
+
+        out += section(results["http_ab"].extra["http_ab"]) + [""]
     own_notes = ("pipeline", "threads", "detection", "first_run", "fleet")
     notes = [n for k, r in results.items() if k not in own_notes for n in r.notes]
     if notes:

@@ -1,6 +1,8 @@
 """Virtual environments the bench installs for itself, never into the project's venv:
-``litellm`` (LiteLLM's proxy, the anchor) and ``tools`` (matplotlib for the plots,
-py-spy and pyinstrument for profiling). Under ``~/.cache/ai-sysadmin/bench-venvs``.
+``litellm`` (LiteLLM's proxy, the anchor), ``tools`` (matplotlib for the plots,
+py-spy and pyinstrument for profiling) and ``http_ab`` (aiohttp, the other side of
+bench/http_ab.py, with what the layer client imports). Under
+``~/.cache/ai-sysadmin/bench-venvs``.
 
 The anchor is pinned: LiteLLM by exact version, installed in pip's hash-checking mode
 from ``bench/requirements/litellm.txt`` (``--require-hashes``, wheels only), then its
@@ -11,6 +13,7 @@ another version is refused rather than measured.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import re
 import subprocess
 import sys
@@ -38,10 +41,29 @@ def _pinned(requirements: Path) -> dict[str, str]:
 LITELLM_REQUIREMENTS = REQUIREMENTS / "litellm.txt"
 LITELLM_VERSION = _pinned(LITELLM_REQUIREMENTS)["litellm"]
 
+# aiohttp by exact version: bench/http_ab.py compares layers/http.py with it.
+AIOHTTP_VERSION = "3.14.5"
+
+
+def _as_here(*dists: str) -> list[str]:
+    """``dist==version`` as installed where the bench runs (the project's venv): the
+    layer client imported from another venv runs on the same versions."""
+    out = []
+    for d in dists:
+        try:
+            out.append(f"{d}=={importlib.metadata.version(d)}")
+        except importlib.metadata.PackageNotFoundError:
+            out.append(d)  # not here (imported from elsewhere): pip's newest
+    return out
+
+
 VENVS: dict[str, VenvSpec] = {
     "litellm": VenvSpec([f"litellm[proxy]=={LITELLM_VERSION}"], hashed=LITELLM_REQUIREMENTS,
                         pins={"litellm": LITELLM_VERSION}),
     "tools": VenvSpec(["matplotlib>=3.8", "py-spy>=0.3", "pyinstrument>=4.6"]),
+    "http_ab": VenvSpec([f"aiohttp=={AIOHTTP_VERSION}",
+                         *_as_here("pydantic", "pydantic-settings", "uvloop")],
+                        pins={"aiohttp": AIOHTTP_VERSION}),
 }
 
 

@@ -18,6 +18,7 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 from fastapi.responses import Response
@@ -34,6 +35,7 @@ from layers.events import Proposal
 from layers.pipeline import prompts
 from layers.pipeline.investigation import ChatInvestigation, proposal_fact
 from layers.pipeline.stages import checked_json
+from layers.sse import Rename
 from layers.store import Store
 
 INVESTIGATION_HEADER = "X-Ai-Sysadmin-Investigation"
@@ -125,10 +127,15 @@ INTRO = "Looking at the machine before answering (read-only).\n\n"
 
 async def respond(gw: GatewayState, inv: ChatInvestigation, pool: LayerPool,
                   body: dict[str, Any], *, stream: bool, model: str, t0: float,
-                  rename: tuple[bytes, bytes] | None, gate: ChatGate,
+                  rename: Rename | None, gate: ChatGate,
                   watch: ChatWatch | None, headers: dict[str, str]) -> Response:
     """Investigate, then answer (streamed or not) — see the module docstring."""
-    from gateway.routes.openai import LAYER_HEADER, open_upstream, read_answer, relay
+    from gateway.routes.openai import LAYER_HEADER, ProxyCall, open_upstream, read_answer, relay
+
+    # The gate's place is taken below, before investigating: opening the layer's answer
+    # takes none of its own, and read_answer/relay free this one.
+    call = ProxyCall(model, "chat", t0, rename=rename, gate=gate, watch=watch)
+    opening = replace(call, gate=None)
 
     try:
         await gate.acquire()
@@ -142,13 +149,11 @@ async def respond(gw: GatewayState, inv: ChatInvestigation, pool: LayerPool,
         try:
             notes = [INTRO] + [note async for note in inv.run()]
             _with_evidence(body, inv)
-            upstream = await open_upstream(gw, pool, "/chat/completions", body, model,
-                                           route="chat")
+            upstream = await open_upstream(gw, pool, "/chat/completions", body, opening)
         except BaseException:
             gate.release()
             raise
-        raw = await read_answer(gw, upstream, model, t0, "chat", upstream.started - t0,
-                                gate=gate, watch=watch)
+        raw = await read_answer(gw, upstream, call)
         answer = json.loads(raw)
         message = (answer.get("choices") or [{}])[0].get("message") or {}
         message["reasoning_content"] = "".join(notes)
@@ -169,16 +174,14 @@ async def respond(gw: GatewayState, inv: ChatInvestigation, pool: LayerPool,
                 yield _chunk(cid, created, {"content": facts})
             _with_evidence(body, inv)
             try:
-                upstream = await open_upstream(gw, pool, "/chat/completions", body, model,
-                                               route="chat")
+                upstream = await open_upstream(gw, pool, "/chat/completions", body, opening)
             except OpenAIError as exc:
                 yield b"data: " + json.dumps(exc.body()).encode() + b"\n\n"
                 yield b"data: [DONE]\n\n"
                 return
             held = False  # the relay frees the place when the answer ends
             ours, theirs = b'"id":"' + cid.encode() + b'"', None
-            async for out in relay(gw, upstream, model, rename, t0, "chat",
-                                   upstream.started - t0, gate=gate, watch=watch):
+            async for out in relay(gw, upstream, call):
                 if theirs is None and (m := _ID.search(out)) is not None:
                     theirs = m.group(0)
                 # One id throughout the stream, as OpenAI's and llama-server's have.

@@ -18,7 +18,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -28,6 +28,7 @@ from layers import http
 from layers.config import LAYER_NAMES, EndpointConfig, LayerConfig, LayerName, Settings
 from layers.deadline import Deadline, DeadlineRule, Speed, Work
 from layers.errors import Unavailable
+from layers.sse import Rename, events_end
 
 log = logging.getLogger("ai_sysadmin.client")
 
@@ -228,9 +229,22 @@ class Limiter:
                 self._cond.notify_all()
 
 
+class LayerBrokeOff(LayerError):
+    """The layer's answer broke off after its head (connection lost, bad framing, a
+    stream that ended early). ``cause``: what the transport saw, for messages."""
+
+    def __init__(self, message: str, *, cause: str) -> None:
+        super().__init__(502, message, code="upstream_error")
+        self.cause = cause
+
+
 @dataclass
 class Upstream:
-    """An open upstream response (headers received) and what it needs on close."""
+    """One open answer of a layer (its head received, 2xx), as :meth:`LayerPool.open`
+    returns it: read its body or its events, report it failed, close it.
+
+    It raises only :class:`LayerError` (:class:`LayerTimeout`, :class:`LayerBrokeOff`):
+    callers never see the transport (layers/http.py) behind it."""
 
     response: http.Response
     endpoint: Endpoint
@@ -239,7 +253,80 @@ class Upstream:
     deadline: Deadline | None = None  # pipeline calls: the deadline it was sent with
     _closed: bool = field(default=False, repr=False)
 
+    @property
+    def streams(self) -> bool:
+        """The answer is server-sent events (an endpoint may ignore ``stream``)."""
+        return self.response.headers.get("content-type", "").startswith("text/event-stream")
+
+    async def read(self) -> bytes:
+        """The whole body."""
+        try:
+            return await self.response.aread()
+        except http.TimeoutException:
+            raise self._timed_out() from None
+        except http.HTTPError as exc:
+            raise self.broke_off(type(exc).__name__) from None
+
+    async def read_json(self) -> dict[str, Any]:
+        """The whole body, a JSON object."""
+        raw = await self.read()
+        name = self.pool.name
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise LayerError(502, f"layer {name} answered with invalid JSON",
+                             code="upstream_error") from exc
+        if not isinstance(data, dict):
+            raise LayerError(502, f"layer {name} answered with a non-object",
+                             code="upstream_error")
+        return data
+
+    async def events(
+        self, rename: Rename | None = None, *, deadline: float | None = None
+    ) -> AsyncIterator[bytes]:
+        """Whole server-sent events as they arrive: each item one or more events (all that
+        one arrival completed, so they reach the client in one write), renamed with
+        ``rename``. An unterminated last event is given a blank line. ``deadline``
+        (``time.perf_counter()``): a stream still sending then is timed out."""
+        pending = b""
+        try:
+            async for chunk in self.response.aiter_raw():
+                if deadline is not None and time.perf_counter() > deadline:
+                    raise self._timed_out()
+                pending += chunk
+                cut = events_end(pending)
+                if not cut:
+                    continue
+                out, pending = pending[:cut], pending[cut:]
+                yield out if rename is None else rename.events(out)
+        except http.TimeoutException:
+            raise self._timed_out() from None
+        except http.HTTPError as exc:
+            raise self.broke_off(type(exc).__name__) from None
+        if pending.strip():
+            yield pending + b"\n\n"
+
+    def broke_off(self, cause: str) -> LayerBrokeOff:
+        return LayerBrokeOff(f"layer {self.pool.name} broke off its answer", cause=cause)
+
+    def _timed_out(self) -> LayerTimeout:
+        # The head came, then the body stopped: the layer was answering, so it is alive.
+        d = self.deadline
+        if d is not None:
+            self.endpoint.speed.timed_out(d)
+        return LayerTimeout(f"layer {self.pool.name} timed out",
+                            deadline=d.seconds if d else self.pool.timeout.read, alive=True,
+                            final=d.final if d else True)
+
+    def fail(self, reason: str) -> None:
+        """The answer was unusable (broken, or not what the endpoint must send): a failure
+        of its endpoint's circuit breaker."""
+        log.debug("layer %s (%s) failed: %s", self.pool.name, self.endpoint.url, reason)
+        self.endpoint.breaker.failure()
+
     async def aclose(self) -> None:
+        """Free the endpoint's slot and the pool's admission place; an answer not read to
+        its end closes the connection (llama-server then stops generating)."""
         if self._closed:
             return
         self._closed = True
@@ -514,28 +601,9 @@ class LayerPool:
         the endpoint's next deadlines."""
         upstream = await self.open(path, body, work=work)
         try:
-            raw = await upstream.response.aread()
-        except http.TimeoutException as exc:
-            # The head came, then the body stopped: the layer was answering, so it is alive.
-            d = upstream.deadline
-            if d is not None:
-                upstream.endpoint.speed.timed_out(d)
-            raise LayerTimeout(f"layer {self.name} timed out",
-                               deadline=d.seconds if d else self.timeout.read, alive=True,
-                               final=d.final if d else True) from exc
-        except http.HTTPError as exc:
-            raise LayerError(502, f"layer {self.name} broke off its answer",
-                             code="upstream_error") from exc
+            data = await upstream.read_json()
         finally:
             await upstream.aclose()
-        try:
-            data = json.loads(raw)
-        except ValueError as exc:
-            raise LayerError(502, f"layer {self.name} answered with invalid JSON",
-                             code="upstream_error") from exc
-        if not isinstance(data, dict):
-            raise LayerError(502, f"layer {self.name} answered with a non-object",
-                             code="upstream_error")
         if work is not None:
             upstream.endpoint.speed.observe(data, time.perf_counter() - upstream.started,
                                             work.prompt_chars)
@@ -652,7 +720,9 @@ class LayerClients:
     """The three layers behind one pooled :class:`layers.http.HTTPClient`."""
 
     def __init__(self, settings: Settings, client: http.HTTPClient | None = None) -> None:
-        self.client = client or http.HTTPClient(spare=settings.gateway.spare_connections)
+        g = settings.gateway
+        self.client = client or http.HTTPClient(spare=g.spare_connections,
+                                                max_body=g.max_answer_bytes)
         self.pools: dict[str, LayerPool] = {
             name: LayerPool(name, layer, settings, self.client)
             for name, layer in settings.layers.items()

@@ -345,6 +345,12 @@ class GatewayConfig(Section):
     max_body_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above)."
     )
+    max_answer_bytes: int = Field(
+        64 * 1024 * 1024, ge=64 * 1024,
+        description="Largest answer body read from a layer (a stream: all its events "
+        "together); a layer that sends more gets its answer broken off, a `502` "
+        "(`upstream_error`) or, in a stream, an error event.",
+    )
     task_layer: LayerName | None = Field(
         "trigger",
         description="Layer that answers frontend background tasks (titles, tags, "

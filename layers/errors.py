@@ -21,6 +21,7 @@ mappers read: ``gateway/errors.py`` (:func:`gateway.errors.openai_error`) for HT
     ├── Unavailable                    something we depend on cannot answer now
     │   ├── LayerError                   layers/client.py        (status per instance)
     │   │   ├── LayerTimeout
+    │   │   ├── LayerBrokeOff            (an answer cut off after its head)
     │   │   └── StructuredOutputError
     │   │       └── RefusedOutput        layers/pipeline/validate.py
     │   ├── StoreError                   layers/store/base.py    (503, Retry-After)

@@ -7,6 +7,11 @@ bodies, so this client covers exactly that: requests with a byte body, responses
 ``Content-Length``, chunked transfer or connection close, keep-alive reuse, TLS for remote
 endpoints, and a timeout per phase (connect, write, every read). Nothing else.
 
+It is strict where leniency would let a broken or hostile peer in: a body is capped
+(``max_body``), chunk sizes are hex digits only (no ``0x``, sign, ``_`` or padding, which
+Python's ``int(…, 16)`` would take), and a repeated ``Content-Length`` must agree.
+Repeated headers are all kept (:class:`Headers`).
+
 A response is returned once its head has arrived; its body is then read with
 :meth:`Response.aread` or :meth:`Response.aiter_raw`. Closing a response before its body
 ended closes the connection, which is how llama-server learns that a client went away and
@@ -23,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -39,6 +45,12 @@ MAX_IDLE_PER_ORIGIN = 256
 MAX_HEAD_BYTES = 64 * 1024
 READ_SIZE = 64 * 1024
 SPARE_CONNECT_TIMEOUT = 5.0
+# The largest answer body read by default (a stream: all its events together). The
+# layers' answers are kilobytes; a peer sending without end must not fill the memory.
+MAX_BODY_BYTES = 64 * 1024 * 1024
+# A chunk size line: 1 to 16 hex digits (no sign, prefix, separator or padding), then
+# optionally chunk extensions, which may be preceded by blanks (RFC 9112 7.1.1).
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[^\r\n]*)?")
 
 
 class HTTPError(Unavailable):
@@ -79,6 +91,29 @@ class Timeouts:
 Origin = tuple[str, str, int]  # scheme, host, port
 
 
+class Headers(dict[str, str]):
+    """A response's headers by lower-case name: ``headers[name]`` and ``get`` give the
+    last value received (as a plain dict of them did), :meth:`get_all` every one in
+    order (a repeated header is not lost)."""
+
+    __slots__ = ("_all",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._all: dict[str, list[str]] = {}
+
+    def add(self, name: str, value: str) -> None:
+        self[name] = value
+        self._all.setdefault(name, []).append(value)
+
+    def get_all(self, name: str) -> list[str]:
+        values = self._all.get(name)
+        if values is not None:
+            return list(values)
+        value = self.get(name)  # set directly (HTTP/1.0's implied connection: close)
+        return [] if value is None else [value]
+
+
 class _Connection:
     __slots__ = ("origin", "reader", "writer", "idle_since", "reused", "exchanges")
 
@@ -109,12 +144,14 @@ class Response:
         client: HTTPClient,
         conn: _Connection,
         status_code: int,
-        headers: dict[str, str],
+        headers: Headers,
         read_timeout: float,
         keep_alive: bool,
+        max_body: int = MAX_BODY_BYTES,
     ) -> None:
         self.status_code = status_code
         self.headers = headers
+        self._max_body = max_body
         self._client = client
         self._conn: _Connection | None = conn
         self._read_timeout = read_timeout
@@ -133,11 +170,13 @@ class Response:
         try:
             if self.status_code in (204, 304):
                 pass  # no body, whatever the headers say
-            elif self.headers.get("transfer-encoding", "").lower() == "chunked":
+            elif _chunked(self.headers):
                 async for piece in self._chunks(reader):
                     yield piece
             elif "content-length" in self.headers:
-                remaining = int(self.headers["content-length"])
+                remaining = _content_length(self.headers)
+                if remaining > self._max_body:
+                    raise ProtocolError(f"the body is {remaining} bytes, over {self._max_body}")
                 while remaining > 0:
                     piece = await self._read(reader.read(min(remaining, READ_SIZE)))
                     if not piece:
@@ -146,7 +185,11 @@ class Response:
                     yield piece
             else:  # body runs until the peer closes the connection
                 self._keep_alive = False
+                left = self._max_body
                 while piece := await self._read(reader.read(READ_SIZE)):
+                    left -= len(piece)
+                    if left < 0:
+                        raise ProtocolError(f"the body is over {self._max_body} bytes")
                     yield piece
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
             raise ProtocolError(f"the body broke off ({type(exc).__name__})") from None
@@ -159,6 +202,7 @@ class Response:
         chunk's data as it comes rather than once it is whole."""
         buf = bytearray()
         data_left = 0  # of the current chunk
+        body_left = self._max_body  # chunk sizes are counted against it as they come
         crlf_due = False  # after a chunk's data
         while True:
             out = bytearray()
@@ -183,9 +227,13 @@ class Response:
                     if len(buf) > MAX_HEAD_BYTES:
                         raise ProtocolError("a chunk size line is too long")
                     break
-                size = int(bytes(buf[:eol]).split(b";", 1)[0], 16)
-                if size < 0:
-                    raise ProtocolError("a negative chunk size")
+                line = _CHUNK_SIZE.fullmatch(buf, 0, eol)
+                if line is None:
+                    raise ProtocolError(f"a bad chunk size line: {bytes(buf[:min(eol, 40)])!r}")
+                size = int(line.group(1), 16)
+                body_left -= size
+                if body_left < 0:
+                    raise ProtocolError(f"the chunked body is over {self._max_body} bytes")
                 if size == 0:  # the last chunk, then trailers (ignored) up to an empty line
                     end = buf.find(b"\r\n\r\n", eol)
                     if end < 0:
@@ -250,9 +298,11 @@ class HTTPClient:
 
     ``spare``: connections per origin kept opened ahead of the next request (see the
     module's docstring); 0 opens connections only when a request needs one.
+    ``max_body``: the largest answer body read (more is a :class:`ProtocolError`).
     """
 
-    def __init__(self, *, spare: int = 0) -> None:
+    def __init__(self, *, spare: int = 0, max_body: int = MAX_BODY_BYTES) -> None:
+        self.max_body = max_body
         self._idle: dict[Origin, list[_Connection]] = {}
         self._tls: ssl.SSLContext | None = None
         self._closed = False
@@ -405,9 +455,9 @@ class HTTPClient:
             conn.close()
             raise
         keep_alive = headers.get("connection", "").lower() != "close"
-        return Response(self, conn, status, headers, t.read, keep_alive)
+        return Response(self, conn, status, headers, t.read, keep_alive, self.max_body)
 
-    async def _read_head(self, conn: _Connection, timeout: float) -> tuple[int, dict[str, str]]:
+    async def _read_head(self, conn: _Connection, timeout: float) -> tuple[int, Headers]:
         reader = conn.reader
         while True:
             try:
@@ -474,7 +524,28 @@ def _head_without_length(
     return "\r\n".join(lines).encode("latin-1")
 
 
-def _parse_head(raw: bytes) -> tuple[int, dict[str, str]]:
+def _chunked(headers: Headers) -> bool:
+    """Whether the body is chunked: the last of all transfer codings (RFC 9112 6.1)."""
+    if "transfer-encoding" not in headers:
+        return False
+    codings = ",".join(headers.get_all("transfer-encoding")).split(",")
+    return codings[-1].strip().lower() == "chunked"
+
+
+def _content_length(headers: Headers) -> int:
+    """Digits only (``int`` would take ``+1``, ``1_0`` and blanks); repeated values must
+    agree (two lengths are how a response is smuggled past one side)."""
+    values = {v for field in headers.get_all("content-length") for v in field.split(",")}
+    values = {v.strip() for v in values}
+    if len(values) != 1:
+        raise ProtocolError(f"conflicting content-length: {sorted(values)}")
+    value = values.pop()
+    if not value.isascii() or not value.isdigit() or len(value) > 19:
+        raise ProtocolError(f"a bad content-length: {value[:40]!r}")
+    return int(value)
+
+
+def _parse_head(raw: bytes) -> tuple[int, Headers]:
     lines = raw.decode("latin-1").split("\r\n")
     status_line = lines[0].split(" ", 2)
     if len(status_line) < 2 or not status_line[0].startswith("HTTP/1."):
@@ -483,14 +554,14 @@ def _parse_head(raw: bytes) -> tuple[int, dict[str, str]]:
         status = int(status_line[1])
     except ValueError:
         raise ProtocolError(f"bad status line: {lines[0][:80]!r}") from None
-    headers: dict[str, str] = {}
+    headers = Headers()
     for line in lines[1:]:
         if not line:
             continue
         name, sep, value = line.partition(":")
         if not sep:
             raise ProtocolError(f"bad header line: {line[:80]!r}")
-        headers[name.strip().lower()] = value.strip()
+        headers.add(name.strip().lower(), value.strip())
     if status_line[0] == "HTTP/1.0" and headers.get("connection", "").lower() != "keep-alive":
         headers["connection"] = "close"
     return status, headers

@@ -22,6 +22,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -37,11 +38,11 @@ from gateway.repetition import RepetitionDetector
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from gateway.sse import EventStreamResponse
 from gateway.state import GatewayState
-from layers import http
-from layers.client import LayerError, LayerPool, Upstream
+from layers.client import LayerBrokeOff, LayerError, LayerPool, LayerTimeout, Upstream
 from layers.config import LAYER_NAMES
 from layers.context import gather_context, system_message
 from layers.generation import stop_strings
+from layers.sse import DONE, Rename, error_event
 
 log = logging.getLogger("ai_sysadmin.gateway")
 
@@ -200,14 +201,9 @@ def chat_watch(gw: GatewayState, pool: LayerPool, body: dict[str, Any],
     return ChatWatch(detector, include_usage=include_usage, collect=not stream)
 
 
-def _renamer(
-    layer_name: bytes | None, shown: str = SYSADMIN_MODEL
-) -> tuple[bytes, bytes] | None:
-    """The byte replacement that shows ``shown`` instead of the layer's name in answers."""
-    if layer_name is None:
-        return None
-    # llama-server writes compact JSON; the model name of every chunk is exactly this.
-    return b'"model":"' + layer_name + b'"', b'"model":"' + shown.encode() + b'"'
+def _renamer(layer_name: bytes | None, shown: str = SYSADMIN_MODEL) -> Rename | None:
+    """The replacement that shows ``shown`` instead of the layer's name in answers."""
+    return Rename.of(layer_name, shown)
 
 
 # -- chat completions --------------------------------------------------------------------
@@ -236,9 +232,28 @@ async def chat_completions(request: Request) -> Response:
         return await investigate.respond(gw, inv, pool, body, stream=req.stream, model=requested,
                                          t0=t0, rename=_renamer(layer_name), gate=gw.chat_gate,
                                          watch=watch, headers=headers)
-    return await forward(gw, pool, "/chat/completions", body, req.stream, requested,
-                         _renamer(layer_name), t0, route="chat", gate=gw.chat_gate,
-                         watch=watch, headers=headers)
+    call = ProxyCall(requested, "chat", t0, rename=_renamer(layer_name), gate=gw.chat_gate,
+                     watch=watch)
+    return await forward(gw, pool, "/chat/completions", body, call, stream=req.stream,
+                         headers=headers)
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyCall:
+    """What one proxied request carries from its route to :func:`forward`,
+    :func:`open_upstream`, :func:`read_answer` and :func:`relay`.
+
+    ``model``: as the client named it (metrics, error events); ``route``: the metrics
+    label; ``t0``: when the request arrived (``time.perf_counter()``); ``rename``: shows
+    the client's model name instead of the layer's; ``gate``: the place held until the
+    answer is complete; ``watch``: the chat's repetition watch."""
+
+    model: str
+    route: str
+    t0: float
+    rename: Rename | None = None
+    gate: ChatGate | None = None
+    watch: ChatWatch | None = None
 
 
 async def forward(
@@ -246,34 +261,24 @@ async def forward(
     pool: LayerPool,
     path: str,
     body: dict[str, Any],
-    stream: bool,
-    model: str,
-    rename: tuple[bytes, bytes] | None,
-    t0: float,
+    call: ProxyCall,
     *,
-    route: str,
-    gate: ChatGate | None = None,
-    watch: ChatWatch | None = None,
+    stream: bool = False,
     headers: dict[str, str] | None = None,
 ) -> Response:
-    """Send the request to the layer and answer the client. With ``gate``, the request
-    holds one of the gate's places until its answer is complete (for a stream: until the
-    relay ends). With ``watch``, a chat is watched for repetition; a non-streamed one
-    (sent to the layer as a stream by :func:`chat_watch`) is then collected here."""
-    upstream = await open_upstream(gw, pool, path, body, model, route=route, gate=gate)
+    """Send the request to the layer and answer the client. With ``call.gate``, the
+    request holds one of the gate's places until its answer is complete (for a stream:
+    until the relay ends). With ``call.watch``, a chat is watched for repetition; a
+    non-streamed one (sent to the layer as a stream by :func:`chat_watch`) is then
+    collected here."""
+    upstream = await open_upstream(gw, pool, path, body, call)
     extra = {LAYER_HEADER: pool.name, **(headers or {})}
-    # Metrics are recorded once the layer's answer is in (a stream's after its last event):
-    # on an idle gateway their code is cold, and before the first token it would cost the
-    # client time.
-    overhead = upstream.started - t0
     if stream:
-        return EventStreamResponse(
-            relay(gw, upstream, model, rename, t0, route, overhead, gate=gate, watch=watch),
-            headers={**STREAM_HEADERS, **extra},
-        )
-    raw = await read_answer(gw, upstream, model, t0, route, overhead, gate=gate, watch=watch)
-    if rename is not None:
-        raw = raw.replace(rename[0], rename[1], 1)
+        return EventStreamResponse(relay(gw, upstream, call),
+                                   headers={**STREAM_HEADERS, **extra})
+    raw = await read_answer(gw, upstream, call)
+    if call.rename is not None:
+        raw = call.rename.answer(raw)
     return Response(raw, media_type="application/json", headers=extra)
 
 
@@ -281,31 +286,26 @@ STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 async def open_upstream(
-    gw: GatewayState,
-    pool: LayerPool,
-    path: str,
-    body: dict[str, Any],
-    model: str,
-    *,
-    route: str,
-    gate: ChatGate | None = None,
+    gw: GatewayState, pool: LayerPool, path: str, body: dict[str, Any], call: ProxyCall
 ) -> Upstream:
-    """A place at the gate (``429`` when there is none), then the layer's answer head;
-    a layer that refuses or fails is the client's error in OpenAI's shape. On success the
-    gate's place is held until :func:`relay` or :func:`read_answer` releases it."""
+    """A place at ``call.gate`` (``429`` when there is none), then the layer's answer
+    head; a layer that refuses or fails is the client's error in OpenAI's shape. On
+    success the gate's place is held until :func:`relay` or :func:`read_answer` releases
+    it."""
     m = gw.metrics
+    gate = call.gate
     if gate is not None:
         try:
             await gate.acquire()
         except OpenAIError:
-            m.requests.labels(route, model, "429").inc()
+            m.requests.labels(call.route, call.model, "429").inc()
             raise
     try:
         return await pool.open(path, body)
     except LayerError as exc:
         if gate is not None:
             gate.release()
-        m.requests.labels(route, model, str(exc.status)).inc()
+        m.requests.labels(call.route, call.model, str(exc.status)).inc()
         # Already the client's answer here: the streamed chat of gateway/investigate.py
         # writes an OpenAIError into its stream, where no exception handler can.
         raise openai_error(exc) from None
@@ -315,64 +315,56 @@ async def open_upstream(
         raise
 
 
-async def read_answer(
-    gw: GatewayState,
-    upstream: Upstream,
-    model: str,
-    t0: float,
-    route: str,
-    overhead: float,
-    *,
-    gate: ChatGate | None = None,
-    watch: ChatWatch | None = None,
-) -> bytes:
+def _overhead(upstream: Upstream, call: ProxyCall) -> float:
+    # Recorded once the layer's answer is in (a stream's after its last event): on an
+    # idle gateway metrics code is cold, and before the first token it would cost the
+    # client time.
+    return upstream.started - call.t0
+
+
+async def read_answer(gw: GatewayState, upstream: Upstream, call: ProxyCall) -> bytes:
     """The layer's whole non-streamed answer (a JSON object), within the total timeout;
-    with ``watch``, collected from its stream and ended where it repeats. Closes the
-    upstream response and frees the gate's place."""
+    with ``call.watch``, collected from its stream and ended where it repeats. Closes
+    the upstream response and frees the gate's place."""
     m = gw.metrics
+    route, model = call.route, call.model
     pool = upstream.pool
     total = gw.settings.gateway.timeouts.total
     try:
-        async with asyncio.timeout(max(0.001, total - (time.perf_counter() - t0))):
-            if watch is None:
-                raw = await upstream.response.aread()
+        async with asyncio.timeout(max(0.001, total - (time.perf_counter() - call.t0))):
+            if call.watch is None:
+                raw = await upstream.read()
             else:
-                raw = await collect(upstream, watch)
-    except (http.TimeoutException, TimeoutError):
+                raw = await collect(upstream, call.watch)
+    except (LayerTimeout, TimeoutError):
         m.requests.labels(route, model, "504").inc()
         raise OpenAIError(504, f"layer {pool.name} timed out", code="upstream_timeout") from None
-    except http.HTTPError:
+    except LayerError:
         m.requests.labels(route, model, "502").inc()
         raise OpenAIError(502, f"layer {pool.name} broke off its answer",
                           code="upstream_error") from None
     finally:
         await upstream.aclose()
-        if gate is not None:
-            gate.release()
-        m.overhead.labels(route).observe(overhead)
+        if call.gate is not None:
+            call.gate.release()
+        m.overhead.labels(route).observe(_overhead(upstream, call))
     if not _is_json_object(raw):
         # A layer that answers 200 with a body no client can parse is broken: say so
         # (502) rather than hand the client a 200 it cannot read; it counts as a failure.
-        upstream.endpoint.breaker.failure()
+        upstream.fail("invalid JSON")
         m.requests.labels(route, model, "502").inc()
         raise OpenAIError(502, f"layer {pool.name} answered with invalid JSON",
                           code="upstream_error")
     m.requests.labels(route, model, "200").inc()
-    m.latency.labels(route, model).observe(time.perf_counter() - t0)
+    m.latency.labels(route, model).observe(time.perf_counter() - call.t0)
     return raw
 
 
 async def collect(upstream: Upstream, watch: ChatWatch) -> bytes:
     """A non-streamed answer read from the layer's stream, ended where it repeats."""
-    if not upstream.response.headers.get("content-type", "").startswith("text/event-stream"):
-        return await upstream.response.aread()  # an endpoint that does not stream: as it is
-    pending = b""
-    async for chunk in upstream.response.aiter_raw():
-        pending += chunk
-        cut = events_end(pending)
-        if not cut:
-            continue
-        events, pending = pending[:cut], pending[cut:]
+    if not upstream.streams:
+        return await upstream.read()  # an endpoint that does not stream: as it is
+    async for events in upstream.events():
         if watch.scan(events):
             _log_cut(upstream, watch)
             break
@@ -380,7 +372,7 @@ async def collect(upstream: Upstream, watch: ChatWatch) -> bytes:
             break
     else:
         if watch.finish_reason is None:
-            raise http.ProtocolError("the layer ended the stream early")
+            raise upstream.broke_off("the layer ended the stream early")
     return watch.answer()
 
 
@@ -398,60 +390,21 @@ def _is_json_object(raw: bytes) -> bool:
         return False
 
 
-def events_end(buf: bytes) -> int:
-    """Where the last whole server-sent event in ``buf`` ends; 0 when none has yet.
-
-    An event ends with a blank line: ``\\n\\n`` as llama-server writes it, or ``\\r\\n\\r\\n``
-    (servers built on sse-starlette, among others): a stream in either is relayed event
-    by event, never held back until it ends. Comment lines (``: ping``) are events too,
-    and pass as they came."""
-    cut = buf.rfind(b"\n\n")
-    if cut >= 0:
-        return cut + 2
-    cut = buf.rfind(b"\r\n\r\n")
-    return cut + 4 if cut >= 0 else 0
-
-
-def _sse_error(message: str, code: str) -> bytes:
-    err = {"error": {"message": message, "type": "upstream_error", "param": None, "code": code}}
-    return b"data: " + json.dumps(err).encode() + b"\n\n"
-
-
-async def relay(
-    gw: GatewayState,
-    upstream: Upstream,
-    model: str,
-    rename: tuple[bytes, bytes] | None,
-    t0: float,
-    route: str,
-    overhead: float,
-    *,
-    gate: ChatGate | None = None,
-    watch: ChatWatch | None = None,
-) -> AsyncIterator[bytes]:
+async def relay(gw: GatewayState, upstream: Upstream, call: ProxyCall) -> AsyncIterator[bytes]:
     """Relay SSE events as they arrive, whole events at a time. If the layer breaks off,
     the client gets an error event and ``[DONE]``; if the client leaves, closing the
-    upstream response makes llama-server cancel the generation. With ``watch``, events
-    are scanned after they were sent (never before the first token); an answer that
-    repeats itself is ended with a finishing chunk, usage if asked for, and ``[DONE]``,
-    and closing the upstream response ends the generation."""
+    upstream response makes llama-server cancel the generation. With ``call.watch``,
+    events are scanned after they were sent (never before the first token); an answer
+    that repeats itself is ended with a finishing chunk, usage if asked for, and
+    ``[DONE]``, and closing the upstream response ends the generation."""
     m = gw.metrics
-    pending = b""
+    model, rename, watch, t0 = call.model, call.rename, call.watch, call.t0
     ttft: float | None = None
     done = False
     status = "200"
     deadline = t0 + gw.settings.gateway.timeouts.total
     try:
-        async for chunk in upstream.response.aiter_raw():
-            if time.perf_counter() > deadline:
-                raise http.ReadTimeout("total timeout exceeded")
-            pending += chunk
-            cut = events_end(pending)
-            if not cut:
-                continue
-            out, pending = pending[:cut], pending[cut:]
-            if rename is not None:
-                out = out.replace(rename[0], rename[1])
+        async for out in upstream.events(rename, deadline=deadline):
             if ttft is None and b"data:" in out:  # a ": ping" comment is no token
                 ttft = time.perf_counter() - t0
             if b"data: [DONE]" in out:
@@ -460,38 +413,36 @@ async def relay(
             if watch is not None and not done and watch.scan(out):
                 _log_cut(upstream, watch)
                 closing = watch.closing_events()
-                yield closing if rename is None else closing.replace(rename[0], rename[1])
+                yield closing if rename is None else rename.events(closing)
                 return  # closing the layer's response (below) ends its generation
-        if pending.strip():
-            yield pending + b"\n\n"
         if not done:
             status = "502"
             m.stream_errors.labels(model).inc()
-            yield _sse_error(f"layer {upstream.pool.name} ended the stream early", "upstream_error")
-            yield b"data: [DONE]\n\n"
-    except http.TimeoutException:
+            yield error_event(f"layer {upstream.pool.name} ended the stream early",
+                              "upstream_error")
+            yield DONE
+    except LayerTimeout:
         status = "504"
         m.stream_errors.labels(model).inc()
-        yield _sse_error(f"layer {upstream.pool.name} stopped sending (timeout)", "upstream_timeout")
-        yield b"data: [DONE]\n\n"
-    except http.HTTPError as exc:
+        yield error_event(f"layer {upstream.pool.name} stopped sending (timeout)",
+                          "upstream_timeout")
+        yield DONE
+    except LayerBrokeOff as exc:
         status = "502"
         m.stream_errors.labels(model).inc()
-        yield _sse_error(
-            f"layer {upstream.pool.name} broke off the stream ({type(exc).__name__})",
-            "upstream_error",
-        )
-        yield b"data: [DONE]\n\n"
-        upstream.endpoint.breaker.failure()
+        yield error_event(f"layer {upstream.pool.name} broke off the stream ({exc.cause})",
+                          "upstream_error")
+        yield DONE
+        upstream.fail(exc.cause)
     finally:
         await upstream.aclose()
-        if gate is not None:
-            gate.release()
-        m.overhead.labels(route).observe(overhead)
+        if call.gate is not None:
+            call.gate.release()
+        m.overhead.labels(call.route).observe(_overhead(upstream, call))
         if ttft is not None:
             m.ttft.labels(model).observe(ttft)
-        m.requests.labels(route, model, status).inc()
-        m.latency.labels(route, model).observe(time.perf_counter() - t0)
+        m.requests.labels(call.route, model, status).inc()
+        m.latency.labels(call.route, model).observe(time.perf_counter() - t0)
 
 
 # -- completions and embeddings ------------------------------------------------------------
@@ -514,8 +465,9 @@ async def completions(request: Request) -> Response:
     pool, layer_name = _layer_for(gw, req.model)
     body["model"] = pool.name
     headers = bound_generation(pool, body)
-    return await forward(gw, pool, "/completions", body, req.stream, req.model,
-                         _renamer(layer_name), t0, route="completions", gate=gw.chat_gate,
+    call = ProxyCall(req.model, "completions", t0, rename=_renamer(layer_name),
+                     gate=gw.chat_gate)
+    return await forward(gw, pool, "/completions", body, call, stream=req.stream,
                          headers=headers)
 
 
@@ -530,5 +482,5 @@ async def embeddings(request: Request) -> Response:
     pool = gw.layers[gw.settings.gateway.embeddings_layer]
     body["model"] = pool.name
     rename = _renamer(pool.name.encode(), req.model) if req.model != pool.name else None
-    return await forward(gw, pool, "/embeddings", body, False, req.model, rename, t0,
-                         route="embeddings")
+    return await forward(gw, pool, "/embeddings", body,
+                         ProxyCall(req.model, "embeddings", t0, rename=rename))

@@ -26,6 +26,7 @@ from gateway.routes.openai import (
     LAYER_HEADER,
     MAX_TOKENS_HEADER,
     STREAM_HEADERS,
+    ProxyCall,
     _gw,
     bound_generation,
     chat_watch,
@@ -61,15 +62,14 @@ async def create_response(request: Request) -> Response:
     if gw.settings.gateway.log_level == "debug":
         log.debug("responses %s → %s: %s", req.model, pool.name, json.dumps(chat)[:2000])
     gate = gw.chat_gate
-    upstream = await open_upstream(gw, pool, "/chat/completions", chat, req.model,
-                                   route=ROUTE, gate=gate)
+    call = ProxyCall(req.model, ROUTE, t0, gate=gate, watch=watch)
+    upstream = await open_upstream(gw, pool, "/chat/completions", chat, call)
     extra = {LAYER_HEADER: pool.name, **headers}
-    overhead = upstream.started - t0
     if req.stream:
-        chunks = relay(gw, upstream, req.model, None, t0, ROUTE, overhead, gate=gate, watch=watch)
+        chunks = relay(gw, upstream, call)
         return EventStreamResponse(ResponseEvents(shape).translate(chunks),
                                    headers={**STREAM_HEADERS, **extra})
-    raw = await read_answer(gw, upstream, req.model, t0, ROUTE, overhead, gate=gate, watch=watch)
+    raw = await read_answer(gw, upstream, call)
     answer = json.loads(raw)
     if not isinstance(answer.get("choices"), list):
         raise OpenAIError(502, f"layer {pool.name} answered without choices", code="upstream_error")
