@@ -218,7 +218,7 @@ async def _measure(opts: Options, out: SuiteResult, n_latency: int, n_backlog: i
         await other.open()
         chans, _ = load_channels(settings.notify)
         worker = NotifyWorker(settings, store, chans)
-        store.outbox.wakeup = worker.wake
+        store.wakeups.subscribe("outbox", worker.wake)
         task = asyncio.create_task(worker.run())
         try:
             await _latencies(store, store, receiver, 1, "warmup")  # apprise's first import

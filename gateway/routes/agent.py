@@ -10,6 +10,7 @@ statement, so any number of agents and gateways on one store hand each action ou
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from typing import Annotated, Any, Literal
@@ -26,7 +27,13 @@ from layers.events import ActionResult
 from layers.store import Store
 
 router = APIRouter(tags=["agent"])
-CLAIM_POLL = 0.25  # seconds between claim attempts while a long poll waits
+# A long poll claims again when a proposal is written in this process (the store's
+# wake-up) and every CLAIM_POLL seconds; when other processes' writes wake it too
+# (PostgreSQL's LISTEN/NOTIFY), only every CLAIM_RECHECK seconds, in case a wake-up was
+# lost. It looks for a client that went away every DISCONNECT_CHECK seconds.
+CLAIM_POLL = 0.25
+CLAIM_RECHECK = 5.0
+DISCONNECT_CHECK = 1.0
 MAX_BODY = 256_000
 
 
@@ -62,19 +69,40 @@ async def claim(request: Request, host: Annotated[str, Depends(require_host)]) -
     body, _ = await read_model(request, ClaimBody, MAX_BODY)
     deadline = time.monotonic() + body.wait
     owner = f"agent:{host}"
-    while True:
-        await _expire(store, gw)
-        p = await store.proposals.claim(host, owner, gw.settings.fleet.lease_seconds)
-        if p is not None:
-            await store.audit.append(owner, "claimed", p.id, {"host": host, "action": p.action,
-                                                              "params": p.params})
-            return Response(json.dumps({"object": "action", "id": p.id, "action": p.action,
-                                        "params": p.params, "host": p.host,
-                                        "incident_id": p.incident_id}),
-                            media_type="application/json")
-        if time.monotonic() >= deadline or await request.is_disconnected():
-            return Response(status_code=204)
-        await asyncio.sleep(CLAIM_POLL)
+    woken = asyncio.Event()
+    unsubscribe = store.wakeups.subscribe("proposals", woken.set)
+    try:
+        while True:
+            woken.clear()
+            await _expire(store, gw)
+            p = await store.proposals.claim(host, owner, gw.settings.fleet.lease_seconds)
+            if p is not None:
+                await store.audit.append(owner, "claimed", p.id, {
+                    "host": host, "action": p.action, "params": p.params})
+                return Response(json.dumps({"object": "action", "id": p.id,
+                                            "action": p.action, "params": p.params,
+                                            "host": p.host, "incident_id": p.incident_id}),
+                                media_type="application/json")
+            recheck = CLAIM_RECHECK if store.wakeups.across_processes() else CLAIM_POLL
+            if not await _wait(request, woken, min(deadline, time.monotonic() + recheck)):
+                return Response(status_code=204)
+            if time.monotonic() >= deadline and not woken.is_set():
+                return Response(status_code=204)
+    finally:
+        unsubscribe()
+
+
+async def _wait(request: Request, woken: asyncio.Event, until: float) -> bool:
+    """Wait for a wake-up or ``until``; False when the client went away."""
+    while not woken.is_set():
+        left = until - time.monotonic()
+        if left <= 0:
+            break
+        if await request.is_disconnected():
+            return False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(woken.wait(), min(left, DISCONNECT_CHECK))
+    return True
 
 
 @router.post("/v1/agent/actions/{action_id}/result")

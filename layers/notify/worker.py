@@ -29,7 +29,7 @@ import logging
 import random
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from layers.config import Settings
@@ -219,6 +219,7 @@ class NotifyService:
             load_channels(settings.notify)
         self.worker: NotifyWorker | None = None
         self._task: asyncio.Task[None] | None = None
+        self._unsubscribe: Callable[[], None] | None = None
 
     async def start(self, store: Store) -> None:
         for problem in self.problems:
@@ -226,7 +227,8 @@ class NotifyService:
         if not self.settings.notify.enabled:
             return
         self.worker = NotifyWorker(self.settings, store, self.channels)
-        store.outbox.wakeup = self.worker.wake
+        # Woken by every notification written to the store, by any process on it.
+        self._unsubscribe = store.wakeups.subscribe("outbox", self.worker.wake)
         self._task = asyncio.create_task(self.worker.run(), name="notify-worker")
         if self.channels:
             log.info("notify: %d channel(s): %s", len(self.channels),
@@ -237,8 +239,9 @@ class NotifyService:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._unsubscribe is not None:
+            self._unsubscribe()
         if self.worker is not None:
-            self.worker.store.outbox.wakeup = None
             self.worker.close()
 
     async def channel_view(self, store: Store) -> list[dict[str, Any]]:

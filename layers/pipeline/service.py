@@ -97,11 +97,9 @@ class PipelineService:
             await self._store.close()
 
     async def intake(self, events: Sequence[Event]) -> AddResult:
-        """Store events (committed before this returns) and wake the trigger stage."""
-        result = await self.store.events.add(events)
-        if result.accepted and self.trigger is not None:
-            self.trigger.notify()
-        return result
+        """Store events (committed before this returns; the commit wakes the trigger
+        stages of every gateway on the store)."""
+        return await self.store.events.add(events)
 
     async def _retention(self) -> None:
         while True:

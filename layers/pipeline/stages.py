@@ -166,7 +166,12 @@ class IncidentWorker:
         self.wakeup.set()
 
     async def run(self) -> None:
-        await work_loop(self.step, self.wakeup, self.cfg, "incident work")
+        # Woken by every incident that gets a stage owed, by any process on the store.
+        unsubscribe = self.store.wakeups.subscribe("incidents", self.notify)
+        try:
+            await work_loop(self.step, self.wakeup, self.cfg, "incident work")
+        finally:
+            unsubscribe()
 
     async def step(self) -> bool:
         """Do the oldest piece of owed work; False when nothing is owed."""

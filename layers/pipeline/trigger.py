@@ -139,7 +139,13 @@ class TriggerStage:
         self.layer_waiting = True
 
     async def run(self) -> None:
-        await work_loop(self.step, self.wakeup, self.cfg, "trigger stage", self._layer_waiting)
+        # Woken by every committed intake, this process's or another's on the store.
+        unsubscribe = self.store.wakeups.subscribe("events", self.notify)
+        try:
+            await work_loop(self.step, self.wakeup, self.cfg, "trigger stage",
+                            self._layer_waiting)
+        finally:
+            unsubscribe()
 
     async def step(self) -> bool:
         """One round of work; False when there was nothing to do."""

@@ -44,6 +44,7 @@ from layers.store.outbox import (
 from layers.store.proposals import Proposals
 from layers.store.sql import Row, Tx, Where, chunks, marks
 from layers.store.verdicts import VerdictInput, Verdicts
+from layers.store.wakeups import Topic, Wakeups
 
 __all__ = [
     "ACTIVE_INCIDENT_STATUSES",
@@ -120,6 +121,13 @@ class Store(abc.ABC):
         self.cursors = Cursors(self)
         self.outbox = Outbox(self)
         self.hosts = Hosts(self)
+        # Committed writes wake the workers waiting for them (layers/store/wakeups.py).
+        self.wakeups = Wakeups()
+
+    async def signal(self, tx: Tx, topic: Topic) -> None:
+        """``tx`` wrote ``topic``: its listeners wake when (and if) it commits. PostgreSQL
+        also tells the other processes on the database (``pg_notify`` in ``tx``)."""
+        self.wakeups.signal(topic)
 
     # -- lifecycle -----------------------------------------------------------------
 

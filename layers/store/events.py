@@ -58,6 +58,8 @@ class Events:
             unique.setdefault(e.id, e)
         async with self.store.tx() as tx:
             inserted = await self.store._insert_events(tx, list(unique.values()), now)
+            if inserted:
+                await self.store.signal(tx, "events")
         accepted = set(inserted)
         return AddResult(
             accepted=[i for i in unique if i in accepted],
@@ -128,6 +130,8 @@ class Events:
                     (d.fingerprint, d.rule, d.seq),
                 )
                 changed += len(rows)
+                if rows:
+                    await self.store.signal(tx, "events")  # a candidate to classify
         return changed
 
     async def counts(self) -> dict[str, int]:

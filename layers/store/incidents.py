@@ -141,6 +141,8 @@ class Incidents:
             else:
                 await self.timeline(tx, incident_id, "review", review.model_dump(), now)
             await self.timeline(tx, incident_id, "status", {"status": status}, now)
+            if stage != "idle":
+                await self.store.signal(tx, "incidents")  # the next stage's work
             if status == "escalated":
                 await self.store.outbox.put(
                     tx, "incident.escalated", incident_id, rows[0]["severity"],
@@ -204,6 +206,8 @@ class Incidents:
             if not rows:
                 return False
             await self.timeline(tx, incident_id, "status", {"status": "resolved", "by": by}, now)
+            if remember:
+                await self.store.signal(tx, "incidents")
             await self.store.outbox.put(tx, "incident.resolved", incident_id,
                                         rows[0]["severity"], notice.incident(rows[0], by=by), now)
         return True

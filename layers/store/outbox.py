@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -90,9 +90,6 @@ class Outbox:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        # Called when a notification is written (the gateway's worker wakes itself with
-        # it); notifications of other processes sharing the store are found by polling.
-        self.wakeup: Callable[[], None] | None = None
 
     async def put(
         self, tx: Tx, kind: str, subject: str, severity: str, detail: dict[str, Any],
@@ -105,8 +102,7 @@ class Outbox:
             (key or new_id("ntf"), kind, subject, severity, SEVERITY_RANK[severity],
              dump(detail), now),
         )
-        if self.wakeup is not None:
-            self.wakeup()
+        await self.store.signal(tx, "outbox")
 
     async def put_action(
         self, tx: Tx, row: Row, status: str, *, key: str, code: str | None = None,

@@ -30,6 +30,7 @@ from layers.store.base import (
 )
 from layers.store.migrations import MIGRATIONS
 from layers.store.sql import Row, Tx
+from layers.store.wakeups import CHANNEL, PgListener, Topic
 
 _QMARK = re.compile(r"\?")
 
@@ -72,6 +73,9 @@ class PostgresStore(Store):
         self._conn: Any = None
         self._lock = asyncio.Lock()
         self.timescale = False
+        self.listener = PgListener(url, self.wakeups)
+        self.wakeups.on_first_subscribe = self.listener.start
+        self.wakeups.across_processes = self.listener.connected.is_set
 
     async def _connect(self) -> None:
         try:
@@ -93,6 +97,7 @@ class PostgresStore(Store):
         await self._migrate()
 
     async def close(self) -> None:
+        await self.listener.close()
         if self._conn is not None:
             conn, self._conn = self._conn, None
             await conn.close()
@@ -111,13 +116,22 @@ class PostgresStore(Store):
             try:
                 async with self._conn.transaction():
                     yield _PgTx(self._conn)
-            except psycopg.OperationalError as exc:
+            except BaseException as exc:
+                self.wakeups.rolled_back()
+                if not isinstance(exc, psycopg.OperationalError):
+                    raise
                 # The server went away (restart, network): drop the connection so the next
                 # transaction reconnects; nothing of this one was committed.
                 conn, self._conn = self._conn, None
                 with contextlib.suppress(Exception):
                     await conn.close()
                 raise StoreUnavailable(f"store: PostgreSQL unavailable: {_one_line(exc)}") from exc
+            self.wakeups.committed()
+
+    async def signal(self, tx: Tx, topic: Topic) -> None:
+        if self.wakeups.signal(topic):
+            # Delivered to every LISTEN-ing connection when tx commits, not before.
+            await tx.execute("SELECT pg_notify(?, ?)", (CHANNEL, topic))
 
     async def _migrate(self) -> None:
         async with self.tx() as tx:

@@ -91,6 +91,7 @@ class Proposals:
             )
             if dup:
                 return to_proposal(dup[0])
+        await self.store.signal(tx, "proposals")
         unit = params.get("unit")
         rows = await tx.execute(
             "INSERT INTO proposals (id, incident_id, action, params, params_key, unit, rationale,"
@@ -159,6 +160,8 @@ class Proposals:
                 f"AND status IN ({marks(len(exp))}) RETURNING *",
                 (*params, proposal_id, *exp),
             )
+            if rows:
+                await self.store.signal(tx, "proposals")  # approved: an agent may take it
         return to_proposal(rows[0]) if rows else None
 
     async def record_result(

@@ -114,6 +114,7 @@ class SqliteStore(Store):
                 try:
                     yield _SqliteTx(self)
                 except BaseException:
+                    self.wakeups.rolled_back()
                     await asyncio.shield(self._call(self._rollback))
                     raise
                 try:
@@ -121,8 +122,10 @@ class SqliteStore(Store):
                 except sqlite3.Error:
                     # A COMMIT that failed (disk full) may leave the transaction open;
                     # without this every later BEGIN would fail too.
+                    self.wakeups.rolled_back()
                     await asyncio.shield(self._call(self._rollback))
                     raise
+                self.wakeups.committed()
             except sqlite3.OperationalError as exc:
                 # Disk full, I/O error, locked past the busy timeout: the transaction is
                 # rolled back; the caller may retry later (the gateway answers 503).

@@ -70,6 +70,7 @@ class Verdicts:
                 incident_id = None
                 if item.anomaly:
                     incident_id = await incidents.group(tx, ev, item, fingerprint, now)
+                    await self.store.signal(tx, "incidents")
                 rows = await tx.execute(
                     "INSERT INTO verdicts (event_id, incident_id, host, unit, fingerprint, rule,"
                     " anomaly, severity, severity_rank, category, summary, message, unreviewed,"
