@@ -35,11 +35,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, cast
 
+from bench.machine import REPO, cpu_model, git_head
 from layers import http
 from layers.client import LayerClients, LayerPool
 from layers.config import Settings
 
-REPO = Path(__file__).resolve().parent.parent
 TRANSPORTS = ("hand-written", "aiohttp")
 KINDS = ("json", "sse8")
 CONCURRENCY = (1, 16)
@@ -358,17 +358,8 @@ def _machine() -> str:
     """CPU model and kernel: the A/B may run on another machine than the page's rest."""
     import platform
 
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                         text=True, check=False).stdout.strip() or "?"
-    return f"{os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}, git {git}"
+    return (f"{os.cpu_count()} cores ({cpu_model()}), {platform.system()} "
+            f"{platform.release()}, git {git_head()}")
 
 
 def in_bench_venv(args: list[str]) -> subprocess.CompletedProcess[bytes]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import platform
-import subprocess
 from collections import defaultdict
 from dataclasses import dataclass
 from importlib import metadata
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import report_fleet, report_stack
+from bench.machine import cpu_model, git_head
 from bench.measure import Run, spread
 from bench.suites import SuiteResult
 
@@ -147,20 +147,9 @@ def _version(dist: str) -> str:
 
 
 def machine(extra_versions: dict[str, str], date: str | None = None) -> list[str]:
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    try:
-        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, check=False).stdout.strip()
-    except OSError:
-        git = "?"
+    git = git_head()
     versions = {
         "Python": platform.python_version(),
         "ai-sysadmin": f"{_version('ai-sysadmin')} (git {git or '?'})",
