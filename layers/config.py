@@ -301,7 +301,7 @@ class BreakerConfig(Section):
 
 
 class RepetitionConfig(Section):
-    """Cutting degenerate repetition out of chat answers (gateway/repetition.py)."""
+    """Cutting degenerate repetition out of chat answers (gateway/chat_watch.py)."""
 
     enabled: bool = Field(
         True,

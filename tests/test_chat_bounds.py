@@ -22,8 +22,8 @@ import httpx
 import pytest
 
 from gateway.bounds import ChatGate, add_stops, cap_output
+from gateway.chat_watch import PIECE, RepetitionDetector
 from gateway.errors import OpenAIError
-from gateway.repetition import PIECE, RepetitionDetector
 from layers.config import ConfigError, LayerConfig, Settings, load_settings
 from layers.generation import TURN_MARKERS, stop_strings, template_args
 from layers.supervisor import engine_command

@@ -32,9 +32,8 @@ from gateway import investigate
 from gateway.auth import key_name, require_key, require_key_for_models
 from gateway.body import read_model
 from gateway.bounds import ChatGate, add_stops, cap_output, constrained
-from gateway.chat_watch import ChatWatch
+from gateway.chat_watch import ChatWatch, RepetitionDetector
 from gateway.errors import OpenAIError, openai_error
-from gateway.repetition import RepetitionDetector
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from gateway.sse import EventStreamResponse
 from gateway.state import GatewayState
