@@ -24,7 +24,7 @@ from typing import Any
 from pydantic import Field
 
 from gateway.errors import OpenAIError
-from gateway.schemas import MAX_MESSAGES, MAX_TOKENS_BOUND, Loose
+from gateway.requests import MAX_MESSAGES, MAX_TOKENS_BOUND, Loose
 
 # Chat-completions finish reasons → (status, incomplete_details.reason).
 _ENDINGS: dict[str, tuple[str, str | None]] = {

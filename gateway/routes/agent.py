@@ -20,8 +20,8 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.auth import require_host
-from gateway.body import read_model
 from gateway.errors import OpenAIError
+from gateway.requests import read_model
 from gateway.state import GatewayState, request_store
 from layers.events import ActionResult
 from layers.store import Store

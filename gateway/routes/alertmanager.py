@@ -18,8 +18,8 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI, Request
 
 from gateway.auth import authenticate
-from gateway.body import parse_json_object, read_body, validate
 from gateway.errors import OpenAIError
+from gateway.requests import parse_json_object, read_body, validate
 from gateway.routes.events import pipeline
 from gateway.state import GatewayState, store_of
 from layers.alertmanager import SUPPORTED_VERSION, AlertIntake, Notification

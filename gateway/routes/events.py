@@ -18,8 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
 
 from gateway.auth import require_key, require_key_or_host
-from gateway.body import read_model
 from gateway.errors import OpenAIError
+from gateway.requests import read_model
 from gateway.state import GatewayState, request_store
 from layers.events import Event
 from layers.pipeline.service import IncidentContext, PipelineService

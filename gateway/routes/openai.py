@@ -30,11 +30,10 @@ from fastapi.responses import Response
 
 from gateway import investigate
 from gateway.auth import key_name, require_key, require_key_for_models
-from gateway.body import read_model
 from gateway.bounds import ChatGate, add_stops, cap_output, constrained
 from gateway.chat_watch import ChatWatch, RepetitionDetector
 from gateway.errors import OpenAIError, openai_error
-from gateway.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from gateway.requests import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, read_model
 from gateway.sse import EventStreamResponse
 from gateway.state import GatewayState
 from layers.client import LayerBrokeOff, LayerError, LayerPool, LayerTimeout, Upstream

@@ -19,8 +19,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from gateway.auth import require_key
-from gateway.body import read_model
 from gateway.errors import OpenAIError
+from gateway.requests import read_model
 from gateway.responses import ResponseEvents, ResponseShape, ResponsesRequest, chat_body, response_object
 from gateway.routes.openai import (
     LAYER_HEADER,
