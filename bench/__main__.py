@@ -172,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[name].extra["first_run.date"] = report.now()
             load1 = os.getloadavg()[0]
             results[name].load = (load0, load1)
+            results[name].extra["measured"] = report.measured_here()
             say(f"suite {name} done in {time.monotonic() - t0:.0f} s (load average {load1:.1f})")
             if args.json:  # after every suite, so an interrupted run keeps what it measured
                 _save(args.json, results, versions, [], "python -m bench", 0.0)

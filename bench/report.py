@@ -146,6 +146,23 @@ def _version(dist: str) -> str:
         return "?"
 
 
+def measured_here() -> dict[str, str]:
+    """Where and when a suite ran: kept with its figures, because a page may show suites
+    measured on different machines (a run of some suites keeps the others' figures)."""
+    return {"date": now(), "machine": f"{os.cpu_count()} cores ({cpu_model()})",
+            "git": git_head()}
+
+
+def provenance(results: dict[str, SuiteResult]) -> str:
+    """One line: each suite's date, machine and commit."""
+    parts = []
+    for name, r in results.items():
+        m = r.extra.get("measured")
+        parts.append(f"{name} {m['date']} on {m['machine']}, git {m['git']}" if m
+                     else f"{name} (not recorded)")
+    return "- Where each suite's figures come from: " + "; ".join(parts) + "."
+
+
 def machine(extra_versions: dict[str, str], date: str | None = None) -> list[str]:
     cpu = cpu_model()
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
@@ -387,6 +404,7 @@ def render(results: dict[str, SuiteResult], versions: dict[str, str], plots: lis
         "- 1-minute load average (start → end) of each suite, on 2 cores: "
         + ", ".join(f"{k} {r.load[0]:.1f} → {r.load[1]:.1f}" for k, r in results.items())
         + ".",
+        provenance(results),
         "",
         "Every figure is **median (min–max)** over repeated runs. *Added latency* is a path's "
         "percentile minus direct's in the same round.",
