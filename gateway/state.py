@@ -64,7 +64,6 @@ class GatewayState:
         # first uses open it once.
         self.store: Store | None = None
         self.store_lock = asyncio.Lock()
-        self.hosts: Hosts | None = None  # fleet host keys, on the store (host_keys)
         # The stages, set when they install themselves with the app (gateway/routes/events.py,
         # notify.py, alertmanager.py; the alert intake when it starts, on the store); None
         # in a gateway built without them.
@@ -134,6 +133,4 @@ async def request_store(request: Request) -> Store:
 
 async def host_keys(gw: GatewayState) -> Hosts:
     """The fleet's host keys, on the gateway's store."""
-    if gw.hosts is None:
-        gw.hosts = (await store_of(gw)).hosts
-    return gw.hosts
+    return (await store_of(gw)).hosts

@@ -265,18 +265,16 @@ SECRET_FILTER = SecretFilter()
 _LIBRARY_LOGGERS = ("urllib3", "urllib3.connectionpool", "urllib3.connection",
                     "urllib3.response", "urllib3.poolmanager", "urllib3.util.retry",
                     "requests", "requests_oauthlib", "oauthlib", "markdown")
-_installed = False
 
 
 def guard_logs(channels: Iterable[Channel]) -> None:
     """Keep these channels' secrets out of every log: silence apprise's own logger (its
     debug lines print URLs; the delivery reports its cause instead) and scrub the
     libraries it uses."""
-    global _installed
     SECRET_FILTER.secrets = SECRET_FILTER.secrets.union(*(secret_parts(c.url) for c in channels))
-    if _installed:
-        return
     apprise_log = logging.getLogger("apprise")
+    if SECRET_FILTER in apprise_log.filters:
+        return  # installed by an earlier call: loggers are per process
     apprise_log.propagate = False
     apprise_log.addHandler(logging.NullHandler())
     # Its debug lines carry the underlying cause of a failure (errno, SMTP reply) into
@@ -285,4 +283,3 @@ def guard_logs(channels: Iterable[Channel]) -> None:
     apprise_log.addFilter(SECRET_FILTER)
     for name in _LIBRARY_LOGGERS:
         logging.getLogger(name).addFilter(SECRET_FILTER)
-    _installed = True

@@ -9,6 +9,7 @@ the entry, never inside it.
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 import string
@@ -209,15 +210,14 @@ def generate(templates: Iterable[Template] = TEMPLATES, seed: int = SEED) -> lis
     return lines
 
 
-_cache: list[Line] | None = None
+@functools.cache
+def _generated() -> tuple[Line, ...]:
+    return tuple(generate())
 
 
 def lines() -> list[Line]:
-    """The whole corpus (both splits), generated once per process."""
-    global _cache
-    if _cache is None:
-        _cache = generate()
-    return list(_cache)
+    """The whole corpus (both splits), generated once per process (it is deterministic)."""
+    return list(_generated())
 
 
 def scored() -> list[Line]:
