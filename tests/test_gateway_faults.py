@@ -154,13 +154,17 @@ def test_full_queue_gives_429_with_retry_after(
     real_layer: tuple[Proc, int], gateway: GatewayFactory
 ) -> None:
     _, port = real_layer
-    _, url = gateway(port, layers={"meta": {"parallel": 1, "max_queue": 0}})
+    # Temperature 0, no repetition cut: the long answer must still hold the one slot
+    # when the second request comes (sampled, the base model sometimes ended its turn
+    # within a few tokens, and the slot was free again: a flaky "did not raise").
+    _, url = gateway(port, layers={"meta": {"parallel": 1, "max_queue": 0}},
+                     repetition={"enabled": False})
     busy = threading.Event()
 
     def long_request() -> None:
         with httpx.stream("POST", f"{url}/v1/chat/completions", headers=KEY, timeout=120,
                           json={"model": "meta", "messages": LONG, "max_tokens": 300,
-                                "stream": True}) as r:
+                                "stream": True, "temperature": 0}) as r:
             for i, _ in enumerate(r.iter_lines()):
                 if i == 2:
                     busy.set()
