@@ -70,8 +70,7 @@ async def claim(request: Request, host: Annotated[str, Depends(require_host)]) -
     deadline = time.monotonic() + body.wait
     owner = f"agent:{host}"
     woken = asyncio.Event()
-    unsubscribe = store.wakeups.subscribe("proposals", woken.set)
-    try:
+    with store.wakeups.listening("proposals", woken.set):
         while True:
             woken.clear()
             await _expire(store, gw)
@@ -88,8 +87,6 @@ async def claim(request: Request, host: Annotated[str, Depends(require_host)]) -
                 return Response(status_code=204)
             if time.monotonic() >= deadline and not woken.is_set():
                 return Response(status_code=204)
-    finally:
-        unsubscribe()
 
 
 async def _wait(request: Request, woken: asyncio.Event, until: float) -> bool:

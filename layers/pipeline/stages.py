@@ -167,11 +167,8 @@ class IncidentWorker:
 
     async def run(self) -> None:
         # Woken by every incident that gets a stage owed, by any process on the store.
-        unsubscribe = self.store.wakeups.subscribe("incidents", self.notify)
-        try:
+        with self.store.wakeups.listening("incidents", self.notify):
             await work_loop(self.step, self.wakeup, self.cfg, "incident work")
-        finally:
-            unsubscribe()
 
     async def step(self) -> bool:
         """Do the oldest piece of owed work; False when nothing is owed."""

@@ -140,12 +140,9 @@ class TriggerStage:
 
     async def run(self) -> None:
         # Woken by every committed intake, this process's or another's on the store.
-        unsubscribe = self.store.wakeups.subscribe("events", self.notify)
-        try:
+        with self.store.wakeups.listening("events", self.notify):
             await work_loop(self.step, self.wakeup, self.cfg, "trigger stage",
                             self._layer_waiting)
-        finally:
-            unsubscribe()
 
     async def step(self) -> bool:
         """One round of work; False when there was nothing to do."""

@@ -20,13 +20,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
-from typing import Any, Literal
+from collections.abc import Callable, Iterator
+from typing import Any, Literal, get_args
 
 log = logging.getLogger("ai_sysadmin.store")
 
 Topic = Literal["events", "incidents", "proposals", "outbox"]
-TOPICS: tuple[Topic, ...] = ("events", "incidents", "proposals", "outbox")
+TOPICS: tuple[Topic, ...] = get_args(Topic)
 # The one PostgreSQL channel; the payload is the topic.
 CHANNEL = "ai_sysadmin_wakeup"
 
@@ -57,6 +57,16 @@ class Wakeups:
                 self._listeners[topic].remove(listener)
 
         return unsubscribe
+
+    @contextlib.contextmanager
+    def listening(self, topic: Topic, listener: Callable[[], None]) -> Iterator[None]:
+        """:meth:`subscribe` for the duration of a ``with`` block (a worker's run, a
+        long poll)."""
+        unsubscribe = self.subscribe(topic, listener)
+        try:
+            yield
+        finally:
+            unsubscribe()
 
     def signal(self, topic: Topic) -> bool:
         """Mark ``topic`` written by the transaction in progress; False when it already was."""
