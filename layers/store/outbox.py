@@ -147,8 +147,7 @@ class Outbox:
         async with self.store.tx() as tx:
             await self.put(tx, kind, subject, severity, detail, time.time(), key=key)
 
-    async def reconcile(self, *, settled_before: float,
-                                      refused_since: float) -> int:
+    async def reconcile(self, *, settled_before: float, refused_since: float) -> int:
         """Write the notifications a crash kept the action stage from writing (it decides
         in transactions of its own, then notifies): screened pending proposals without
         ``approval.pending``, and refusals since ``refused_since`` without
@@ -219,8 +218,7 @@ class Outbox:
             rate_limited_since_last=int(limited[0]["n"]),
         )
 
-    async def route(self, notification_id: str,
-                                 plans: Sequence[DeliveryPlan]) -> bool:
+    async def route(self, notification_id: str, plans: Sequence[DeliveryPlan]) -> bool:
         """Record where a notification goes (one delivery per channel) and mark it routed,
         in one transaction; False when it was routed already (another worker)."""
         now = time.time()
