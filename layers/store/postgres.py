@@ -73,9 +73,13 @@ class PostgresStore(Store):
         self._conn: Any = None
         self._lock = asyncio.Lock()
         self.timescale = False
-        self.listener = PgListener(url, self.wakeups)
+        self.listener = PgListener(url, self.wakeups, self._backend_pid)
         self.wakeups.on_first_subscribe = self.listener.start
         self.wakeups.across_processes = self.listener.connected.is_set
+
+    def _backend_pid(self) -> int | None:
+        conn = self._conn
+        return None if conn is None or conn.closed else int(conn.info.backend_pid)
 
     async def _connect(self) -> None:
         try:

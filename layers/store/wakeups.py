@@ -11,8 +11,9 @@ idle fleet spends asking "anything for me?".
 - PostgreSQL: the same transaction runs ``pg_notify`` on one channel with the topic as
   payload, which PostgreSQL delivers to every ``LISTEN``-ing connection when (and only
   when) it commits. Each store keeps one listening connection of its own (reconnected
-  with backoff when the server goes away) and fires its local listeners for what arrives.
-  Its own notifications come back too: a second wake of an idle worker costs one query.
+  with backoff when the server goes away) and fires its local listeners for what arrives
+  from other connections; its own writes' notifications come back too and are skipped
+  (their listeners were woken at the commit).
 """
 
 from __future__ import annotations
@@ -96,9 +97,13 @@ class PgListener:
     """One ``LISTEN`` connection that turns other processes' ``pg_notify`` into local
     wake-ups. Reconnects with backoff; while it is down, the workers' polling carries on."""
 
-    def __init__(self, url: str, wakeups: Wakeups, *, retry_max: float = 30.0) -> None:
+    def __init__(self, url: str, wakeups: Wakeups, own_pid: Callable[[], int | None], *,
+                 retry_max: float = 30.0) -> None:
         self.url = url
         self.wakeups = wakeups
+        # The server process of the store's own (writing) connection: its notifications
+        # are our own commits.
+        self.own_pid = own_pid
         self.retry_max = retry_max
         self.connected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -131,7 +136,8 @@ class PgListener:
                     for topic in TOPICS:
                         self.wakeups.fire(topic)
                 async for note in conn.notifies():
-                    self.wakeups.fire(note.payload)
+                    if note.pid != self.own_pid():
+                        self.wakeups.fire(note.payload)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # psycopg.Error, OSError: the server went away
