@@ -724,6 +724,17 @@ class PipelineConfig(Section):
         description="TOML file of prefilter rules (`[[rule]]` tables, see docs/pipeline.md); "
         "empty: the packaged default rules.",
     )
+    examples: bool = Field(
+        True, description="Judge a candidate that only an `info` rule let through by its "
+        "nearest labelled example (by embedding, from `gateway.embeddings_layer`): nearest to "
+        "a harmless one, it is not an anomaly and skips the trigger layer (docs/pipeline.md, "
+        "\"Labelled examples\"). Warning and critical rules are never overruled.",
+    )
+    examples_file: Path | None = Field(
+        None,
+        description="TOML file of labelled examples (`[[example]]` tables with `message` and "
+        "`anomaly`), used instead of the packaged ones; empty: the packaged examples.",
+    )
     debounce: float = Field(
         300.0, ge=0, description="Seconds a rule/fingerprint pair stays quiet after it passed."
     )

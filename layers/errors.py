@@ -14,6 +14,7 @@ mappers read: ``gateway/errors.py`` (:func:`gateway.errors.openai_error`) for HT
     │   ├── BindRefused                  gateway/server.py
     │   ├── ScenarioError                layers/quality/scenarios.py
     │   ├── RuleError                    layers/prefilter.py
+    │   ├── ExamplesError                layers/pipeline/examples.py
     │   ├── ModelError                   layers/provision/model.py
     │   ├── EngineError                  layers/provision/engine.py
     │   ├── ChannelError                 layers/notify/channels.py

@@ -136,7 +136,9 @@ class Decision(BaseModel):
 
 SUMMARY_BY = (
     "who wrote `summary` and `category`: `model` (the trigger layer's assessment, validated "
-    "against the event) or `rule` (the layer gave nothing usable; the summary says why)"
+    "against the event), `rule` (the layer gave nothing usable; the summary says why) or "
+    "`example` (the event is like a labelled harmless example, named in `example`; it did "
+    "not reach the trigger layer)"
 )
 
 
@@ -159,11 +161,17 @@ class Verdict(BaseModel):
         False, description="the trigger layer failed or its output was refused; the "
         "verdict comes from the rule alone"
     )
+    example: str | None = Field(
+        None, description="the labelled example (its message) this verdict follows, when "
+        "the nearest labelled example decided it (`pipeline.examples`)"
+    )
     created_at: float
 
     @computed_field(description=SUMMARY_BY)  # type: ignore[prop-decorator]
     @property
-    def summary_by(self) -> Literal["model", "rule"]:
+    def summary_by(self) -> Literal["model", "rule", "example"]:
+        if self.example is not None:
+            return "example"
         return "rule" if self.unreviewed else "model"
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from layers.actions.catalog import CATALOG, Risk
 from layers.events import Decision, ProposedAction
+from layers.pipeline.examples import load_examples
 from layers.quality import corpus, floors, scenarios
 from layers.quality.corpus import Line
 from layers.quality.runner import pick_scenarios, prompt_source
@@ -181,6 +182,20 @@ def test_nothing_scored_shares_a_message_template_with_the_reference_split() -> 
     # Template regexes do recognise their own lines (the check above can fail).
     for x in corpus.lines():
         assert corpus.template_regex(BY_ID[x.template]).match(x.message), x.template
+
+
+def test_packaged_labelled_examples_are_reference_lines_with_their_labels() -> None:
+    """The trigger stage's labelled examples (layers/rules/examples.toml) are memory the
+    stage consults: each must be a line of a reference template, labelled as that
+    template is, and match no scored template (or the harness would score a copy)."""
+    reference = [t for t in TEMPLATES if t.split == "reference"]
+    scored = [t for t in TEMPLATES if t.split == "scored"]
+    for ex in load_examples():
+        owners = [t for t in reference if corpus.template_regex(t).match(ex.message)]
+        assert owners, f"example is no reference line: {ex.message!r}"
+        assert all(t.anomaly == ex.anomaly for t in owners), ex.message
+        leaks = [t.id for t in scored if corpus.template_regex(t).match(ex.message)]
+        assert not leaks, f"example matches scored templates {leaks}: {ex.message!r}"
 
 
 def test_prompts_contain_no_scored_message_text() -> None:

@@ -48,11 +48,11 @@ async def classify_all(store: Store, anomaly: bool = True, unit: str | None = No
 
 
 async def test_migrations_are_versioned_and_reopen_is_a_noop(store: Store, tmp_path: Path) -> None:
-    assert await store.schema_version() == len(MIGRATIONS) == 6
+    assert await store.schema_version() == len(MIGRATIONS) == 7
     await store.events.add([ev(1)])
     # Re-running the migrations on an opened store changes nothing and keeps the data.
     await store._migrate()  # type: ignore[attr-defined]
-    assert await store.schema_version() == len(MIGRATIONS) == 6
+    assert await store.schema_version() == len(MIGRATIONS) == 7
     assert [e.id for e in await store.events.get(["e1"])] == ["e1"]
 
 

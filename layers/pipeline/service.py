@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from layers.client import LayerClients
 from layers.config import Settings
 from layers.events import Event
+from layers.pipeline import examples
 from layers.pipeline.trigger import TriggerStage, VerdictBus
 from layers.prefilter import Prefilter, load_rules
 from layers.store import AddResult, Store, open_store
@@ -76,7 +77,8 @@ class PipelineService:
         self._store = await open_store(self.settings, worker="gateway")
         self.bus.last_seq = await self._latest_seq()
         self.trigger = TriggerStage(
-            self.settings, self._store, self.layers["trigger"], prefilter, self.bus
+            self.settings, self._store, self.layers["trigger"], prefilter, self.bus,
+            examples.configured(self.settings, self.layers),
         )
         self._tasks = [
             asyncio.create_task(self.trigger.run(), name="trigger-stage"),

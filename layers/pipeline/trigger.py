@@ -15,6 +15,9 @@ A verdict that is valid JSON but degenerate (its summary copies the prompt or sh
 word with its event, its category contradicts the rule; layers/pipeline/validate.py) is
 refused like invalid output: the refused events alone are sent again, up to
 ``pipeline.layer_retries`` times, then get the rule's verdict, flagged unreviewed.
+
+A candidate that only an ``info`` rule let through and whose nearest labelled example is
+harmless is judged like that example and skips the layer (layers/pipeline/examples.py).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from layers.client import (
 from layers.config import Settings
 from layers.events import SEVERITY_RANK, StoredEvent, TriggerVerdict, Verdict, max_severity
 from layers.pipeline import prompts, validate
+from layers.pipeline.examples import Examples, Nearest
 from layers.pipeline.loop import work_loop
 from layers.prefilter import Prefilter, Rule
 from layers.store import Prefiltered, Store, VerdictInput
@@ -108,6 +112,18 @@ def combine(
                         rule_category=rule_category)
 
 
+def like_example(rule: Rule, event: StoredEvent, nearest: Nearest) -> VerdictInput:
+    """The verdict of a candidate whose nearest labelled example is harmless: no anomaly,
+    in the rule's category, the summary naming the example (facts, not a model's words)."""
+    example = nearest.example.message
+    return VerdictInput(
+        event, False, "info", rule.category,
+        f"like the harmless example \"{prompts.clip(example, 80)}\" "
+        f"(similarity {nearest.similarity:.2f})",
+        rule_category=rule.category, example=example,
+    )
+
+
 def check_verdict(rule: Rule | None, verdict: TriggerVerdict, event: StoredEvent,
                   fixed: str) -> validate.Refusal | None:
     """The layer's verdict on one event, checked against that event alone."""
@@ -119,9 +135,10 @@ def check_verdict(rule: Rule | None, verdict: TriggerVerdict, event: StoredEvent
 class TriggerStage:
     def __init__(
         self, settings: Settings, store: Store, pool: LayerPool, prefilter: Prefilter,
-        bus: VerdictBus,
+        bus: VerdictBus, examples: Examples | None = None,
     ) -> None:
         self.cfg = settings.pipeline
+        self.examples = examples
         self.store = store
         self.pool = pool
         self.prefilter = prefilter
@@ -171,6 +188,7 @@ class TriggerStage:
         cands = await self.store.events.claim("candidate", size * self.cfg.trigger_concurrency)
         if not cands:
             return False
+        cands = await self.judge_by_examples(cands)
         batches = self.batches(cands)[: self.cfg.trigger_concurrency]
         results = await asyncio.gather(*(self._classify(b) for b in batches),
                                        return_exceptions=True)
@@ -179,6 +197,25 @@ class TriggerStage:
         if failure is not None:
             raise failure
         return True
+
+    async def judge_by_examples(self, cands: Sequence[StoredEvent]) -> list[StoredEvent]:
+        """Record the verdicts of candidates that are like a harmless labelled example;
+        return the others, for the layer. Only ``info``-floor rules are open to it."""
+        if self.examples is None:
+            return list(cands)
+        rules = {e.seq: self.prefilter.rule(e.rule) for e in cands}
+        open_ = [e for e in cands if (r := rules[e.seq]) is not None and r.severity == "info"]
+        if not open_:
+            return list(cands)
+        nearest = await self.examples.nearest([e.message for e in open_])
+        if not nearest:
+            return list(cands)
+        judged = [like_example(rule, e, n) for e, n in zip(open_, nearest, strict=True)
+                  if not n.example.anomaly and (rule := rules[e.seq]) is not None]
+        if judged:
+            await self._record(judged)
+        done = {v.event.seq for v in judged}
+        return [e for e in cands if e.seq not in done]
 
     async def _record(self, verdicts: list[VerdictInput]) -> None:
         """Store and announce verdicts as soon as a request brought them (the halves of

@@ -34,6 +34,7 @@ from layers.client import LayerClients, LayerError
 from layers.config import Settings
 from layers.errors import Unavailable
 from layers.events import Decision, Incident, Proposal, Review
+from layers.pipeline import examples
 from layers.pipeline import stages as pipeline_stages
 from layers.pipeline.evidence import Reader
 from layers.pipeline.stages import IncidentWorker
@@ -134,6 +135,7 @@ class TriggerRun:
     copied_prompt: int
     contradicts_rule: int
     seconds: float
+    by_example: int = 0
 
     @property
     def best_floor(self) -> tuple[str, TriggerScore]:
@@ -150,6 +152,7 @@ class TriggerRun:
             "best_floor": {"name": name, "f1": round(best.lines.f1, 4)},
             "f1_minus_best_floor": round(self.score.lines.f1 - best.lines.f1, 4),
             "unreviewed_verdicts": self.unreviewed,
+            "judged_by_examples": self.by_example,
             "summaries_copied_from_prompt": self.copied_prompt,
             "categories_contradicting_rule": self.contradicts_rule,
         }
@@ -161,7 +164,8 @@ async def classify_lines(settings: Settings, layers: LayerClients, lines: Sequen
     s = eval_settings(settings)
     async with scratch_store(s) as store:
         prefilter = Prefilter(load_rules(s.pipeline.rules_file), debounce=0.0)
-        stage = TriggerStage(s, store, layers["trigger"], prefilter, VerdictBus())
+        stage = TriggerStage(s, store, layers["trigger"], prefilter, VerdictBus(),
+                             examples.configured(s, layers))
         events = [line.event() for line in lines]
         await store.events.add(events)
         started = time.monotonic()
@@ -181,7 +185,7 @@ async def classify_lines(settings: Settings, layers: LayerClients, lines: Sequen
     for ev in events:
         v = verdicts.get(ev.id)
         preds.append(Prediction(v.anomaly, v.category, v.severity, v.rule, v.summary,
-                                v.unreviewed) if v else Prediction(False))
+                                v.unreviewed, v.example is not None) if v else Prediction(False))
     return preds, counts.get("classified", 0)
 
 
@@ -204,6 +208,7 @@ async def run_trigger(settings: Settings, layers: LayerClients, limit: int | Non
         candidates=candidates, unreviewed=sum(p.unreviewed for p in preds),
         copied_prompt=sum(copies_text(p.summary, prompt) for p in preds if p.anomaly),
         contradicts_rule=contradicts, seconds=time.monotonic() - started,
+        by_example=sum(p.by_example for p in preds),
     )
 
 
@@ -334,7 +339,8 @@ async def run_scenario(settings: Settings, layers: LayerClients, sc: Scenario, *
     async with scratch_store(s) as store:
         await store.events.add(sc.events())
         prefilter = Prefilter(load_rules(s.pipeline.rules_file), debounce=s.pipeline.debounce)
-        stage = TriggerStage(s, store, layers["trigger"], prefilter, VerdictBus())
+        stage = TriggerStage(s, store, layers["trigger"], prefilter, VerdictBus(),
+                             examples.configured(s, layers))
         await drive(stage.step, f"{sc.id} trigger", s, say)
 
         async def replay(incident_id: str, proposals: Sequence[Proposal]) -> None:
@@ -424,7 +430,8 @@ class Report:
             "valid_decisions": sum(m.valid for m in ms),
             "invalid_decisions": sum(m.invalid for m in ms),
             "unreviewed": sum(m.unreviewed for m in ms),
-            # Of those, incidents whose review ended unreviewed: the meta layer never saw them.
+            # Incidents whose review was refused too (the harness sends every incident of a
+            # scenario that should escalate to the meta layer, reviewed or not).
             "unreviewed_at_review": sum(
                 1 for r in self.scenarios if r.meta is not None
                 for i in r.incidents if i.review is None),

@@ -26,6 +26,8 @@ class Prediction:
     rule: str | None = None
     summary: str | None = None
     unreviewed: bool = False
+    # Judged like a labelled harmless example (never reached the trigger layer).
+    by_example: bool = False
 
 
 @dataclass(frozen=True)

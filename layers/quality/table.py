@@ -27,7 +27,8 @@ def trigger_table(t: TriggerRun) -> list[str]:
     n_tpl = len({x.template for x in t.lines})
     out = [
         f"trigger: {len(t.lines)} lines ({n_anom} anomalies), {n_tpl} message templates; "
-        f"{t.candidates} reached the trigger layer ({t.seconds:.0f}s)",
+        f"{t.candidates - t.by_example} reached the trigger layer, {t.by_example} judged "
+        f"like a labelled example ({t.seconds:.0f}s)",
         f"{'':<22} {'lines':^17}   {'templates':^17}   {'category':>8} {'severity':>8}",
         f"{'':<22} {'P':>5} {'R':>5} {'F1':>5}   {'P':>5} {'R':>5} {'F1':>5}   "
         f"{'accuracy':>8} {'agree':>8}",
@@ -89,8 +90,8 @@ def render(report: Report) -> str:
                 f"{m['root_named']}, missed {m['missed']}",
                 f"  forbidden actions proposed {m['forbidden_proposed']}; decisions valid "
                 f"{m['valid_decisions']}, invalid {m['invalid_decisions']}, unreviewed "
-                f"{m['unreviewed']} ({m['unreviewed_at_review']} of them at the review: "
-                "never reached the meta layer)"]
+                f"{m['unreviewed']} ({m['unreviewed_at_review']} of them with the review "
+                "refused too; the harness sends them to the meta layer all the same)"]
         out.append(f"  evidence reads {m['evidence_reads']} ({m['evidence_reads_by_model']} "
                    f"asked by the model), decisions citing evidence "
                    f"{m['decisions_citing_evidence']}")

@@ -246,4 +246,9 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE incidents ADD COLUMN lease_until {float}",
         ),
     ),
+    Migration(
+        7,
+        "verdicts: the labelled example a verdict follows",
+        ("ALTER TABLE verdicts ADD COLUMN example TEXT",),
+    ),
 )

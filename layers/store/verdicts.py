@@ -31,6 +31,8 @@ class VerdictInput:
     # The matching rule's category: an incident this verdict opens takes it (facts
     # first); None (no rule) leaves the verdict's own.
     rule_category: str | None = None
+    # The labelled example this verdict follows (layers/pipeline/examples.py), if any.
+    example: str | None = None
 
 
 def to_verdict(r: Row) -> Verdict:
@@ -39,6 +41,7 @@ def to_verdict(r: Row) -> Verdict:
         unit=r["unit"], fingerprint=r["fingerprint"], rule=r["rule"],
         anomaly=bool(r["anomaly"]), severity=r["severity"], category=r["category"],
         summary=r["summary"], message=r["message"], unreviewed=bool(r["unreviewed"]),
+        example=r.get("example"),
         created_at=r["created_at"],
     )
 
@@ -74,11 +77,12 @@ class Verdicts:
                 rows = await tx.execute(
                     "INSERT INTO verdicts (event_id, incident_id, host, unit, fingerprint, rule,"
                     " anomaly, severity, severity_rank, category, summary, message, unreviewed,"
-                    " created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING *",
+                    " example, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING *",
                     (
                         ev.id, incident_id, ev.host, ev.unit, fingerprint, ev.rule,
                         int(item.anomaly), item.severity, SEVERITY_RANK[item.severity],
-                        item.category, item.summary, ev.message, int(item.unreviewed), now,
+                        item.category, item.summary, ev.message, int(item.unreviewed),
+                        item.example, now,
                     ),
                 )
                 verdict = to_verdict(rows[0])
