@@ -15,15 +15,14 @@ the event's own timestamp, which makes the filter deterministic under replay.
 from __future__ import annotations
 
 import re
-import tomllib
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from layers import tomlfile
 from layers.errors import UserError
 from layers.events import Event, Severity
 
@@ -82,23 +81,7 @@ class RuleSet(BaseModel):
 
 def load_rules(path: Path | None = None) -> list[Rule]:
     """The rules in ``path``, or the packaged defaults."""
-    try:
-        if path is None:
-            text = resources.files("layers").joinpath("rules/default.toml").read_text("utf-8")
-            where = "default rules"
-        else:
-            text = path.read_text(encoding="utf-8")
-            where = str(path)
-        data = tomllib.loads(text)
-        return RuleSet.model_validate(data).rule
-    except OSError as exc:
-        raise RuleError(f"prefilter rules {path}: {exc.strerror or exc}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise RuleError(f"prefilter rules {where}: {exc}") from exc
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        raise RuleError(f"prefilter rules {where}: {loc}: {err['msg']}") from exc
+    return tomlfile.load(path, "rules/default.toml", RuleSet, RuleError, "prefilter rules").rule
 
 
 # -- fingerprinting --------------------------------------------------------------------

@@ -26,14 +26,13 @@ from __future__ import annotations
 import logging
 import math
 import time
-import tomllib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
+from layers import tomlfile
 from layers.client import LayerClients, LayerError
 from layers.config import Settings
 from layers.errors import UserError
@@ -68,21 +67,8 @@ class ExampleSet(BaseModel):
 
 def load_examples(path: Path | None = None) -> list[Example]:
     """The examples in ``path``, or the packaged ones (layers/rules/examples.toml)."""
-    where = str(path) if path else "packaged examples"
-    try:
-        if path is None:
-            text = resources.files("layers").joinpath("rules/examples.toml").read_text("utf-8")
-        else:
-            text = path.read_text(encoding="utf-8")
-        return ExampleSet.model_validate(tomllib.loads(text)).example
-    except OSError as exc:
-        raise ExamplesError(f"labelled examples {where}: {exc.strerror or exc}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ExamplesError(f"labelled examples {where}: {exc}") from exc
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        raise ExamplesError(f"labelled examples {where}: {loc}: {err['msg']}") from exc
+    return tomlfile.load(path, "rules/examples.toml", ExampleSet, ExamplesError,
+                         "labelled examples").example
 
 
 @dataclass(frozen=True)
