@@ -149,3 +149,33 @@ async def test_without_embeddings_every_candidate_goes_to_the_layer(
     finally:
         await clients.aclose()
 
+
+
+@pytest.mark.slow
+async def test_a_flood_of_one_message_is_embedded_once(
+    tmp_path: Path, stack: Stack, store: Store
+) -> None:
+    file = examples_file(tmp_path, (HARMLESS, False), (FAILURE, True))
+    settings = stage_settings(tmp_path, stack, file)
+    clients = LayerClients(settings)
+    embedded: list[int] = []
+
+    async def embed(texts: list[str]) -> list[list[float]]:
+        embedded.append(len(texts))
+        return await clients["meta"].embeddings(texts)
+
+    try:
+        stage = TriggerStage(settings, store, clients["trigger"],
+                             Prefilter(load_rules(), debounce=0), VerdictBus(),
+                             examples.Examples(load_examples(file), embed))
+        flood = [line(HARMLESS.replace("SPT=41234", f"SPT={40000 + i}"), "kernel")
+                 for i in range(6)]
+        cands = await candidates(stage, store, flood[:3])
+        assert await stage.judge_by_examples(cands) == []
+        assert embedded == [2, 1]  # the examples once, then one text for three alike lines
+        cands = await candidates(stage, store, flood[3:])
+        assert await stage.judge_by_examples(cands) == []
+        assert embedded == [2, 1]  # known fingerprint: no embeddings call at all
+        assert len(await store.verdicts.after(0)) == 6
+    finally:
+        await clients.aclose()

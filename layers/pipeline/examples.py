@@ -23,9 +23,11 @@ would with ``pipeline.examples = false``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +48,13 @@ Embed = Callable[[list[str]], Awaitable[list[list[float]]]]
 RETRY_AFTER = 60.0
 # Longest text embedded: a log line is clipped like it is in the trigger prompt.
 MAX_CHARS = 240
+# The embeddings layer is the meta layer by default: when its slots are busy deciding,
+# the trigger stage does not wait longer than this for it (the batch goes to the trigger
+# layer as it would without examples).
+EMBED_SECONDS = 15.0
+# Nearest examples remembered by event fingerprint: a flood of one message is embedded
+# once, not once per line.
+CACHE_SIZE = 4096
 
 
 class ExamplesError(UserError):
@@ -90,19 +99,45 @@ class Examples:
         self.embed = embed
         self._vectors: list[list[float]] | None = None
         self._failed_at: float | None = None
+        self._cache: OrderedDict[str, Nearest] = OrderedDict()
 
-    async def nearest(self, texts: Sequence[str]) -> list[Nearest] | None:
+    async def _embed(self, texts: list[str]) -> list[list[float]]:
+        try:
+            return await asyncio.wait_for(self.embed([t[:MAX_CHARS] for t in texts]),
+                                          EMBED_SECONDS)
+        except TimeoutError:
+            raise LayerError(504, f"no embeddings within {EMBED_SECONDS:.0f}s") from None
+
+    async def nearest(self, texts: Sequence[str],
+                      keys: Sequence[str] | None = None) -> list[Nearest] | None:
         """The nearest example to each text (cosine similarity), or None when the
-        embeddings layer cannot answer now (the caller goes on without the examples)."""
-        if not texts:
-            return []
+        embeddings layer cannot answer now (the caller goes on without the examples).
+        ``keys`` (e.g. the events' fingerprints) say which texts are alike: a key seen
+        before is answered from memory."""
+        keys = list(keys) if keys is not None else list(texts)
+        todo = {k: t for k, t in zip(keys, texts, strict=True) if k not in self._cache}
+        if todo:
+            found = await self._nearest(list(todo.values()))
+            if found is None:
+                return None
+            for k, n in zip(todo, found, strict=True):
+                self._cache[k] = n
+                if len(self._cache) > CACHE_SIZE:
+                    self._cache.popitem(last=False)
+        out = []
+        for k in keys:
+            self._cache.move_to_end(k)
+            out.append(self._cache[k])
+        return out
+
+    async def _nearest(self, texts: list[str]) -> list[Nearest] | None:
         if self._failed_at is not None and time.monotonic() - self._failed_at < RETRY_AFTER:
             return None
         try:
             if self._vectors is None:
                 self._vectors = [_unit(v) for v in
-                                 await self.embed([e.message[:MAX_CHARS] for e in self.examples])]
-            vectors = [_unit(v) for v in await self.embed([t[:MAX_CHARS] for t in texts])]
+                                 await self._embed([e.message for e in self.examples])]
+            vectors = [_unit(v) for v in await self._embed(texts)]
         except LayerError as exc:
             if self._failed_at is None:
                 log.warning("labelled examples unused for now: %s", exc.message)

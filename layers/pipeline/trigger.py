@@ -207,7 +207,8 @@ class TriggerStage:
         open_ = [e for e in cands if (r := rules[e.seq]) is not None and r.severity == "info"]
         if not open_:
             return list(cands)
-        nearest = await self.examples.nearest([e.message for e in open_])
+        nearest = await self.examples.nearest([e.message for e in open_],
+                                              [e.fingerprint or e.message for e in open_])
         if not nearest:
             return list(cands)
         judged = [like_example(rule, e, n) for e, n in zip(open_, nearest, strict=True)
