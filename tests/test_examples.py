@@ -5,7 +5,9 @@ embeddings the stage goes on as before."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -74,6 +76,21 @@ def stage_settings(tmp: Path, stack: Stack, file: Path, *, trigger_port: int | N
     })
 
 
+@contextlib.asynccontextmanager
+async def layer_clients(settings: Settings) -> AsyncIterator[LayerClients]:
+    clients = LayerClients(settings)
+    try:
+        yield clients
+    finally:
+        await clients.aclose()
+
+
+def trigger_stage(settings: Settings, store: Store, ex: examples.Examples | None,
+                  clients: LayerClients) -> TriggerStage:
+    return TriggerStage(settings, store, clients["trigger"], Prefilter(load_rules(), debounce=0),
+                        VerdictBus(), ex)
+
+
 async def candidates(stage: TriggerStage, store: Store, events: list[Event]) -> list[StoredEvent]:
     await store.events.add(events)
     await stage.prefilter_new()
@@ -88,11 +105,8 @@ async def test_line_like_a_harmless_example_is_judged_without_the_trigger_layer(
                          (FAILURE.replace("abc-foo", "def-bar"), True))
     # The trigger layer is down (nothing listens there): a dismissed line needs none.
     settings = stage_settings(tmp_path, stack, file, trigger_port=free_port())
-    clients = LayerClients(settings)
-    try:
-        stage = TriggerStage(settings, store, clients["trigger"],
-                             Prefilter(load_rules(), debounce=0), VerdictBus(),
-                             examples.configured(settings, clients))
+    async with layer_clients(settings) as clients:
+        stage = trigger_stage(settings, store, examples.configured(settings, clients), clients)
         cands = await candidates(stage, store, [line(HARMLESS, "kernel"), line(FAILURE)])
         assert {c.rule for c in cands} == {"error_words"}  # both at the info floor
         left = await stage.judge_by_examples(cands)
@@ -104,8 +118,6 @@ async def test_line_like_a_harmless_example_is_judged_without_the_trigger_layer(
         assert v.summary.startswith('like the harmless example "refused connection')
         assert v.model_dump()["summary_by"] == "example"  # in the API and the stream
         assert await store.incidents.list() == []
-    finally:
-        await clients.aclose()
 
 
 @pytest.mark.slow
@@ -114,17 +126,12 @@ async def test_critical_rule_is_never_overruled_by_an_example(
 ) -> None:
     file = examples_file(tmp_path, (OOM, False))  # the very line, labelled harmless
     settings = stage_settings(tmp_path, stack, file)
-    clients = LayerClients(settings)
-    try:
-        stage = TriggerStage(settings, store, clients["trigger"],
-                             Prefilter(load_rules(), debounce=0), VerdictBus(),
-                             examples.configured(settings, clients))
+    async with layer_clients(settings) as clients:
+        stage = trigger_stage(settings, store, examples.configured(settings, clients), clients)
         cands = await candidates(stage, store, [line(OOM, "postgresql.service", 3)])
         assert [c.rule for c in cands] == ["oom_kill"]
         assert await stage.judge_by_examples(cands) == cands
         assert await store.verdicts.after(0) == []
-    finally:
-        await clients.aclose()
 
 
 @pytest.mark.slow
@@ -134,11 +141,8 @@ async def test_without_embeddings_every_candidate_goes_to_the_layer(
     file = examples_file(tmp_path, (HARMLESS, False))
     # The session stack's trigger layer runs without --embeddings: it answers 501.
     settings = stage_settings(tmp_path, stack, file, embeddings_layer="trigger")
-    clients = LayerClients(settings)
-    try:
-        stage = TriggerStage(settings, store, clients["trigger"],
-                             Prefilter(load_rules(), debounce=0), VerdictBus(),
-                             examples.configured(settings, clients))
+    async with layer_clients(settings) as clients:
+        stage = trigger_stage(settings, store, examples.configured(settings, clients), clients)
         cands = await candidates(stage, store, [line(HARMLESS, "kernel")])
         with caplog.at_level(logging.WARNING, "ai_sysadmin.pipeline.examples"):
             assert await stage.judge_by_examples(cands) == cands
@@ -146,9 +150,6 @@ async def test_without_embeddings_every_candidate_goes_to_the_layer(
         warnings = [r for r in caplog.records if "labelled examples unused" in r.message]
         assert len(warnings) == 1  # said once, not for every batch
         assert await store.verdicts.after(0) == []
-    finally:
-        await clients.aclose()
-
 
 
 @pytest.mark.slow
@@ -157,17 +158,15 @@ async def test_a_flood_of_one_message_is_embedded_once(
 ) -> None:
     file = examples_file(tmp_path, (HARMLESS, False), (FAILURE, True))
     settings = stage_settings(tmp_path, stack, file)
-    clients = LayerClients(settings)
     embedded: list[int] = []
+    async with layer_clients(settings) as clients:
 
-    async def embed(texts: list[str]) -> list[list[float]]:
-        embedded.append(len(texts))
-        return await clients["meta"].embeddings(texts)
+        async def embed(texts: list[str]) -> list[list[float]]:
+            embedded.append(len(texts))
+            return await clients["meta"].embeddings(texts)
 
-    try:
-        stage = TriggerStage(settings, store, clients["trigger"],
-                             Prefilter(load_rules(), debounce=0), VerdictBus(),
-                             examples.Examples(load_examples(file), embed))
+        stage = trigger_stage(settings, store, examples.Examples(load_examples(file), embed),
+                              clients)
         flood = [line(HARMLESS.replace("SPT=41234", f"SPT={40000 + i}"), "kernel")
                  for i in range(6)]
         cands = await candidates(stage, store, flood[:3])
@@ -177,5 +176,3 @@ async def test_a_flood_of_one_message_is_embedded_once(
         assert await stage.judge_by_examples(cands) == []
         assert embedded == [2, 1]  # known fingerprint: no embeddings call at all
         assert len(await store.verdicts.after(0)) == 6
-    finally:
-        await clients.aclose()

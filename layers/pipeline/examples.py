@@ -28,7 +28,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,10 +38,9 @@ from layers import tomlfile
 from layers.client import LayerClients, LayerError
 from layers.config import Settings
 from layers.errors import UserError
+from layers.memory import Embed
 
 log = logging.getLogger("ai_sysadmin.pipeline.examples")
-
-Embed = Callable[[list[str]], Awaitable[list[list[float]]]]
 
 # After a failed embeddings call, how long the stage goes without the examples before
 # it asks again (a layer that is down is not asked for every batch).

@@ -203,16 +203,16 @@ class TriggerStage:
         return the others, for the layer. Only ``info``-floor rules are open to it."""
         if self.examples is None:
             return list(cands)
-        rules = {e.seq: self.prefilter.rule(e.rule) for e in cands}
-        open_ = [e for e in cands if (r := rules[e.seq]) is not None and r.severity == "info"]
+        open_ = [(e, r) for e in cands
+                 if (r := self.prefilter.rule(e.rule)) is not None and r.severity == "info"]
         if not open_:
             return list(cands)
-        nearest = await self.examples.nearest([e.message for e in open_],
-                                              [e.fingerprint or e.message for e in open_])
-        if not nearest:
+        nearest = await self.examples.nearest([e.message for e, _ in open_],
+                                              [e.fingerprint or e.message for e, _ in open_])
+        if nearest is None:
             return list(cands)
-        judged = [like_example(rule, e, n) for e, n in zip(open_, nearest, strict=True)
-                  if not n.example.anomaly and (rule := rules[e.seq]) is not None]
+        judged = [like_example(r, e, n) for (e, r), n in zip(open_, nearest, strict=True)
+                  if not n.example.anomaly]
         if judged:
             await self._record(judged)
         done = {v.event.seq for v in judged}

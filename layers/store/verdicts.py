@@ -41,7 +41,7 @@ def to_verdict(r: Row) -> Verdict:
         unit=r["unit"], fingerprint=r["fingerprint"], rule=r["rule"],
         anomaly=bool(r["anomaly"]), severity=r["severity"], category=r["category"],
         summary=r["summary"], message=r["message"], unreviewed=bool(r["unreviewed"]),
-        example=r.get("example"),
+        example=r["example"],
         created_at=r["created_at"],
     )
 
